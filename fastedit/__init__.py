@@ -1,0 +1,20 @@
+"""fastedit: fast, exact editing of trained PyTorch models.
+
+Edit a model's prediction on an input in place, atomically and revertibly (:func:`edit`), measure
+the side effects of many independent edits (:func:`evaluate`), with the update rules of Editable
+Neural Networks (Sinitsin et al., ICLR 2020). See the README for a quick start.
+"""
+from .constraint import constraint_per_sample, edit_constraint
+from .edit import EditError, EditResult, edit
+from .editors import EDITORS, GD, Adam, Editor, Momentum, RMSProp, RProp, ScaledGD, SignGD, make_editor
+from .evaluate import EvalReport, evaluate
+from .kernels import backends
+from .selection import select_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "edit", "EditResult", "EditError", "evaluate", "EvalReport", "backends",
+    "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam", "EDITORS", "make_editor",
+    "edit_constraint", "constraint_per_sample", "select_parameters", "__version__",
+]

@@ -1,0 +1,36 @@
+"""Dataset loaders for local files (nothing is downloaded).
+
+Every loader returns ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[N, H, W, C]``
+(colour) or ``[N, H, W]`` (greyscale), ``labels`` ``torch.int64 [N]``. Use
+:func:`to_float_tensor` to get ``float32`` ``NCHW`` model inputs and :func:`augment_cifar` for
+training-time augmentation.
+"""
+from .cifar import load_cifar10_jpeg_zip, load_cifar10_lossless, load_cifar10_pickle
+from .common import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    augment_cifar,
+    default_cache_dir,
+    to_float_tensor,
+)
+from .digits import load_digits
+from .mnist import load_mnist, read_idx
+from .registry import DATASET_NAMES, load_dataset
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DATASET_NAMES",
+    "augment_cifar",
+    "default_cache_dir",
+    "load_cifar10_jpeg_zip",
+    "load_cifar10_lossless",
+    "load_cifar10_pickle",
+    "load_dataset",
+    "load_digits",
+    "load_mnist",
+    "read_idx",
+    "to_float_tensor",
+]

@@ -1,0 +1,507 @@
+"""Frozen-prefix split: compute once what an edit cannot change.
+
+An edit changes only the *editable* parameters θ_e of a model (for example all of ``layer3``).
+Every intermediate value of the forward pass that does not depend on θ_e -- the *prefix* -- is the
+same for all k editor steps, and (in evaluation) for every edit of the same control set. This module
+splits a model into
+
+* ``prefix_module``: ``forward(*inputs) -> tuple`` of *frontier* values, the non-dependent values
+  that dependent computations (or the model output) consume. Run it once, usually under
+  ``torch.no_grad()``.
+* ``suffix_module``: ``forward(acts: tuple) -> model output``, the part that depends on θ_e. Run it
+  once per editor step. It shares the model's module objects and parameters, and its parameters keep
+  their qualified names in the original model, so
+
+      torch.func.functional_call(split.suffix_module, {"layer3.0.conv1.weight": w, ...}, (acts,))
+
+  evaluates the model with those parameters replaced, and composes with autograd,
+  ``torch.func.grad`` and ``torch.func.vmap`` (batched parameters, shared ``acts``).
+
+Why: the suffix of a ResNet whose last stage is edited is a fraction of the full forward, so the
+k-step edit loop costs a fraction of k full passes (``python tests/test_prefix.py`` prints the
+ratio measured here).
+
+How: ``torch.fx`` traces the model. A node is *dependent* if it reads an editable parameter
+(``get_attr``), calls a module that owns one (directly or in a submodule; parameters are matched by
+identity, so tied/shared parameters are handled), or has a dependent input. Every non-dependent node
+goes to the prefix (nothing is recomputed); the dependent nodes, in their original order, form the
+suffix. ``get_attr`` nodes are never passed through the frontier: they are re-read in the suffix, so
+non-editable parameters used by the suffix stay live module attributes.
+
+Invariants:
+
+* ``split(*x)`` gives exactly (bit for bit) the output of ``model(*x)``: the same operations run on
+  the same values, only grouped differently. Frontier values may be any Python value (tensors,
+  ``torch.Size``, ints, tuples).
+* No copies: both parts hold the original submodules and parameters, so in-place changes to the
+  model's parameters and buffers (e.g. ``p.add_(...)`` under ``no_grad``) are seen by the split.
+  Tensors that the graph reads with ``get_attr`` (functional code such as ``F.linear(x, self.w)``)
+  are bound at split time: re-*assigning* such an attribute, or ``model.to(...)`` replacing such a
+  buffer, is not seen (modules called as modules are always live). Split after moving the model.
+* ``suffix_module.named_parameters(remove_duplicate=False)`` names are a subset of the model's, and
+  every editable name is among them (aliases of shared modules included).
+* Python-level control flow is fixed at split time, as with any fx trace (e.g. ``if self.training``
+  in a ``forward``); split the model in the mode it will be edited in (eval). Leaf modules such as
+  BatchNorm and Dropout still read their own ``training`` flag at run time. BatchNorm running stats
+  are buffers of shared modules; they live wherever their module is called.
+
+In-place operations: reordering non-dependent work before dependent work is only valid if no
+in-place operation is affected. The split detects (best effort, through view-like ops) an in-place
+operation in the suffix that would modify a prefix value (the ``acts`` would change between editor
+steps), and an in-place operation in the prefix that runs after a suffix node read its operand; both
+cause the fallback below. The ubiquitous ``ReLU(inplace=True)`` on a fresh value is fine.
+
+Fallback: if tracing fails (data-dependent control flow, untraceable code) or the split is unsafe or
+unsupported, ``split_prefix`` does not raise: it returns ``traced=False`` with the short reason, an
+identity prefix (``prefix(*x) == x``) and a suffix that runs the whole model. The fallback suffix
+shares the model's parameter/buffer/submodule registries, so its ``named_parameters()`` equal the
+model's and ``functional_call`` with the original names works. Invalid ``editable`` names always
+raise ``ValueError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["PrefixSplit", "split_prefix", "whole_model_split"]
+
+
+@dataclasses.dataclass(eq=False)
+class PrefixSplit:
+    """A model split into a frozen prefix and an editable suffix (see the module docstring)."""
+
+    prefix_module: nn.Module
+    suffix_module: nn.Module
+    traced: bool
+    reason: str | None
+    num_prefix_nodes: int
+    num_suffix_nodes: int
+    frontier: tuple[str, ...] = ()  # names of the fx nodes passed from prefix to suffix (reports)
+
+    def prefix(self, *inputs) -> tuple:
+        """Frontier values for ``inputs``; independent of the editable parameters."""
+        return self.prefix_module(*inputs)
+
+    def suffix(self, acts: tuple):
+        """The model output from the frontier values ``acts``."""
+        return self.suffix_module(acts)
+
+    def __call__(self, *inputs):
+        return self.suffix(self.prefix(*inputs))
+
+
+# --------------------------------------------------------------------------------------------------
+# fallback parts
+
+
+class _InputsPrefix(nn.Module):
+    """Identity prefix of the fallback: the frontier is the model's inputs."""
+
+    def forward(self, *inputs):
+        return tuple(inputs)
+
+
+class _WholeModelSuffix(nn.Module):
+    """Fallback suffix: ``forward(acts) = model(*acts)``.
+
+    It shares the model's ``_parameters``, ``_buffers`` and ``_modules`` dictionaries (the very same
+    objects), so ``named_parameters()``/``state_dict()`` names equal the model's and
+    ``torch.func.functional_call`` -- which swaps tensors in those dictionaries -- affects the
+    model's own forward. The model is kept outside the module registries.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for key in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[key] = model.__dict__[key]
+        self.__dict__["_fastedit_model"] = model
+        self.__dict__["training"] = model.training
+
+    def forward(self, acts: tuple):
+        return self.__dict__["_fastedit_model"](*acts)
+
+    def train(self, mode: bool = True):
+        self.__dict__["_fastedit_model"].train(mode)
+        self.__dict__["training"] = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"whole model: {type(self.__dict__['_fastedit_model']).__name__}"
+
+
+def _fallback(model: nn.Module, reason: str) -> PrefixSplit:
+    return PrefixSplit(
+        prefix_module=_InputsPrefix(),
+        suffix_module=_WholeModelSuffix(model),
+        traced=False,
+        reason=reason,
+        num_prefix_nodes=0,
+        num_suffix_nodes=0,
+    )
+
+
+def whole_model_split(model: nn.Module) -> PrefixSplit:
+    """The trivial split: no prefix, the whole model as suffix (``use_prefix=False``)."""
+    return _fallback(model, "prefix split disabled (use_prefix=False)")
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {text[0] if text else ''}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+class _Unsupported(Exception):
+    """The traced model cannot be split safely; becomes a fallback with this message as reason."""
+
+
+# --------------------------------------------------------------------------------------------------
+# in-place / aliasing analysis (best effort, conservative where it matters)
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.iand, operator.ifloordiv, operator.ilshift, operator.imod,
+    operator.imul, operator.imatmul, operator.ior, operator.ipow, operator.irshift,
+    operator.isub, operator.itruediv, operator.ixor, operator.setitem, operator.delitem,
+}
+
+# Ops whose result may share storage with their first argument.
+_VIEW_NAMES = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "transpose", "permute", "t", "T", "mT", "H", "mH", "expand", "expand_as", "narrow", "select",
+    "unfold", "diagonal", "detach", "contiguous", "to", "type", "type_as", "float", "double",
+    "half", "bfloat16", "chunk", "split", "tensor_split", "unbind", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "as_strided", "view_as_real", "view_as_complex", "real", "imag",
+    "data", "getitem", "__getitem__", "getattr", "alias", "cpu", "cuda",
+}
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+def _target_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _mutated_nodes(node: fx.Node, model: nn.Module) -> list[fx.Node]:
+    """Nodes whose storage ``node`` writes in place (empty for pure nodes)."""
+    if not node.args and not node.kwargs:
+        return []
+    first = node.args[0] if node.args else None
+    out: list[Any] = []
+    if node.op == "call_module":
+        mod = model.get_submodule(node.target)
+        if getattr(mod, "inplace", False) is True:
+            out.append(first)
+    elif node.op in ("call_method", "call_function"):
+        name = _target_name(node.target)
+        if node.target in _INPLACE_OPERATORS or (
+            name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+        ) or name in ("__setitem__", "__delitem__"):
+            out.append(first)
+        if "out" in node.kwargs:
+            out.extend(pytree.tree_leaves(node.kwargs["out"]))
+        if node.op == "call_function":
+            inplace = node.kwargs.get("inplace", None)
+            if inplace is None and callable(node.target):
+                try:
+                    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+                    inplace = bound.arguments.get("inplace", None)
+                except (TypeError, ValueError):
+                    inplace = None
+            if inplace is True:
+                out.append(first)
+    return [n for n in out if isinstance(n, fx.Node)]
+
+
+def _alias_sources(node: fx.Node, model: nn.Module) -> list[fx.Node]:
+    """Inputs of ``node`` whose storage its result may share."""
+    srcs: list[fx.Node] = list(_mutated_nodes(node, model))  # in-place ops return their operand
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        if isinstance(model.get_submodule(node.target), _VIEW_MODULES):
+            srcs.append(first)
+    elif node.op in ("call_method", "call_function"):
+        if _target_name(node.target) in _VIEW_NAMES:
+            srcs.append(first)
+    return [n for n in srcs if isinstance(n, fx.Node)]
+
+
+def _check_inplace(graph: fx.Graph, model: nn.Module, dep: set[fx.Node]) -> None:
+    """Raise _Unsupported if an in-place op would make the prefix/suffix split inexact."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    # undirected "may alias" edges
+    adj: dict[fx.Node, set[fx.Node]] = {}
+    mutations: list[tuple[fx.Node, fx.Node]] = []
+    for n in nodes:
+        for src in _alias_sources(n, model):
+            adj.setdefault(n, set()).add(src)
+            adj.setdefault(src, set()).add(n)
+        mutations.extend((n, m) for m in _mutated_nodes(n, model))
+    for node, target in mutations:
+        group, stack = {target}, [target]
+        while stack:
+            for nb in adj.get(stack.pop(), ()):
+                if nb not in group:
+                    group.add(nb)
+                    stack.append(nb)
+        if node in dep:
+            outside = [g for g in group if g not in dep]
+            if outside:
+                raise _Unsupported(
+                    f"in-place op {node.name!r} in the suffix would modify prefix value "
+                    f"{min(outside, key=order.get).name!r}"
+                )
+        else:
+            for g in group:
+                for user in g.users:
+                    if user in dep and order[user] < order[node]:
+                        raise _Unsupported(
+                            f"in-place op {node.name!r} in the prefix runs after suffix node "
+                            f"{user.name!r} reads its operand"
+                        )
+
+
+# --------------------------------------------------------------------------------------------------
+# the split
+
+
+def _resolve_editable(model: nn.Module, editable: Iterable[str]) -> tuple[list[str], set[int]]:
+    if isinstance(editable, str):
+        names = [editable]
+    else:
+        names = list(editable)
+    bad_type = [n for n in names if not isinstance(n, str)]
+    if bad_type:
+        raise TypeError(f"editable must be parameter names (str); got {bad_type[:3]!r}")
+    if not names:
+        raise ValueError("editable is empty: select at least one parameter")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(n for n in names if n not in params))
+    if unknown:
+        raise ValueError(f"unknown editable parameter name(s) for {type(model).__name__}: {unknown}")
+    names = list(dict.fromkeys(names))
+    return names, {id(params[n]) for n in names}
+
+
+def _install_param_path(gm: nn.Module, model: nn.Module, qualname: str) -> None:
+    """Make ``qualname`` reachable in ``gm``, pointing at the model's own parameter."""
+    *path, leaf = qualname.split(".")
+    src, dst = model, gm
+    for item in path:
+        s = src.get_submodule(item)
+        d = dst._modules.get(item)
+        if d is s:
+            return  # the original submodule (with everything below it) is already installed
+        if d is None:
+            d = nn.Module()
+            dst.add_module(item, d)
+        src, dst = s, d
+    param = src.get_parameter(leaf)
+    if dst._parameters.get(leaf) is not param:
+        dst.register_parameter(leaf, param)
+
+
+def _get_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for item in target.split("."):
+        obj = getattr(obj, item)
+    return obj
+
+
+def _traced_split(
+    model: nn.Module,
+    graph: fx.Graph,
+    names: list[str],
+    ed_ids: set[int],
+) -> PrefixSplit:
+    owns_cache: dict[int, bool] = {}
+
+    def owns(mod: nn.Module) -> bool:
+        key = id(mod)
+        if key not in owns_cache:
+            owns_cache[key] = any(id(p) in ed_ids for p in mod.parameters())
+        return owns_cache[key]
+
+    nodes = list(graph.nodes)
+    output_node = next(n for n in nodes if n.op == "output")
+    dep: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "output":
+            continue
+        if n.op == "get_attr":
+            obj = _get_attr(model, n.target)
+            if (isinstance(obj, torch.Tensor) and id(obj) in ed_ids) or (
+                isinstance(obj, nn.Module) and owns(obj)
+            ):
+                dep.add(n)
+        elif n.op == "call_module" and owns(model.get_submodule(n.target)):
+            dep.add(n)
+        if any(i in dep for i in n.all_input_nodes):
+            dep.add(n)
+    if not dep:
+        raise ValueError(
+            f"no computation of {type(model).__name__} uses the editable parameters {names[:5]}"
+            + ("..." if len(names) > 5 else "")
+        )
+    _check_inplace(graph, model, dep)
+    if not any(i in dep for i in output_node.all_input_nodes):
+        raise ValueError(
+            f"the output of {type(model).__name__} does not depend on the editable parameters "
+            f"{names[:5]}" + ("..." if len(names) > 5 else "")
+        )
+
+    frontier = [
+        n for n in nodes
+        if n not in dep and n.op not in ("get_attr", "output")
+        and any(u in dep or u is output_node for u in n.users)
+    ]
+
+    # prefix: every non-dependent node, in order; returns the frontier tuple
+    pg = fx.Graph()
+    penv: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        if n not in dep and n.op != "output":
+            penv[n] = pg.node_copy(n, lambda a: penv[a])
+    pg.output(tuple(penv[f] for f in frontier))
+
+    # suffix: acts -> getitem per frontier value -> dependent nodes -> output
+    sg = fx.Graph()
+    acts = sg.placeholder("acts")
+    senv: dict[fx.Node, fx.Node] = {}
+    for i, f in enumerate(frontier):
+        senv[f] = sg.create_node("call_function", operator.getitem, (acts, i), name=f.name)
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in senv:
+            if a.op != "get_attr":  # cannot happen: every non-dependent input is in the frontier
+                raise _Unsupported(f"internal: node {a.name!r} missing from the frontier")
+            senv[a] = sg.create_node("get_attr", a.target, name=a.name)
+        return senv[a]
+
+    for n in nodes:
+        if n in dep:
+            senv[n] = sg.node_copy(n, lookup)
+    sg.node_copy(output_node, lookup)
+
+    prefix_gm = fx.GraphModule(model, pg, class_name="FrozenPrefix")
+    suffix_gm = fx.GraphModule(model, sg, class_name="EditableSuffix")
+    for name in names:
+        _install_param_path(suffix_gm, model, name)
+
+    model_names = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    suffix_params = dict(suffix_gm.named_parameters(remove_duplicate=False))
+    foreign = [n for n, p in suffix_params.items() if model_names.get(n) is not p]
+    if foreign:
+        raise _Unsupported(f"suffix parameter names not in the model: {foreign[:5]}")
+    missing = [n for n in names if suffix_params.get(n) is not model_names[n]]
+    if missing:
+        raise _Unsupported(f"editable parameters missing from the suffix: {missing[:5]}")
+
+    return PrefixSplit(
+        prefix_module=prefix_gm,
+        suffix_module=suffix_gm,
+        traced=True,
+        reason=None,
+        num_prefix_nodes=sum(1 for n in nodes if n not in dep and n.op not in ("placeholder", "output")),
+        num_suffix_nodes=len(dep),
+        frontier=tuple(f.name for f in frontier),
+    )
+
+
+def _outputs_equal(a: Any, b: Any) -> bool:
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return False
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _verify(model: nn.Module, split: PrefixSplit, example_inputs: tuple) -> str | None:
+    """None if ``split`` reproduces ``model`` exactly on ``example_inputs``, else why not."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def fresh_inputs():
+        return pytree.tree_map(
+            lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(example_inputs)
+        )
+
+    def restore():
+        for b, saved in buffers:
+            b.copy_(saved)
+
+    with torch.no_grad():
+        try:
+            ref = model(*fresh_inputs())
+            restore()
+            got = split(*fresh_inputs())
+        finally:
+            restore()
+    if not _outputs_equal(ref, got):
+        return "verification on example_inputs: split output differs from the model output"
+    return None
+
+
+def split_prefix(
+    model: nn.Module,
+    editable: Iterable[str],
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    example_inputs: tuple | None = None,
+) -> PrefixSplit:
+    """Split ``model`` into a frozen prefix and a suffix that depends on ``editable`` parameters.
+
+    Args:
+        model: the model; its modules and parameters are shared, not copied.
+        editable: qualified parameter names of ``model`` (as in ``named_parameters()``, aliases of
+            shared modules allowed). Unknown or empty selection -> ``ValueError``.
+        concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments.
+        example_inputs: optional positional inputs; when given, the traced split is checked to give
+            bit-identical outputs (buffers are restored afterwards) and falls back otherwise.
+
+    Returns:
+        A :class:`PrefixSplit`; ``traced=False`` (with ``reason``) if the model could not be split.
+
+    Raises:
+        ValueError: invalid ``editable``, or the traced model does not use/depend on it.
+    """
+    names, ed_ids = _resolve_editable(model, editable)
+    before = set(model.__dict__)
+    try:
+        try:
+            graph = fx.Tracer().trace(model, concrete_args)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means "fall back"
+            return _fallback(model, f"tracing failed: {_short(exc)}")
+        try:
+            split = _traced_split(model, graph, names, ed_ids)
+        except ValueError:
+            raise
+        except _Unsupported as exc:
+            return _fallback(model, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            return _fallback(model, f"split failed: {_short(exc)}")
+    finally:
+        # the fx tracer stores captured constant tensors as new attributes of the root module;
+        # the GraphModules hold their own references, so remove them from the user's model
+        for key in set(model.__dict__) - before:
+            del model.__dict__[key]
+    if example_inputs is not None:
+        try:
+            why = _verify(model, split, example_inputs)
+        except Exception as exc:  # noqa: BLE001
+            why = f"verification on example_inputs failed: {_short(exc)}"
+        if why is not None:
+            return _fallback(model, why)
+    return split

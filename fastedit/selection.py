@@ -1,0 +1,62 @@
+"""Which parameters an edit may change.
+
+``params`` may be ``None`` (every parameter), a module-name prefix (``"layer3"``; an exact parameter
+name works too), a list of names/prefixes, or an iterable of the model's own parameter tensors.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Union
+
+import torch
+from torch import nn
+
+ParamSpec = Union[None, str, Iterable[Union[str, torch.Tensor]]]
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Parameter]]:
+    """``[(qualified name, parameter)]`` in the model's own order; raises ``ValueError`` for an empty
+    or unknown selection and ``TypeError`` for non-floating parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    named = list(model.named_parameters())  # shared parameters appear once, under their first name
+    if not named:
+        raise ValueError(f"{type(model).__name__} has no parameters to edit")
+
+    if params is None:
+        chosen = named
+    else:
+        items = [params] if isinstance(params, (str, torch.Tensor)) else list(params)
+        if not items:
+            raise ValueError("params selects nothing: the list is empty")
+        by_id = {id(p): n for n, p in named}
+        wanted: set[str] = set()
+        for item in items:
+            if isinstance(item, str):
+                hits = {n for n, _ in named if _matches(n, item)}
+                if not hits:
+                    tops = sorted({n.split(".")[0] for n, _ in named})
+                    raise ValueError(f"params: no parameter of {type(model).__name__} is named {item!r} or "
+                                     f"lies under it; top-level names are {tops}")
+                wanted |= hits
+            elif isinstance(item, torch.Tensor):
+                if id(item) not in by_id:
+                    raise ValueError(f"params: a tensor of shape {tuple(item.shape)} is not a parameter of the model")
+                wanted.add(by_id[id(item)])
+            else:
+                raise TypeError(f"params entries must be names or parameters, got {type(item).__name__}")
+        chosen = [(n, p) for n, p in named if n in wanted]
+
+    if not chosen:
+        raise ValueError("params selects no parameter")
+    for n, p in chosen:
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {n} has dtype {p.dtype}; only floating-point parameters can be edited")
+    devices = {p.device for _, p in chosen}
+    if len(devices) > 1:
+        raise ValueError(f"the editable parameters lie on several devices {sorted(map(str, devices))}; "
+                         "an edit needs them on one")
+    return chosen

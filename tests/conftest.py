@@ -1,0 +1,38 @@
+"""Shared fixtures: where the real data and pretrained models are (if this machine has them)."""
+import os
+import pathlib
+
+import pytest
+import torch
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _dir_from_env(var: str, fallback: pathlib.Path) -> pathlib.Path | None:
+    value = os.environ.get(var)
+    path = pathlib.Path(value) if value else fallback
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+    """`$FASTEDIT_DATA` (CI sets it to ../shared/data); skips the test when absent."""
+    path = _dir_from_env("FASTEDIT_DATA", _ROOT.parent / "shared" / "data")
+    if path is None:
+        pytest.skip("real data not found: set FASTEDIT_DATA to the folder holding cifar10/ and mnist/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_models_dir() -> pathlib.Path:
+    """`$FASTEDIT_MODELS` (CI sets it to ../shared/models); skips the test when absent."""
+    path = _dir_from_env("FASTEDIT_MODELS", _ROOT.parent / "shared" / "models")
+    if path is None:
+        pytest.skip("pretrained models not found: set FASTEDIT_MODELS to the folder of resnet*.th")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

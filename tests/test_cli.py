@@ -1,0 +1,42 @@
+"""The fastedit command line: --help everywhere, and the demo end to end on a tiny budget."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastedit.cli import main
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["backends", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fastedit" in out
+
+
+def test_backends_command(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "usable" in out
+    assert main(["backends", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["reference"]["usable"] is True
+
+
+def test_demo_runs_and_writes_results(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "fastedit", "demo", "--edits", "8", "--epochs", "3",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("GD", "Scaled GD", "RProp", "RMSProp", "Momentum", "Adam"):
+        assert name in proc.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"].startswith("fastedit demo --edits 8")
+    assert [r["editor"] for r in data["rows"]] == ["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"]
+    for r in data["rows"]:
+        assert 0 <= r["success_rate"] <= 1 and r["num_edits"] == 8
+    assert (out / "results.csv").read_text().startswith("editor,lr,drawdown")
+    assert (out / "editors.png").stat().st_size > 1000
