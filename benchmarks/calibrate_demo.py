@@ -3,12 +3,12 @@
 For each editor: a learning-rate grid; each value is evaluated on tuning edits made from *training*
 images (disjoint from the demo's edits, which come from the test set) with random labels; the chosen
 value minimises drawdown among those with ≥ 95% success within k steps (if none reaches 95%, the one
-with the highest success). The result is written as JSON with the command; fastedit/demo.py's
-DEFAULT_HPARAMS hold the chosen values.
+with the highest success). The search is written as JSON with the command; with
+--update-defaults the chosen values also go into fastedit/demo_hparams.json, which the demo reads.
 
-    python benchmarks/calibrate_demo.py --setting small --out benchmarks/results/calibrate_small.json
+    python benchmarks/calibrate_demo.py --setting small --out benchmarks/results/calibrate_small.json --update-defaults
     python benchmarks/calibrate_demo.py --setting resnet --weights ../shared/models/resnet20-12fca82f.th \
-        --data-dir ../shared/data --out benchmarks/results/calibrate_resnet.json
+        --data-dir ../shared/data --out benchmarks/results/calibrate_resnet.json --update-defaults
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 import fastedit as fe
 from fastedit import data as fdata
-from fastedit.demo import DEFAULT_PARAMS, EDITOR_ORDER, train_classifier
+from fastedit.demo import DEFAULT_PARAMS, EDITOR_ORDER, HPARAMS_FILE, train_classifier
 from fastedit.models import SmallCNN, load_pretrained_cifar_resnet
 
 GRIDS = {  # ×2–×2.5 steps, wide enough that the low end fails and the high end clearly over-shoots
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--update-defaults", action="store_true",
+                    help="write the chosen learning rates into fastedit/demo_hparams.json")
     args = ap.parse_args()
 
     if args.setting == "small":
@@ -105,6 +107,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(chosen, indent=2))
+    if args.update_defaults:
+        defaults = json.loads(HPARAMS_FILE.read_text()) if HPARAMS_FILE.exists() else {"settings": {}, "sources": {}}
+        defaults["settings"][args.setting] = {name: {"lr": c["lr"]} for name, c in chosen.items()}
+        defaults["sources"][args.setting] = {"file": str(out), "command": result["command"]}
+        HPARAMS_FILE.write_text(json.dumps(defaults, indent=2) + "\n")
+        print(f"updated {HPARAMS_FILE}")
 
 
 if __name__ == "__main__":

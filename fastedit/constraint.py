@@ -2,9 +2,10 @@
 
 For a classifier with logits ``z`` and target ``y``::
 
-    l_e = max_i z_i − z_y      (≤ 0  iff  y is an argmax)
+    l_e = max_i z_i − z_y      (≥ 0, and = 0 exactly when y attains the maximum)
 
-which equals ``max_i log p_i − log p_y``: the log-softmax normaliser cancels. An edit with several
+which equals ``max_i log p_i − log p_y``: the log-softmax normaliser cancels. The paper's
+"satisfied" test ``l_e ≤ 0`` is therefore ``l_e == 0``. An edit with several
 samples (a batch of constraints) is reduced with ``"max"`` (the default: the edit is satisfied only
 when *every* sample is, and each step follows the worst sample) or ``"mean"`` (satisfied when the
 mean is ≤ 0; steps follow the average).
@@ -14,18 +15,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import dispatch
+
 REDUCTIONS = ("max", "mean")
 
 
 def constraint_per_sample(logits: Tensor, target: Tensor) -> Tensor:
-    """``max_i z_i − z_target`` per row of ``logits [..., C]``; differentiable, vmap-friendly.
+    """``max_i z_i − z_target`` per row of ``logits [B, C]``; differentiable, vmap-friendly, through
+    the kernel dispatcher (the compiled op where it is built, the reference otherwise).
 
     Half-precision logits are promoted to float32 so a tiny positive margin never rounds to 0.
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    picked = torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1)
-    return logits.amax(dim=-1) - picked
+    return dispatch.edit_constraint(logits, target)
 
 
 def reduce_constraint(per_sample: Tensor, reduction: str = "max") -> Tensor:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call
 
 from .constraint import REDUCTIONS, constraint_per_sample, reduce_constraint
 from .editors import Editor, make_editor
@@ -62,33 +62,39 @@ def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Te
     """Run up to ``max_steps`` steps of ``editor`` on ``loss_fn(params)`` (a 0-dim constraint value).
 
     A step is taken only while ``loss > 0`` (the active mask); a step with a non-finite loss or
-    gradient is not taken and is recorded in ``bad_step``. ``params`` are not modified. With
-    ``early_exit`` the loop returns as soon as the edit is inactive (a host read of one flag).
+    gradient is not taken and is recorded in ``bad_step``. ``params`` are not modified.
+
+    Each iteration runs the forward first and the backward only if it is needed, so with
+    ``early_exit`` (one host read of the active flag per step) an edit satisfied after ``s`` steps
+    costs ``s + 1`` forwards and ``s`` backwards. Without it the loop always runs ``max_steps``
+    masked steps (no host synchronisation), with the same result.
     """
     theta = [p.detach() for p in params]
     state = editor.init_state(theta)
-    grad_fn = grad_and_value(loss_fn)
     device = theta[0].device
     steps = torch.zeros((), dtype=torch.int64, device=device)
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     initial = loss = None
-    with torch.no_grad():  # torch.func.grad ignores it; it stops the *outer* autograd from recording
-        for k in range(max_steps):
-            grads, loss = grad_fn(theta)
+    with torch.no_grad():  # the editor update and the bookkeeping record no graph
+        for k in range(max_steps + 1):
+            leaves = [t.detach().requires_grad_() for t in theta]
+            with torch.enable_grad():
+                loss_graph = loss_fn(leaves)
+            loss = loss_graph.detach()
             if initial is None:
                 initial = loss
-            active = loss > 0
-            bad = ~torch.isfinite(loss) | (active & ~_all_finite(grads))
-            bad_step = torch.where(bad & (bad_step < 0), k, bad_step)
-            active = active & (bad_step < 0)
+            bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), k, bad_step)
+            if k == max_steps:
+                break
+            active = (loss > 0) & (bad_step < 0)
+            if early_exit and not bool(active):
+                break  # satisfied (or failed): every further step would be the identity
+            grads = torch.autograd.grad(loss_graph, leaves)
+            bad_grad = active & ~_all_finite(grads)
+            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
+            active = active & ~bad_grad
             theta, state = editor.step(theta, grads, state, active)
             steps = steps + active
-            if early_exit and not bool(active):
-                return EditLoopOutput(theta, loss, initial, steps, bad_step)  # theta unchanged by this step
-        loss = loss_fn(theta)
-    if initial is None:
-        initial = loss
-    bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), max_steps, bad_step)
     return EditLoopOutput(theta, loss, initial, steps, bad_step)
 
 
@@ -102,13 +108,15 @@ def _structure_key(model: nn.Module) -> tuple:
     return tuple((name, id(m)) for name, m in model.named_modules())
 
 
-def cached_split(model: nn.Module, names: Sequence[str], use_prefix: bool = True) -> PrefixSplit:
-    """The frozen-prefix split of ``model`` for these editable names, traced once per structure."""
+def _cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool = True) -> dict:
+    """``{"split": PrefixSplit, "num_classes": int | None}`` for this model and editable names,
+    traced once per model structure (the class count is filled in by the first label check)."""
     key = (frozenset(names), use_prefix, _structure_key(model))
     per_model = _SPLIT_CACHE.setdefault(model, {})
     if key not in per_model:
         per_model.clear()  # a model is usually edited with one selection; keep the cache small
-        per_model[key] = split_prefix(model, names) if use_prefix else whole_model_split(model)
+        split = split_prefix(model, names) if use_prefix else whole_model_split(model)
+        per_model[key] = {"split": split, "num_classes": None}
     return per_model[key]
 
 
@@ -141,12 +149,14 @@ class EditTarget:
     names: list[str]
     params: list[nn.Parameter]
     split: PrefixSplit
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True) -> "EditTarget":
         chosen = select_parameters(model, params)
         names = [n for n, _ in chosen]
-        return cls(model, names, [p for _, p in chosen], cached_split(model, names, use_prefix))
+        entry = _cached_entry(model, names, use_prefix)
+        return cls(model, names, [p for _, p in chosen], entry["split"], entry)
 
     @property
     def device(self) -> torch.device:
@@ -195,8 +205,14 @@ class EditTarget:
             return reduce_constraint(constraint_per_sample(self.logits(acts, theta), y), reduction)
         return loss
 
-    def check_labels(self, logits: Tensor, y: Tensor) -> None:
-        num_classes = logits.shape[-1]
+    def num_classes(self, acts: tuple) -> int:
+        """The model's class count: one forward of ``acts`` the first time, cached afterwards."""
+        if self._cache.get("num_classes") is None:
+            with torch.no_grad():
+                self._cache["num_classes"] = int(self.logits(acts).shape[-1])
+        return self._cache["num_classes"]
+
+    def check_labels(self, num_classes: int, y: Tensor) -> None:
         bad = (y < 0) | (y >= num_classes)
         if bool(bad.any()):  # one host read, before any step
             raise ValueError(f"label {int(y[bad][0])} is out of range for a model with {num_classes} classes")
@@ -286,13 +302,12 @@ def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", param
         y = target.check_inputs(x, y)
         try:
             acts = target.prefix(x)
-            with torch.no_grad():
-                logits0 = target.logits(acts)
+            num_classes = target.num_classes(acts)
         except (TypeError, ValueError):
             raise
         except Exception as exc:  # a shape the model cannot take, say
             raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
-        target.check_labels(logits0, y)
+        target.check_labels(num_classes, y)
         out = run_edit_loop(target.loss_fn(acts, y, reduction), target.params, editor, max_steps,
                             early_exit=_resolve_early_exit(early_exit, target.device))
 

@@ -111,6 +111,14 @@ class Editor:
         values.update(changes)
         return type(self)(**values)
 
+    @classmethod
+    def from_trusted(cls, **hparams: Any) -> "Editor":
+        """An editor from hyper-parameters known to be valid (e.g. tensors produced by a bounded
+        parametrisation in Editable Training): no range checks, so no host synchronisation."""
+        obj = cls.__new__(cls)
+        obj.__dict__.update(hparams)
+        return obj
+
     def __repr__(self) -> str:
         def fmt(v):
             if isinstance(v, Tensor):
@@ -160,7 +168,7 @@ class Editor:
         t = t_old + 1  # the step number this step would be (1-based), per edit
         context = self._prepare(grads, batched)
         new_params: list[Tensor] = []
-        new_state: EditorState = {slot: [] for slot in self.slots}
+        new_state: EditorState = {"t": t_old, **{slot: [] for slot in self.slots}}  # init_state's key order
         for i, (p, g) in enumerate(zip(params, grads)):
             dtype = _compute_dtype(p.dtype)
             g32 = g.to(dtype)

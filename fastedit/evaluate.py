@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
             for lo in range(0, x_c.shape[0], batch_size):
                 acts = target.prefix(x_c[lo:lo + batch_size])
                 chunks.append((acts, y_c[lo:lo + batch_size], target.logits(acts)))
-        target.check_labels(chunks[0][2], torch.cat([y_e, y_c]))
+        target.check_labels(chunks[0][2].shape[-1], torch.cat([y_e, y_c]))
         n_control = x_c.shape[0]
         base_errors = sum(int((ref.argmax(-1) != y).sum()) for _, y, ref in chunks)
 

@@ -40,3 +40,12 @@ def test_demo_runs_and_writes_results(tmp_path):
         assert 0 <= r["success_rate"] <= 1 and r["num_edits"] == 8
     assert (out / "results.csv").read_text().startswith("editor,lr,drawdown")
     assert (out / "editors.png").stat().st_size > 1000
+
+
+def test_demo_hyperparameters_come_from_the_committed_calibration():
+    from fastedit.demo import EDITOR_ORDER, HPARAMS_FILE, default_hparams
+
+    data = json.loads(HPARAMS_FILE.read_text())
+    for setting in ("small", "resnet"):
+        assert set(default_hparams()[setting]) == set(EDITOR_ORDER)
+        assert data["sources"][setting]["command"].startswith("python benchmarks/calibrate_demo.py")

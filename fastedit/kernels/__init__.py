@@ -1,4 +1,4 @@
 """Kernels: one semantics, several backends (reference, C++ CPU, CUDA, Triton) behind a dispatcher."""
-from .dispatch import BACKEND_ORDER, backends, choose_backend, edit_constraint, forced_backend
+from .dispatch import BACKEND_ORDER, BackendError, backends, choose_backend, edit_constraint, forced_backend
 
-__all__ = ["BACKEND_ORDER", "backends", "choose_backend", "edit_constraint", "forced_backend"]
+__all__ = ["BACKEND_ORDER", "BackendError", "backends", "choose_backend", "edit_constraint", "forced_backend"]

@@ -25,6 +25,10 @@ _OPS = {
 }
 
 
+class BackendError(RuntimeError):
+    """No backend can serve a call (or the forced one cannot)."""
+
+
 @dataclass
 class BackendStatus:
     name: str
@@ -72,7 +76,7 @@ def forced_backend() -> str | None:
     if not value:
         return None
     if value not in BACKEND_ORDER:
-        raise RuntimeError(f"{ENV_BACKEND}={value!r} is not a backend; choose one of {BACKEND_ORDER}")
+        raise BackendError(f"{ENV_BACKEND}={value!r} is not a backend; choose one of {BACKEND_ORDER}")
     return value
 
 
@@ -87,8 +91,21 @@ def backends() -> dict:
     }
 
 
+_CHOICE_CACHE: dict[tuple, str] = {}
+
+
 def choose_backend(op: str, device: torch.device) -> str:
-    """The first backend in priority order that implements ``op`` on ``device`` (or the forced one)."""
+    """The first backend in priority order that implements ``op`` on ``device`` (or the forced one).
+
+    Cached per (op, device type, FASTEDIT_BACKEND), since it is asked on every editor step.
+    """
+    key = (op, device.type, os.environ.get(ENV_BACKEND, ""))
+    if key not in _CHOICE_CACHE:
+        _CHOICE_CACHE[key] = _choose_backend(op, device)
+    return _CHOICE_CACHE[key]
+
+
+def _choose_backend(op: str, device: torch.device) -> str:
     forced = forced_backend()
     candidates = (forced,) if forced else BACKEND_ORDER
     reasons = []
@@ -104,13 +121,17 @@ def choose_backend(op: str, device: torch.device) -> str:
             reasons.append(f"{name}: does not run on {device.type} tensors")
             continue
         return name
-    raise RuntimeError(f"no backend can run {op} on {device.type}"
+    raise BackendError(f"no backend can run {op} on {device.type}"
                        f"{f' ({ENV_BACKEND}={forced})' if forced else ''}: " + "; ".join(reasons))
 
 
 def edit_constraint(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row constraint values (no autograd) through the chosen backend."""
+    """``max_i logits[b, i] − logits[b, target[b]]`` per row, through the chosen backend.
+
+    Differentiable on every backend, also under ``torch.func`` transforms. The compiled op takes
+    ``[B, C]``; other shapes go to the reference.
+    """
     name = choose_backend("edit_constraint", logits.device)
-    if name == "reference":
+    if name == "reference" or logits.dim() != 2:
         return reference.edit_constraint(logits, target)
     return extension.edit_constraint(logits, target)

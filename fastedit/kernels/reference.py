@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..constraint import constraint_per_sample
 
 
 def edit_constraint(logits: Tensor, target: Tensor) -> Tensor:
-    """``max_i logits[b, i] − logits[b, target[b]]`` per row, in the logits' dtype (computed in
-    float32 for half types), NaN rows giving NaN."""
-    return constraint_per_sample(logits, target).to(logits.dtype)
+    """``max_i logits[..., i] − logits[..., target]`` per row; differentiable (ties of the maximum
+    share the gradient, as in ``torch.amax``), vmap-friendly, NaN rows giving NaN."""
+    picked = torch.gather(logits, -1, target.unsqueeze(-1)).squeeze(-1)
+    return logits.amax(dim=-1) - picked
 
 
 def edit_metrics(ref_logits: Tensor, labels: Tensor, edited_logits: Tensor) -> dict[str, Tensor]:

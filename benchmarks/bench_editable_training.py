@@ -1,0 +1,571 @@
+"""Editable Training: time and peak memory of one training step, against a plain step, same run.
+
+Configuration (defaults): the pretrained CIFAR ResNet-20 (``--random-init``: a fresh one), a batch
+of 128 real CIFAR-10 training images (the lossless subset, normalised), editable parameters
+``layer3``, RMSProp(lr = 1e-3, β = 0.5, learnable lr and β), k = 10, c_edit = c_loc = 0.01, one edit
+per batch (an image of the batch, a uniformly random target class; fixed seed, passed explicitly, so
+every method sees the same edits), float32, model in train mode, Adam (lr 1e-4) over the model and
+the learnable hyper-parameters. One training step = forward + backward + optimizer step.
+
+Methods, each with its own copy of the model and its own optimizer, run interleaved (one step of each
+per repetition, on the same batch and edit), median over the repetitions after warm-up:
+  1. plain:            cross_entropy(model(x), y), backward, Adam step;
+  2. fastedit:         ``fe.EditableTraining(..., rematerialize=False)``;
+  3. fastedit_remat:   ``fe.EditableTraining(..., rematerialize=True)``;
+  4. naive:            written here, like the official code: every inner step a full-model forward of
+                       the edit image with ``torch.func.functional_call`` (eval mode), the gradient by
+                       ``torch.autograd.grad(create_graph=True)``, ``.item()`` per step for early
+                       stopping; ``L_loc`` from a full second forward of the batch with the edited
+                       parameters (train mode, copies of the BatchNorm buffers);
+  5. higher:           ``higher.innerloop_ctx(model, RMSprop(layer3), copy_initial_weights=False)``, the
+                       same loop with ``diffopt.step``; lr and α (β) given as differentiable overrides.
+                       higher's RMSprop is torch's, not the paper's: s₀ = 0 (so its first step is
+                       ≈ lr/√(1−β)·sign(g), not lr·sign(g)) and eps outside the root. It is the
+                       "paper-style with a library" comparison, not the same editor; its step counts
+                       may differ.
+
+The floor (written before measuring). Beyond a plain step, Editable Training must at least (i) run
+the suffix (layer3 + pooling + linear) a second time on the batch with the edited parameters, forward
+and backward, for L_loc — about one extra suffix forward + backward on the batch — and (ii) run k
+single-image inner steps (suffix forward + vjp on one image) and their backward, tiny next to a
+batch of 128. So the floor ratio is ≈ (plain + suffix_fwd_bwd) / plain, with suffix_fwd_bwd measured
+here in the same run (the suffix on detached prefix activations of the batch, train mode). The
+issue's targets: ≤ 1.5× a plain step in time, and ≤ 1.3× a plain step's peak memory with
+rematerialisation. The official code reported ≈ 2.5× (ResNet-18, GPU).
+
+Peak memory (CPU). Per method, in separate repetitions after the timed ones (the measurement trims
+the allocator, which would perturb timing): ``gc.collect()``, glibc ``malloc_trim(0)`` (free heap
+pages go back to the kernel, so the step must fault in what it uses), reset the kernel's resident
+high-water mark (``echo 5 > /proc/self/clear_refs``), read the resident set (``/proc/self/statm``),
+run the step, read ``VmHWM`` from ``/proc/self/status``. Peak = VmHWM − resident before the step:
+the largest resident-memory increase during the step, exact (kernel-tracked, no sampling), which
+includes allocator fragmentation. Where clear_refs is not writable, a thread samples
+``/proc/self/statm`` every 0.5 ms instead (the JSON says which method was used).
+
+A breakdown of the fastedit step (rematerialize on and off) is timed by re-running the phases of
+``EditableTraining.forward`` with timers (private methods ``_split``/``_run_edit``/``_kl_to_edited``;
+benchmark only): base forward, the edit (prefix of the edit image + k inner steps), the L_loc forward,
+backward, optimizer step; and the plain step's forward / backward / optimizer step, so
+``extra backward = fastedit backward − plain backward``.
+
+    python benchmarks/bench_editable_training.py --out benchmarks/results/bench_editable_training.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import statistics
+import sys
+import threading
+import time
+import traceback
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm
+
+import fastedit as fe
+from fastedit import data as fdata
+from fastedit.edit import eval_mode
+from fastedit.models import load_pretrained_cifar_resnet, resnet18_cifar, resnet20
+
+METHODS = ("plain", "fastedit", "fastedit_remat", "naive", "higher")
+
+
+# ------------------------------------------------------------------------------------------------
+# memory measurement
+# ------------------------------------------------------------------------------------------------
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_method() -> str:
+    return "VmHWM after clear_refs=5" if _reset_hwm() else "sampling /proc/self/statm every 0.5 ms"
+
+
+def peak_increase(fn) -> tuple[int, object]:
+    """(largest resident-memory increase during ``fn()`` in bytes, fn's result)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    if _reset_hwm():
+        base = _rss()
+        out = fn()
+        return _hwm() - base, out
+    base = peak = _rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak, _rss()) - base, out
+
+
+# ------------------------------------------------------------------------------------------------
+# shared pieces
+# ------------------------------------------------------------------------------------------------
+def constraint(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """l_e = max_i z_i − z_y, max over the edit's samples (one here)."""
+    return (logits.max(-1).values - logits.gather(-1, y[:, None]).squeeze(-1)).max()
+
+
+def kl_batchmean(ref_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(edited_logits, -1), F.log_softmax(ref_logits.detach(), -1),
+                    log_target=True, reduction="batchmean")
+
+
+class RawHParams(torch.nn.Module):
+    """Learnable lr (log space) and β (logit), as fastedit's LearnableEditor parametrises them."""
+
+    def __init__(self, lr: float, beta: float):
+        super().__init__()
+        self.log_lr = torch.nn.Parameter(torch.tensor(float(torch.tensor(lr).log())))
+        self.logit_beta = torch.nn.Parameter(torch.tensor(float(torch.tensor(beta).logit())))
+
+    def values(self):
+        return self.log_lr.exp(), torch.sigmoid(self.logit_beta)
+
+
+# ------------------------------------------------------------------------------------------------
+# the methods: each owns a model copy and an optimizer; step(x, y, ex, ey) -> inner steps taken
+# ------------------------------------------------------------------------------------------------
+class Plain:
+    def __init__(self, model, cfg):
+        self.model = model
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg["adam_lr"])
+
+    def step(self, x, y, ex, ey, timer=None):
+        t = time.perf_counter()
+        loss = F.cross_entropy(self.model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if timer is not None:
+            timer.update(fwd=t1 - t, bwd=t2 - t1, opt=time.perf_counter() - t2)
+        return 0
+
+
+class FastEdit:
+    def __init__(self, model, cfg, rematerialize):
+        self.et = fe.EditableTraining(model, params=cfg["params"], editor=fe.RMSProp(cfg["lr"], beta=cfg["beta"]),
+                                      max_steps=cfg["k"], c_edit=cfg["c_edit"], c_loc=cfg["c_loc"],
+                                      learn=("lr", "beta"), rematerialize=rematerialize)
+        self.opt = torch.optim.Adam(self.et.parameters(), lr=cfg["adam_lr"])
+
+    def step(self, x, y, ex, ey):
+        loss, stats = self.et(x, y, edit_x=ex, edit_y=ey)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(stats["edit_steps"])
+
+    def step_breakdown(self, x, y, ex, ey, timer):
+        """The phases of EditableTraining.forward (loc_mode="shared"), timed one by one."""
+        et = self.et
+        t0 = time.perf_counter()
+        split = et._split()
+        acts = split.prefix(x)
+        logits = split.suffix(acts)
+        loss_base = F.cross_entropy(logits, y)
+        t1 = time.perf_counter()
+        with eval_mode(et.model):
+            acts_e = split.prefix(ex)
+            theta, final, steps = et._run_edit(split, acts_e, ey, et.learned_editor)
+        t2 = time.perf_counter()
+        if int(steps) > 0:
+            loss_loc = et._kl_to_edited(split, acts, logits, theta)
+        else:
+            loss_loc = loss_base.new_zeros(())
+        objective = loss_base + et.c_edit * F.relu(final) + et.c_loc * loss_loc
+        objective = objective + sum(0.0 * p.sum() for p in et.learned_editor.parameters())
+        t3 = time.perf_counter()
+        objective.backward()
+        t4 = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        timer.update(base_fwd=t1 - t0, edit_fwd=t2 - t1, loc_fwd=t3 - t2, bwd=t4 - t3, opt=t5 - t4,
+                     inner_steps=float(steps))
+        return float(steps)
+
+
+class Naive:
+    """Full-model forwards per inner step, autograd.grad(create_graph=True), .item() per step."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+        self.names = [n for n, _ in model.named_parameters() if n == cfg["params"] or n.startswith(cfg["params"] + ".")]
+        self.hp = RawHParams(cfg["lr"], cfg["beta"])
+        self.opt = torch.optim.Adam([*model.parameters(), *self.hp.parameters()], lr=cfg["adam_lr"])
+
+    def step(self, x, y, ex, ey):
+        cfg, model = self.cfg, self.model
+        logits = model(x)                                  # train mode: batch statistics
+        loss_base = F.cross_entropy(logits, y)
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        theta = [params[n] for n in self.names]
+        lr, beta = self.hp.values()
+        eps = cfg["eps"]
+        s = None
+        steps = 0
+        model.eval()                                       # the edit in eval mode (running statistics)
+        try:
+            for _ in range(cfg["k"]):
+                z = functional_call(model, {**params, **buffers, **dict(zip(self.names, theta))}, (ex,))
+                le = constraint(z, ey)
+                if le.item() <= 0:                         # host sync per step, as the official code
+                    break
+                grads = torch.autograd.grad(le, theta, create_graph=True)
+                s = ([g * g for g in grads] if s is None
+                     else [beta * si + (1 - beta) * g * g for si, g in zip(s, grads)])
+                theta = [t - lr * g / torch.sqrt(si + eps) for t, g, si in zip(theta, grads, s)]
+                steps += 1
+            else:
+                z = functional_call(model, {**params, **buffers, **dict(zip(self.names, theta))}, (ex,))
+                le = constraint(z, ey)
+        finally:
+            model.train()
+        loss_edit = F.relu(le)
+        if steps:                                          # L_loc: a full second forward of the batch
+            copies = {n: b.clone() for n, b in buffers.items()}
+            edited = functional_call(model, {**params, **copies, **dict(zip(self.names, theta))}, (x,))
+            loss_loc = kl_batchmean(logits, edited)
+        else:
+            loss_loc = loss_base.new_zeros(())
+        obj = loss_base + cfg["c_edit"] * loss_edit + cfg["c_loc"] * loss_loc + 0.0 * (self.hp.log_lr + self.hp.logit_beta)
+        obj.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return steps
+
+
+class Higher:
+    def __init__(self, model, cfg):
+        import higher  # noqa: F401  (an ImportError is recorded by the caller)
+
+        self.model, self.cfg = model, cfg
+        layer = model.get_submodule(cfg["params"])
+        self.inner_opt = torch.optim.RMSprop(layer.parameters(), lr=cfg["lr"], alpha=cfg["beta"], eps=cfg["eps"])
+        self.hp = RawHParams(cfg["lr"], cfg["beta"])
+        self.opt = torch.optim.Adam([*model.parameters(), *self.hp.parameters()], lr=cfg["adam_lr"])
+
+    def step(self, x, y, ex, ey):
+        import higher
+
+        cfg, model = self.cfg, self.model
+        logits = model(x)
+        loss_base = F.cross_entropy(logits, y)
+        lr, beta = self.hp.values()
+        steps = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")               # "Differentiable RMSprop suffers from ..."
+            with higher.innerloop_ctx(model, self.inner_opt, copy_initial_weights=False,
+                                      override={"lr": [lr], "alpha": [beta]}) as (fmodel, diffopt):
+                fmodel.eval()
+                for _ in range(cfg["k"]):
+                    le = constraint(fmodel(ex), ey)
+                    if le.item() <= 0:
+                        break
+                    diffopt.step(le)
+                    steps += 1
+                else:
+                    le = constraint(fmodel(ex), ey)
+                fmodel.train()
+                # L_loc: a full second forward (higher's functional model updates BatchNorm running
+                # statistics once more here; irrelevant for timing)
+                loss_loc = kl_batchmean(logits, fmodel(x)) if steps else loss_base.new_zeros(())
+                obj = (loss_base + cfg["c_edit"] * F.relu(le) + cfg["c_loc"] * loss_loc
+                       + 0.0 * (self.hp.log_lr + self.hp.logit_beta))
+                obj.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return steps
+
+
+class SuffixFloor:
+    """The floor's extra work: the suffix alone, forward + backward, on the batch's prefix activations."""
+
+    def __init__(self, model, cfg):
+        self.model = model
+        self.split = fe.EditableTraining(model, params=cfg["params"])._split()
+
+    def step(self, x, y, ex, ey):
+        with torch.no_grad():
+            acts = self.split.prefix(x)
+        t = time.perf_counter()
+        F.cross_entropy(self.split.suffix(acts), y).backward()
+        elapsed = time.perf_counter() - t
+        for p in self.model.parameters():
+            p.grad = None
+        return elapsed
+
+
+class Timer(dict):
+    def update(self, **kw):
+        for k, v in kw.items():
+            self.setdefault(k, []).append(v)
+
+    def medians(self):
+        return {k: statistics.median(v) for k, v in self.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": cpu, "cpu_count": os.cpu_count()}
+
+
+def load_avg() -> list[float]:
+    return list(os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("resnet20", "resnet18"), default="resnet20")
+    ap.add_argument("--weights", default="../shared/models/resnet20-12fca82f.th")
+    ap.add_argument("--random-init", action="store_true", help="a fresh ResNet-20 instead of the pretrained one")
+    ap.add_argument("--data", default="../shared/data/cifar10/cifar10_lossless_subset.npz")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10, help="k: the editor's maximum inner steps")
+    ap.add_argument("--repeats", type=int, default=9, help="timed repetitions (each: one step per method)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--memory-repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the JSON here")
+    args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be ≥ 1")
+
+    load_before = load_avg()
+    torch.manual_seed(args.seed)
+    if args.model == "resnet18":
+        base, model_desc = resnet18_cifar(), "resnet18_cifar (random init; editable layer3, suffix layer3+layer4+linear)"
+    elif args.random_init:
+        base, model_desc = resnet20(), "resnet20 (random init)"
+    else:
+        if not pathlib.Path(args.weights).is_file():
+            sys.exit(f"{args.weights} not found: give --weights, or --random-init for a fresh ResNet-20")
+        base, model_desc = load_pretrained_cifar_resnet(args.weights), f"resnet20 (pretrained, {args.weights})"
+    base = base.float().train()
+
+    xs, ys = fdata.load_cifar10_lossless(args.data, "train")
+    xs = fdata.to_float_tensor(xs, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
+    n_steps = args.warmup + args.repeats + args.memory_repeats
+    if n_steps * args.batch > xs.shape[0]:
+        sys.exit(f"{n_steps} batches of {args.batch} need more than the {xs.shape[0]} training images")
+    gen = torch.Generator().manual_seed(args.seed)
+    perm = torch.randperm(xs.shape[0], generator=gen)
+    batches = []
+    for i in range(n_steps):
+        idx = perm[i * args.batch:(i + 1) * args.batch]
+        j = int(torch.randint(0, args.batch, (1,), generator=gen))
+        ey = torch.randint(0, 10, (1,), generator=gen)
+        batches.append((xs[idx], ys[idx], xs[idx][j:j + 1], ey))
+
+    cfg = dict(params="layer3", lr=1e-3, beta=0.5, eps=1e-6, k=args.steps, c_edit=0.01, c_loc=0.01, adam_lr=1e-4)
+    methods: dict[str, object] = {}
+    errors: dict[str, str] = {}
+    builders = {
+        "plain": lambda m: Plain(m, cfg),
+        "fastedit": lambda m: FastEdit(m, cfg, rematerialize=False),
+        "fastedit_remat": lambda m: FastEdit(m, cfg, rematerialize=True),
+        "naive": lambda m: Naive(m, cfg),
+        "higher": lambda m: Higher(m, cfg),
+    }
+    for name, build in builders.items():
+        try:
+            methods[name] = build(copy.deepcopy(base))
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON (e.g. higher not installed)
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    floor = SuffixFloor(copy.deepcopy(base), cfg)
+    breakdown = {"plain": Timer(), "fastedit": Timer(), "fastedit_remat": Timer()}
+    breakdown_models = {  # separate copies so the breakdown does not move the measured models
+        "plain": Plain(copy.deepcopy(base), cfg),
+        "fastedit": FastEdit(copy.deepcopy(base), cfg, rematerialize=False),
+        "fastedit_remat": FastEdit(copy.deepcopy(base), cfg, rematerialize=True),
+    }
+
+    times = {name: [] for name in methods}
+    steps_taken = {name: [] for name in methods}
+    floor_times = []
+
+    def run(name, batch):
+        try:
+            return methods[name].step(*batch)
+        except Exception as exc:  # noqa: BLE001 - e.g. higher failing with this torch: recorded
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            errors[name + "_traceback"] = traceback.format_exc(limit=6)
+            del methods[name]
+            return None
+
+    print(f"load average before: {load_before}")
+    bar = tqdm(range(args.warmup + args.repeats), desc="timed repetitions", unit="rep")
+    for rep in bar:
+        batch = batches[rep]
+        measured = rep >= args.warmup
+        for name in list(methods):
+            t = time.perf_counter()
+            s = run(name, batch)
+            elapsed = time.perf_counter() - t
+            if s is not None and measured:
+                times[name].append(elapsed)
+                steps_taken[name].append(s)
+        ft = floor.step(*batch)
+        breakdown_models["plain"].step(*batch, timer=breakdown["plain"] if measured else Timer())
+        for name in ("fastedit", "fastedit_remat"):
+            breakdown_models[name].step_breakdown(*batch, breakdown[name] if measured else Timer())
+        if measured:
+            floor_times.append(ft)
+
+    mem_method = memory_method()
+    peaks = {name: [] for name in methods}
+    floor_peaks = []
+    for rep in tqdm(range(args.memory_repeats), desc="memory repetitions", unit="rep"):
+        batch = batches[args.warmup + args.repeats + rep]
+        for name in list(methods):
+            peak, s = peak_increase(lambda: run(name, batch))
+            if s is not None:
+                peaks[name].append(peak)
+        peak, _ = peak_increase(lambda: floor.step(*batch))
+        floor_peaks.append(peak)
+    load_after = load_avg()
+
+    # ---- table ----------------------------------------------------------------------------------
+    plain_t = statistics.median(times["plain"])
+    plain_m = statistics.median(peaks["plain"])
+    floor_t = statistics.median(floor_times)
+    table = {}
+    for name in METHODS:
+        if name not in methods or not times.get(name):
+            table[name] = {"error": errors.get(name, "not run")}
+            continue
+        t = statistics.median(times[name])
+        m = statistics.median(peaks[name]) if peaks[name] else None
+        table[name] = {
+            "seconds_per_step": t, "time_ratio": t / plain_t,
+            "seconds_all": times[name],
+            "peak_bytes": m, "memory_ratio": (m / plain_m) if m is not None else None,
+            "peak_bytes_all": peaks[name],
+            "mean_inner_steps": statistics.fmean(steps_taken[name]),
+        }
+    bd = {name: timer.medians() for name, timer in breakdown.items()}
+    for name in ("fastedit", "fastedit_remat"):
+        d = bd[name]
+        d["sum"] = d["base_fwd"] + d["edit_fwd"] + d["loc_fwd"] + d["bwd"] + d["opt"]
+        d["extra_bwd_vs_plain"] = d["bwd"] - bd["plain"]["bwd"]
+        d["inner_fwd_per_step"] = d["edit_fwd"] / max(d["inner_steps"], 1.0)
+    floor_ratio = (plain_t + floor_t) / plain_t
+    remat = table.get("fastedit_remat", {})
+    targets = {
+        "time_target": 1.5, "memory_target_remat": 1.3,
+        "fastedit_time_ratio": table.get("fastedit", {}).get("time_ratio"),
+        "fastedit_remat_time_ratio": remat.get("time_ratio"),
+        "fastedit_remat_memory_ratio": remat.get("memory_ratio"),
+        "floor_time_ratio": floor_ratio,
+    }
+    targets["time_met"] = bool(remat.get("time_ratio") is not None and min(
+        table["fastedit"]["time_ratio"], remat["time_ratio"]) <= 1.5)
+    targets["memory_met"] = bool(remat.get("memory_ratio") is not None and remat["memory_ratio"] <= 1.3)
+
+    print()
+    print(f"{'method':<16}{'s/step':>10}{'× plain':>9}{'peak MiB':>10}{'× plain':>9}{'inner steps':>13}")
+    for name, row in table.items():
+        if "error" in row:
+            print(f"{name:<16}  error: {row['error']}")
+            continue
+        mib = row["peak_bytes"] / 2**20 if row["peak_bytes"] is not None else float("nan")
+        print(f"{name:<16}{row['seconds_per_step']:>10.4f}{row['time_ratio']:>9.2f}{mib:>10.1f}"
+              f"{row['memory_ratio'] or float('nan'):>9.2f}{row['mean_inner_steps']:>13.2f}")
+    print(f"suffix fwd+bwd on the batch: {floor_t:.4f} s (peak {statistics.median(floor_peaks) / 2**20:.1f} MiB); "
+          f"floor ratio (plain + suffix) / plain = {floor_ratio:.2f}")
+    for name in ("plain", "fastedit", "fastedit_remat"):
+        print(f"breakdown {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in bd[name].items()))
+    print(f"targets: time ≤ 1.5× {'met' if targets['time_met'] else 'MISSED'}, "
+          f"memory ≤ 1.3× (remat) {'met' if targets['memory_met'] else 'MISSED'}")
+    print(f"load average after: {load_after}")
+
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_after},
+        "config": {**cfg, "model": model_desc, "batch": args.batch, "dtype": "float32", "mode": "train",
+                   "optimizer": f"Adam(lr={cfg['adam_lr']}) over the model and the learnable lr, beta",
+                   "learn": ["lr", "beta"], "edits": "one per batch: an image of the batch, uniform random target",
+                   "warmup": args.warmup, "repeats": args.repeats, "memory_repeats": args.memory_repeats,
+                   "seed": args.seed, "data": args.data},
+        "memory_method": (f"{mem_method}: peak resident-set increase during one step, after gc.collect() and "
+                          "malloc_trim(0); separate repetitions after the timed ones"),
+        "table": table,
+        "suffix_fwd_bwd": {"seconds": floor_t, "seconds_all": floor_times,
+                           "peak_bytes": statistics.median(floor_peaks)},
+        "floor_time_ratio": floor_ratio,
+        "breakdown_seconds": bd,
+        "targets": targets,
+        "errors": errors,
+        "packages": {"higher": _version("higher")},
+    }
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Editable Training (Sinitsin et al. 2020, eq. 2): train a model so that later edits stay local.
+
+    Obj(θ) = L_base(θ) + c_edit · L_edit(θ) + c_loc · L_loc(θ)
+    L_edit = mean over edits of max(0, l_e(Edit_α^k(θ, l_e)))
+    L_loc  = mean over edits of  mean over the batch of KL( p(y|x, θ) ‖ p(y|x, Edit_α^k(θ, l_e)) )
+
+The gradient flows through the ``k`` unrolled editor steps (second order) into every model parameter
+and into the editor's learnable hyper-parameters.
+
+How one step of :class:`EditableTraining` computes it (and which BatchNorm mode each forward uses)
+    1. ``L_base``: the batch through the frozen prefix and the suffix, in the module's own mode (train
+       mode during training: batch statistics). This is the only forward that updates BatchNorm
+       running statistics, so they move exactly once per training step, as in plain training.
+    2. The edit: the edit input's prefix activations and the ``k`` editor steps run in **eval mode**
+       (running statistics, no dropout), exactly as :func:`fastedit.edit` applies edits after
+       training. Early stopping uses the active mask ``l_e > 0``: a satisfied edit's later steps are
+       the identity, and on the CPU the loop also exits (same result, no wasted steps).
+    3. ``L_loc`` (``loc_mode="shared"``, default): the suffix alone, with the edited parameters, on the
+       *batch's prefix activations from step 1* (shared work, no second prefix pass), in the same
+       BatchNorm mode as step 1 so both sides of the KL are normalised alike; its BatchNorm layers
+       update throw-away copies of the running statistics. The reference distribution is step 1's
+       detached prediction. ``loc_mode="eval"`` instead runs the batch in eval mode (one more prefix
+       pass, forward and backward), comparing eval-mode predictions before and after the edit.
+
+Rematerialisation (``rematerialize=True``): each inner step is an ``autograd.Function`` that saves
+only its inputs and recomputes itself (with ``torch.func.vjp``) during backward, so the unrolled
+graph's intermediate activations are not kept. ``torch.utils.checkpoint`` cannot do this inside
+``torch.func`` transforms (DESIGN.md §3). Gradients are identical either way: both paths run the same
+step function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vjp
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .constraint import REDUCTIONS, constraint_per_sample, reduce_constraint
+from .edit import _cached_entry, _resolve_early_exit, eval_mode
+from .editors import Adam, Editor, Momentum, RMSProp, make_editor
+from .selection import ParamSpec, select_parameters
+
+__all__ = ["EditableTraining", "LearnableEditor"]
+
+
+# ------------------------------------------------------------------------------------------------
+# learnable hyper-parameters
+# ------------------------------------------------------------------------------------------------
+# name -> (to constrained value, from constrained value); raw parameters are unconstrained
+def _logit(v: float, low: float = 0.0, high: float = 1.0) -> float:
+    u = min(max((v - low) / (high - low), 1e-6), 1 - 1e-6)
+    return math.log(u / (1 - u))
+
+
+_TRANSFORMS = {
+    "lr": (lambda r: r.exp(), math.log, "log_lr"),
+    "eps": (lambda r: r.exp(), math.log, "log_eps"),
+    "beta": (torch.sigmoid, _logit, "logit_beta"),
+    "momentum": (torch.sigmoid, _logit, "logit_momentum"),
+    "beta1": (lambda r: 0.1 + 0.9 * torch.sigmoid(r), lambda v: _logit(v, 0.1, 1.0), "logit_beta1"),
+    "beta2": (torch.sigmoid, _logit, "logit_beta2"),
+}
+
+
+def _flat_hparams(editor: Editor) -> dict[str, float]:
+    values = {}
+    for k, v in editor.hparams().items():
+        if k == "betas":
+            values["beta1"], values["beta2"] = (float(b) for b in v)
+        else:
+            values[k] = float(v)
+    return values
+
+
+class LearnableEditor(nn.Module):
+    """An editor whose chosen hyper-parameters are ``nn.Parameter``s in unconstrained coordinates:
+    ``lr`` and ``eps`` in log space, ``beta``/``momentum``/``beta2`` through a sigmoid, Adam's
+    ``beta1`` as ``0.1 + 0.9·sigmoid`` (its [0.1, 1) range).
+
+    ``learn``: names of the hyper-parameters to learn (default, as the paper: ``("beta",)`` for
+    RMSProp, ``("lr",)`` otherwise); ``()`` learns nothing. Calling the module returns an
+    :class:`~fastedit.editors.Editor` whose hyper-parameters are differentiable tensors;
+    :meth:`editor` returns a plain editor with the current values as floats.
+    """
+
+    def __init__(self, editor: Editor | str, learn: Iterable[str] | None = None):
+        super().__init__()
+        editor = make_editor(editor)
+        self.kind = type(editor)
+        values = _flat_hparams(editor)
+        learn = tuple(learn) if learn is not None else (("beta",) if isinstance(editor, RMSProp) else ("lr",))
+        unknown = set(learn) - set(values)
+        if unknown:
+            raise ValueError(f"{editor.name} cannot learn {sorted(unknown)}; its hyper-parameters are {sorted(values)}")
+        self.learn = learn
+        self.fixed = {k: v for k, v in values.items() if k not in learn}
+        for name in learn:
+            _, inverse, raw_name = _TRANSFORMS[name]
+            self.register_parameter(raw_name, nn.Parameter(torch.tensor(inverse(values[name]), dtype=torch.float64)))
+
+    def values(self) -> dict[str, Tensor | float]:
+        """Constrained hyper-parameter values: tensors for learned ones, floats for fixed ones."""
+        out: dict[str, Any] = dict(self.fixed)
+        for name in self.learn:
+            forward, _, raw_name = _TRANSFORMS[name]
+            out[name] = forward(getattr(self, raw_name))
+        return out
+
+    def _build(self, values: dict) -> dict:
+        values = dict(values)
+        if self.kind is Adam:
+            values["betas"] = (values.pop("beta1"), values.pop("beta2"))
+        return values
+
+    def forward(self) -> Editor:
+        return self.kind.from_trusted(**self._build(self.values()))
+
+    def editor(self) -> Editor:
+        """A plain editor with the learned values (floats), for :func:`fastedit.edit` / ``evaluate``."""
+        values = {k: (float(v.detach()) if isinstance(v, Tensor) else v) for k, v in self.values().items()}
+        return self.kind(**self._build(values))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind.__name__}, learn={self.learn}, fixed={self.fixed}"
+
+
+# ------------------------------------------------------------------------------------------------
+# one differentiable inner step, as a pure function of tensors
+# ------------------------------------------------------------------------------------------------
+class _StepSpec:
+    """Everything an inner step needs that is not a differentiable tensor."""
+
+    def __init__(self, suffix: nn.Module, theta_names, other_names, acts_spec, acts_consts, state_spec,
+                 learnable: LearnableEditor, hp_names, y: Tensor, reduction: str, check_active: bool):
+        self.suffix, self.theta_names, self.other_names = suffix, theta_names, other_names
+        self.acts_spec, self.acts_consts, self.state_spec = acts_spec, acts_consts, state_spec
+        self.learnable, self.hp_names, self.y = learnable, hp_names, y
+        self.reduction, self.check_active = reduction, check_active
+
+    def split(self, flat: tuple, n_theta: int, n_state: int, n_acts: int, n_other: int):
+        i = 0
+        out = []
+        for n in (n_theta, n_state, n_acts, n_other):
+            out.append(list(flat[i:i + n]))
+            i += n
+        out.append(list(flat[i:]))
+        return out
+
+    def acts(self, tensors: list[Tensor]) -> tuple:
+        leaves, it = [], iter(tensors)
+        for c in self.acts_consts:
+            leaves.append(next(it) if c is _TENSOR else c)
+        return tree_unflatten(leaves, self.acts_spec)
+
+    def loss_fn(self, acts: tuple, others: list[Tensor]):
+        other_map = dict(zip(self.other_names, others))
+
+        def loss(theta: list[Tensor]) -> Tensor:
+            mapping = {**other_map, **dict(zip(self.theta_names, theta))}
+            logits = functional_call(self.suffix, mapping, (acts,))
+            return reduce_constraint(constraint_per_sample(logits, self.y), self.reduction)
+        return loss
+
+    def editor(self, hps: list[Tensor]) -> Editor:
+        values = dict(self.learnable.fixed)
+        values.update(zip(self.hp_names, hps))
+        return self.learnable.kind.from_trusted(**self.learnable._build(values))
+
+
+_TENSOR = object()  # marks a tensor leaf of the prefix activations
+
+
+def _inner_step(spec: _StepSpec, theta, state_leaves, act_tensors, others, hps, *, early_exit: bool):
+    """One masked editor step from ``theta``: returns ``(theta', state_leaves', loss, active)``.
+
+    ``loss`` is the constraint at ``theta``; the step is the identity when ``loss ≤ 0``. With
+    ``early_exit`` and an inactive edit, the gradient is not computed at all (one host read).
+    """
+    loss_fn = spec.loss_fn(spec.acts(act_tensors), others)
+    loss, pullback = vjp(loss_fn, theta)
+    active = loss.detach() > 0
+    if early_exit and not bool(active):
+        return list(theta), list(state_leaves), loss, active
+    (grads,) = pullback(torch.ones_like(loss))
+    state = tree_unflatten(list(state_leaves), spec.state_spec)
+    new_theta, new_state = spec.editor(hps).step(theta, grads, state, active)
+    return new_theta, tree_flatten(new_state)[0], loss, active
+
+
+class _RematStep(torch.autograd.Function):
+    """``_inner_step`` that keeps only its inputs and recomputes itself in backward."""
+
+    @staticmethod
+    def forward(ctx, spec, early_exit, counts, *flat):
+        ctx.spec, ctx.early_exit, ctx.counts = spec, early_exit, counts
+        # backward runs after the caller's eval_mode has been left: replay the modes of this step
+        ctx.modes = [(m, m.training) for m in spec.suffix.modules()]
+        ctx.save_for_backward(*flat)
+        theta, state, acts, others, hps = spec.split(flat, *counts)
+        with torch.no_grad():
+            new_theta, new_state, loss, active = _inner_step(spec, theta, state, acts, others, hps,
+                                                             early_exit=early_exit)
+        ctx.mark_non_differentiable(loss, active)
+        return (*[t.detach() for t in new_theta], *[s.detach() for s in new_state], loss.detach(), active)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        flat = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in flat]
+        theta, state, acts, others, hps = ctx.spec.split(inputs, *ctx.counts)
+        current = [(m, m.training) for m, _ in ctx.modes]
+        try:
+            for m, mode in ctx.modes:
+                m.training = mode
+            with torch.enable_grad():
+                new_theta, new_state, _, _ = _inner_step(ctx.spec, theta, state, acts, others, hps,
+                                                         early_exit=ctx.early_exit)
+        finally:
+            for m, mode in current:
+                m.training = mode
+        outputs = [*new_theta, *new_state]
+        pairs = [(o, g) for o, g in zip(outputs, grad_outs) if g is not None and o.requires_grad]
+        wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                    [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
+        result: list[Tensor | None] = [None] * len(inputs)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, None, None, *result)
+
+
+# ------------------------------------------------------------------------------------------------
+# the module
+# ------------------------------------------------------------------------------------------------
+class EditableTraining(nn.Module):
+    """Editable Training as a module to drop into a training loop.
+
+    Args:
+        model: the classifier being trained (registered as ``self.model``, so ``et.parameters()``
+            holds the model's and the editor's learnable parameters, and ``DistributedDataParallel(et)``
+            works).
+        params: the editable parameters (as in :func:`fastedit.edit`; default ``"layer3"``).
+        editor: the editor (default ``RMSProp(1e-3, beta=0.5)``, as the official code).
+        max_steps: ``k``, editor steps per edit (default 10).
+        c_edit, c_loc: the loss weights (default 0.01 each, as the paper).
+        learn: which editor hyper-parameters learn (see :class:`LearnableEditor`).
+        num_edits: edits per batch, each an input of the batch with a uniformly random target class,
+            when ``edit_x``/``edit_y`` are not given.
+        rematerialize: recompute each inner step in backward instead of storing it (less memory).
+        reduction: ``"max"`` or ``"mean"`` over the samples of one edit (each sampled edit has one).
+        loc_mode: ``"shared"`` (default) or ``"eval"``; see the module docstring.
+        early_exit: stop each edit's loop once satisfied (``"auto"``: on the CPU).
+
+    ``loss, stats = et(x, y)`` returns the objective and a dict of detached 0-dim tensors:
+    ``loss_base``, ``loss_edit``, ``loss_loc``, ``edit_success`` (share of edits satisfied within
+    ``k`` steps), ``edit_steps`` (mean steps taken), ``objective``.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSpec = "layer3", editor: Editor | str | None = None,
+                 max_steps: int = 10, c_edit: float = 0.01, c_loc: float = 0.01, *,
+                 learn: Iterable[str] | None = None, num_edits: int = 1, rematerialize: bool = False,
+                 reduction: str = "max", loc_mode: str = "shared", early_exit: bool | str = "auto"):
+        super().__init__()
+        if max_steps < 0 or isinstance(max_steps, bool) or not isinstance(max_steps, int):
+            raise ValueError(f"max_steps must be an integer ≥ 0, got {max_steps!r}")
+        if num_edits < 1:
+            raise ValueError(f"num_edits must be ≥ 1, got {num_edits}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if loc_mode not in ("shared", "eval"):
+            raise ValueError(f"loc_mode must be 'shared' or 'eval', got {loc_mode!r}")
+        if c_edit < 0 or c_loc < 0:
+            raise ValueError(f"c_edit and c_loc must be ≥ 0, got {c_edit}, {c_loc}")
+        self.model = model
+        self.learned_editor = LearnableEditor(editor if editor is not None else RMSProp(1e-3, beta=0.5), learn)
+        self.param_names = [n for n, _ in select_parameters(model, params)]
+        self.max_steps, self.c_edit, self.c_loc = max_steps, float(c_edit), float(c_loc)
+        self.num_edits, self.rematerialize = num_edits, rematerialize
+        self.reduction, self.loc_mode, self.early_exit = reduction, loc_mode, early_exit
+
+    def editor(self) -> Editor:
+        """A plain editor with the learned hyper-parameters, for :func:`fastedit.edit` / ``evaluate``."""
+        return self.learned_editor.editor()
+
+    def extra_repr(self) -> str:
+        return (f"params={len(self.param_names)} tensors, max_steps={self.max_steps}, c_edit={self.c_edit}, "
+                f"c_loc={self.c_loc}, num_edits={self.num_edits}, rematerialize={self.rematerialize}, "
+                f"loc_mode={self.loc_mode!r}")
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _split(self):
+        with eval_mode(self.model):  # trace once, in eval mode (mode-dependent Python is fixed at trace)
+            return _cached_entry(self.model, self.param_names)["split"]
+
+    def _sample_edits(self, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, x.shape[0], (self.num_edits,), device=x.device)
+        return x[idx], torch.randint(0, num_classes, (self.num_edits,), device=x.device)
+
+    def _run_edit(self, split, acts_e: tuple, y_e: Tensor, editor_module: LearnableEditor):
+        """The unrolled edit of one sample: returns (edited params, final constraint, steps, success)."""
+        suffix = split.suffix_module
+        params = dict(self.model.named_parameters())
+        theta = [params[n] for n in self.param_names]
+        theta_set = set(self.param_names)
+        other_names = [n for n, _ in suffix.named_parameters() if n not in theta_set]
+        others = [params[n] for n in other_names]
+        leaves, acts_spec = tree_flatten(acts_e)
+        act_tensors = [v for v in leaves if isinstance(v, Tensor)]
+        consts = [(_TENSOR if isinstance(v, Tensor) else v) for v in leaves]
+        hp_values = editor_module.values()
+        hp_names = [k for k in editor_module.learn]
+        hps = [hp_values[k] for k in hp_names]
+        editor = editor_module()
+        state_leaves, state_spec = tree_flatten(editor.init_state([t.detach() for t in theta]))
+        spec = _StepSpec(suffix, self.param_names, other_names, acts_spec, consts, state_spec, editor_module,
+                         hp_names, y_e, self.reduction, check_active=True)
+        early = _resolve_early_exit(self.early_exit, y_e.device)
+        steps = torch.zeros((), dtype=torch.int64, device=y_e.device)
+        loss = None
+        for _ in range(self.max_steps):
+            if self.rematerialize:
+                counts = (len(theta), len(state_leaves), len(act_tensors), len(others))
+                out = _RematStep.apply(spec, early, counts, *theta, *state_leaves, *act_tensors, *others, *hps)
+                n_t, n_s = len(theta), len(state_leaves)
+                new_theta, new_state, loss, active = list(out[:n_t]), list(out[n_t:n_t + n_s]), out[-2], out[-1]
+            else:
+                new_theta, new_state, loss, active = _inner_step(spec, theta, state_leaves, act_tensors, others,
+                                                                 hps, early_exit=early)
+            if early and not bool(active):
+                return theta, loss, steps
+            theta, state_leaves = new_theta, new_state
+            steps = steps + active
+        final = spec.loss_fn(spec.acts(act_tensors), others)(theta)  # differentiable: L_edit's input
+        return theta, final, steps
+
+    def _kl_to_edited(self, split, acts: tuple, ref_logits: Tensor, theta: list[Tensor]) -> Tensor:
+        """mean over the batch of KL(softmax(ref) ‖ softmax(suffix(acts; θ_edited)))."""
+        suffix = split.suffix_module
+        mapping = dict(zip(self.param_names, theta))
+        # in train mode BatchNorm would update running statistics a second time: give it copies
+        mapping.update({n: b.clone() for n, b in suffix.named_buffers()})
+        edited = functional_call(suffix, mapping, (acts,))
+        log_p = F.log_softmax(ref_logits.detach().float(), -1)
+        log_q = F.log_softmax(edited.float(), -1)
+        return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, y: Tensor, edit_x: Tensor | None = None, edit_y: Tensor | None = None):
+        split = self._split()
+        acts = split.prefix(x)                 # (1) the module's own mode; BN statistics move here only
+        logits = split.suffix(acts)
+        loss_base = F.cross_entropy(logits, y)
+        if edit_x is None:
+            edit_x, edit_y = self._sample_edits(x, logits.shape[-1])
+        elif edit_y is None or edit_y.shape[0] != edit_x.shape[0]:
+            raise ValueError("edit_y must give one target class per row of edit_x")
+
+        with eval_mode(self.model):           # (2) edits in eval mode, as fastedit.edit
+            acts_e_all = split.prefix(edit_x)
+            if self.loc_mode == "eval":
+                acts_loc = split.prefix(x)
+                ref_loc = split.suffix(acts_loc).detach()
+            edits = []
+            for i in range(edit_x.shape[0]):
+                acts_e = _take(acts_e_all, i, edit_x.shape[0])
+                edits.append(self._run_edit(split, acts_e, edit_y[i:i + 1], self.learned_editor))
+
+        loss_edit = torch.stack([F.relu(final) for _, final, _ in edits]).mean()
+        loc_terms = []
+        early = _resolve_early_exit(self.early_exit, x.device)
+        for theta, _, steps in edits:
+            if early and int(steps) == 0:      # no step taken: θ unchanged, KL exactly 0
+                loc_terms.append(loss_base.new_zeros(()))
+            elif self.loc_mode == "eval":
+                with eval_mode(self.model):
+                    loc_terms.append(self._kl_to_edited(split, acts_loc, ref_loc, theta))
+            else:                              # (3) shared prefix activations, same BN mode as (1)
+                loc_terms.append(self._kl_to_edited(split, acts, logits, theta))
+        loss_loc = torch.stack(loc_terms).mean()
+        objective = loss_base + self.c_edit * loss_edit + self.c_loc * loss_loc
+        # every learnable hyper-parameter takes part in the graph even when no edit took a step, so
+        # DistributedDataParallel needs no find_unused_parameters
+        objective = objective + sum(0.0 * p.sum() for p in self.learned_editor.parameters())
+        stats = {
+            "loss_base": loss_base.detach(), "loss_edit": loss_edit.detach(), "loss_loc": loss_loc.detach(),
+            "edit_success": torch.stack([(f.detach() <= 0) for _, f, _ in edits]).float().mean(),
+            "edit_steps": torch.stack([s for _, _, s in edits]).float().mean(),
+            "objective": objective.detach(),
+        }
+        return objective, stats
+
+
+def _take(acts: tuple, i: int, n: int) -> tuple:
+    """Row ``i`` of every batched tensor in the prefix activations (others unchanged)."""
+    leaves, spec = tree_flatten(acts)
+    out = [v[i:i + 1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in leaves]
+    return tree_unflatten(out, spec)
