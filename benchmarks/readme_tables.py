@@ -1,13 +1,18 @@
-"""Print the README's result tables (markdown) from the committed JSON results.
+"""The README's result tables (markdown), made from the committed JSON results.
 
-    python benchmarks/readme_tables.py
+    python benchmarks/readme_tables.py            # print them
+    python benchmarks/readme_tables.py --write    # rewrite them in README.md, between the markers
+                                                  # <!-- table:NAME --> and <!-- end -->
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import re
+import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+README = RESULTS.parents[1] / "README.md"
 
 
 def demo_table(name: str) -> str:
@@ -38,7 +43,63 @@ def bench_table() -> str:
         f"activations {1e3 * ctl['suffix']:.0f} ms ({ctl['full'] / ctl['suffix']:.1f}×)."])
 
 
+def editable_training_bench_table() -> str:
+    data = json.loads((RESULTS / "bench_editable_training.json").read_text())
+    names = {"plain": "plain training step", "fastedit": "`fe.EditableTraining`",
+             "fastedit_remat": "`fe.EditableTraining(rematerialize=True)`",
+             "naive": "naive unrolled autograd (official-code style)", "higher": "`higher` (innerloop_ctx)"}
+    cfg = data["config"]
+    lines = [f"`{data['command']}`: {cfg['model']}, batch {cfg['batch']}, `{cfg['params']}`, RMSProp, k = {cfg['k']}, "
+             f"{data['machine']['threads']} threads; floor (plain + suffix forward/backward) = "
+             f"{data['floor_time_ratio']:.2f}× a plain step.", "",
+             "| training step | s/step | × plain | peak RSS × plain | torch allocations × plain | inner steps |",
+             "|---|---|---|---|---|---|"]
+    for key, row in data["table"].items():
+        if "seconds_per_step" not in row:
+            lines.append(f"| {names.get(key, key)} | failed: {data['errors'].get(key, '?')} | | | | |")
+            continue
+        lines.append(f"| {names.get(key, key)} | {row['seconds_per_step']:.3f} | {row['time_ratio']:.2f} | "
+                     f"{row['memory_ratio']:.2f} | {row.get('torch_alloc_memory_ratio', float('nan')):.2f} | "
+                     f"{row['mean_inner_steps']:.2f} |")
+    return "\n".join(lines)
+
+
+def editable_training_digits_table() -> str:
+    lines = ["| c_edit = c_loc | training | test error | drawdown | success | mean steps |", "|---|---|---|---|---|---|"]
+    commands = []
+    for path in sorted(RESULTS.glob("editable_training_digits_c*.json"), key=lambda p: float(p.stem.split("_c")[-1])):
+        data = json.loads(path.read_text())
+        commands.append(f"`{data['command']}`")
+        for name, s in data["summary"].items():
+            pm = lambda k, scale=100: f"{scale * s[k]['mean']:.2f} ± {scale * s[k]['std']:.2f}"  # noqa: E731
+            lines.append(f"| {data['config']['c']:g} | {name} | {pm('base_error')}% | {pm('drawdown')}% | "
+                         f"{100 * s['success_rate']['mean']:.1f}% | {s['mean_steps']['mean']:.2f} |")
+    return "\n".join(lines + ["", "Commands: " + "; ".join(commands) + "."])
+
+
+TABLES = {
+    "demo_digits": lambda: demo_table("demo_digits"),
+    "demo_resnet20": lambda: demo_table("demo_resnet20"),
+    "bench_edit": bench_table,
+    "editable_training_bench": editable_training_bench_table,
+    "editable_training_digits": editable_training_digits_table,
+}
+
+
+def write_readme() -> None:
+    text = README.read_text()
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no marker <!-- table:{name} -->")
+        table = make()
+        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+    README.write_text(text)
+
+
 if __name__ == "__main__":
-    print(demo_table("demo_digits"), end="\n\n")
-    print(demo_table("demo_resnet20"), end="\n\n")
-    print(bench_table())
+    if "--write" in sys.argv[1:]:
+        write_readme()
+    else:
+        for make in TABLES.values():
+            print(make(), end="\n\n")

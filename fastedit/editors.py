@@ -51,6 +51,18 @@ def _per_edit(value: Tensor, like: Tensor, batched: bool) -> Tensor:
     return value
 
 
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x ≥ 0`` whose derivative at 0 is 0 instead of ∞.
+
+    Where a rule takes ``sqrt`` of an accumulated square that is exactly 0 (a coordinate whose
+    gradient has been 0 so far: behind a dead ReLU, or a satisfied edit whose masked step still
+    runs), the update does not depend on it, so 0 is the right derivative; plain ``sqrt`` would give
+    0·∞ = NaN in second-order (Editable Training) gradients.
+    """
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
 def _keep_inactive(active: Tensor | None, new: Tensor, old: Tensor, batched: bool) -> Tensor:
     if active is None:
         return new
@@ -247,7 +259,7 @@ class ScaledGD(Editor):
     def _prepare(self, grads, batched):
         dims = lambda g: tuple(range(1, g.dim())) if batched else tuple(range(g.dim()))  # noqa: E731
         sq = sum(g.to(_compute_dtype(g.dtype)).pow(2).sum(dim=dims(g)) for g in grads)
-        return sq.sqrt().clamp_min(self.eps).reciprocal()
+        return _safe_sqrt(sq).clamp_min(self.eps).reciprocal()
 
     def _rule(self, g, slots, t, inv_norm):
         return self.lr * g * inv_norm, []
@@ -341,7 +353,7 @@ class Adam(Editor):
         v = beta2 * v + (1 - beta2) * g * g
         m_hat = m / (1 - beta1 ** t)
         v_hat = v / (1 - beta2 ** t)
-        return self.lr * m_hat / (torch.sqrt(v_hat) + self.eps), [m, v]
+        return self.lr * m_hat / (_safe_sqrt(v_hat) + self.eps), [m, v]
 
 
 EDITORS: dict[str, type[Editor]] = {

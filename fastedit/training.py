@@ -22,6 +22,11 @@ How one step of :class:`EditableTraining` computes it (and which BatchNorm mode 
        detached prediction. ``loc_mode="eval"`` instead runs the batch in eval mode (one more prefix
        pass, forward and backward), comparing eval-mode predictions before and after the edit.
 
+The reference distribution of ``L_loc`` is detached (a stop-gradient, as in the paper's code), so
+with ``c_loc > 0`` the returned gradient is not the derivative of the reported objective's value.
+Random ops in the suffix (dropout in train mode) draw different masks for ``L_base`` and ``L_loc``
+with ``loc_mode="shared"``; use ``loc_mode="eval"`` for such models.
+
 Rematerialisation (``rematerialize=True``): each inner step is an ``autograd.Function`` that saves
 only its inputs and recomputes itself (with ``torch.func.vjp``) during backward, so the unrolled
 graph's intermediate activations are not kept. ``torch.utils.checkpoint`` cannot do this inside
@@ -30,6 +35,7 @@ step function.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Iterable
 
@@ -50,19 +56,26 @@ __all__ = ["EditableTraining", "LearnableEditor"]
 # ------------------------------------------------------------------------------------------------
 # learnable hyper-parameters
 # ------------------------------------------------------------------------------------------------
-# name -> (to constrained value, from constrained value); raw parameters are unconstrained
+# name -> (raw -> constrained value, constrained value -> raw, parameter name); raw is unconstrained
+_UNIT = 1e-6  # sigmoid-mapped values stay in [1e-6, 1 - 1e-6]: a saturated sigmoid must not give 1.0
+
+
 def _logit(v: float, low: float = 0.0, high: float = 1.0) -> float:
-    u = min(max((v - low) / (high - low), 1e-6), 1 - 1e-6)
+    u = min(max((v - low) / (high - low), _UNIT), 1 - _UNIT)
     return math.log(u / (1 - u))
+
+
+def _unit(r: Tensor) -> Tensor:
+    return torch.sigmoid(r).clamp(_UNIT, 1 - _UNIT)
 
 
 _TRANSFORMS = {
     "lr": (lambda r: r.exp(), math.log, "log_lr"),
     "eps": (lambda r: r.exp(), math.log, "log_eps"),
-    "beta": (torch.sigmoid, _logit, "logit_beta"),
-    "momentum": (torch.sigmoid, _logit, "logit_momentum"),
-    "beta1": (lambda r: 0.1 + 0.9 * torch.sigmoid(r), lambda v: _logit(v, 0.1, 1.0), "logit_beta1"),
-    "beta2": (torch.sigmoid, _logit, "logit_beta2"),
+    "beta": (_unit, _logit, "logit_beta"),
+    "momentum": (_unit, _logit, "logit_momentum"),
+    "beta1": (lambda r: 0.1 + 0.9 * _unit(r), lambda v: _logit(v, 0.1, 1.0), "logit_beta1"),
+    "beta2": (_unit, _logit, "logit_beta2"),
 }
 
 
@@ -92,7 +105,9 @@ class LearnableEditor(nn.Module):
         editor = make_editor(editor)
         self.kind = type(editor)
         values = _flat_hparams(editor)
-        learn = tuple(learn) if learn is not None else (("beta",) if isinstance(editor, RMSProp) else ("lr",))
+        if learn is None:
+            learn = ("beta",) if isinstance(editor, RMSProp) else ("lr",)
+        learn = (learn,) if isinstance(learn, str) else tuple(learn)
         unknown = set(learn) - set(values)
         if unknown:
             raise ValueError(f"{editor.name} cannot learn {sorted(unknown)}; its hyper-parameters are {sorted(values)}")
@@ -197,8 +212,10 @@ class _RematStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, early_exit, counts, *flat):
         ctx.spec, ctx.early_exit, ctx.counts = spec, early_exit, counts
-        # backward runs after the caller's eval_mode has been left: replay the modes of this step
+        # backward runs after the caller's eval_mode (and autocast) have been left: replay them
         ctx.modes = [(m, m.training) for m in spec.suffix.modules()]
+        ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                        for dev in ("cpu", "cuda")]
         ctx.save_for_backward(*flat)
         theta, state, acts, others, hps = spec.split(flat, *counts)
         with torch.no_grad():
@@ -216,7 +233,10 @@ class _RematStep(torch.autograd.Function):
         try:
             for m, mode in ctx.modes:
                 m.training = mode
-            with torch.enable_grad():
+            with contextlib.ExitStack() as stack:
+                for dev, enabled, dtype in ctx.autocast:
+                    stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+                stack.enter_context(torch.enable_grad())
                 new_theta, new_state, _, _ = _inner_step(ctx.spec, theta, state, acts, others, hps,
                                                          early_exit=ctx.early_exit)
         finally:
@@ -267,14 +287,14 @@ class EditableTraining(nn.Module):
         super().__init__()
         if max_steps < 0 or isinstance(max_steps, bool) or not isinstance(max_steps, int):
             raise ValueError(f"max_steps must be an integer ≥ 0, got {max_steps!r}")
-        if num_edits < 1:
-            raise ValueError(f"num_edits must be ≥ 1, got {num_edits}")
+        if isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1:
+            raise ValueError(f"num_edits must be an integer ≥ 1, got {num_edits!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if loc_mode not in ("shared", "eval"):
             raise ValueError(f"loc_mode must be 'shared' or 'eval', got {loc_mode!r}")
-        if c_edit < 0 or c_loc < 0:
-            raise ValueError(f"c_edit and c_loc must be ≥ 0, got {c_edit}, {c_loc}")
+        if not (math.isfinite(c_edit) and math.isfinite(c_loc) and c_edit >= 0 and c_loc >= 0):
+            raise ValueError(f"c_edit and c_loc must be finite and ≥ 0, got {c_edit}, {c_loc}")
         self.model = model
         self.learned_editor = LearnableEditor(editor if editor is not None else RMSProp(1e-3, beta=0.5), learn)
         self.param_names = [n for n, _ in select_parameters(model, params)]
@@ -344,8 +364,9 @@ class EditableTraining(nn.Module):
         # in train mode BatchNorm would update running statistics a second time: give it copies
         mapping.update({n: b.clone() for n, b in suffix.named_buffers()})
         edited = functional_call(suffix, mapping, (acts,))
-        log_p = F.log_softmax(ref_logits.detach().float(), -1)
-        log_q = F.log_softmax(edited.float(), -1)
+        dtype = torch.promote_types(edited.dtype, torch.float32)  # half → float32, float64 stays
+        log_p = F.log_softmax(ref_logits.detach().to(dtype), -1)
+        log_q = F.log_softmax(edited.to(dtype), -1)
         return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
     # -- forward -----------------------------------------------------------------------------------
@@ -355,9 +376,11 @@ class EditableTraining(nn.Module):
         logits = split.suffix(acts)
         loss_base = F.cross_entropy(logits, y)
         if edit_x is None:
+            if edit_y is not None:
+                raise ValueError("edit_y was given without edit_x")
             edit_x, edit_y = self._sample_edits(x, logits.shape[-1])
-        elif edit_y is None or edit_y.shape[0] != edit_x.shape[0]:
-            raise ValueError("edit_y must give one target class per row of edit_x")
+        else:
+            edit_y = _check_edits(edit_x, edit_y, logits.shape[-1])
 
         with eval_mode(self.model):           # (2) edits in eval mode, as fastedit.edit
             acts_e_all = split.prefix(edit_x)
@@ -384,7 +407,8 @@ class EditableTraining(nn.Module):
         objective = loss_base + self.c_edit * loss_edit + self.c_loc * loss_loc
         # every learnable hyper-parameter takes part in the graph even when no edit took a step, so
         # DistributedDataParallel needs no find_unused_parameters
-        objective = objective + sum(0.0 * p.sum() for p in self.learned_editor.parameters())
+        for p in self.learned_editor.parameters():
+            objective = objective + (0.0 * p.sum()).to(objective.dtype)
         stats = {
             "loss_base": loss_base.detach(), "loss_edit": loss_edit.detach(), "loss_loc": loss_loc.detach(),
             "edit_success": torch.stack([(f.detach() <= 0) for _, f, _ in edits]).float().mean(),
@@ -392,6 +416,21 @@ class EditableTraining(nn.Module):
             "objective": objective.detach(),
         }
         return objective, stats
+
+
+def _check_edits(edit_x, edit_y, num_classes: int) -> Tensor:
+    """Validate user-given edits (one host read for the label range); returns int64 ``[n]`` labels."""
+    if not isinstance(edit_x, Tensor) or edit_x.dim() == 0 or edit_x.shape[0] == 0:
+        raise ValueError("edit_x must be a tensor with at least one row (one row per edit)")
+    if not isinstance(edit_y, Tensor) or edit_y.is_floating_point() or edit_y.dtype == torch.bool:
+        raise ValueError("edit_y must be an integer tensor of target classes, one per row of edit_x")
+    if edit_y.dim() != 1 or edit_y.shape[0] != edit_x.shape[0]:
+        raise ValueError(f"edit_y must have shape ({edit_x.shape[0]},), one target class per row of edit_x; "
+                         f"got {tuple(edit_y.shape)}")
+    bad = (edit_y < 0) | (edit_y >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"edit target {int(edit_y[bad][0])} is out of range for {num_classes} classes")
+    return edit_y.to(torch.int64)
 
 
 def _take(acts: tuple, i: int, n: int) -> tuple:
