@@ -108,7 +108,7 @@ def _structure_key(model: nn.Module) -> tuple:
     return tuple((name, id(m)) for name, m in model.named_modules())
 
 
-def _cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool = True) -> dict:
+def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool = True) -> dict:
     """``{"split": PrefixSplit, "num_classes": int | None}`` for this model and editable names,
     traced once per model structure (the class count is filled in by the first label check)."""
     key = (frozenset(names), use_prefix, _structure_key(model))
@@ -155,7 +155,7 @@ class EditTarget:
     def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True) -> "EditTarget":
         chosen = select_parameters(model, params)
         names = [n for n, _ in chosen]
-        entry = _cached_entry(model, names, use_prefix)
+        entry = cached_entry(model, names, use_prefix)
         return cls(model, names, [p for _, p in chosen], entry["split"], entry)
 
     @property
@@ -218,7 +218,7 @@ class EditTarget:
             raise ValueError(f"label {int(y[bad][0])} is out of range for a model with {num_classes} classes")
 
 
-def _resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
+def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
     if early_exit == "auto":
         return device.type == "cpu"
     if isinstance(early_exit, bool):
@@ -309,7 +309,7 @@ def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", param
             raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
         target.check_labels(num_classes, y)
         out = run_edit_loop(target.loss_fn(acts, y, reduction), target.params, editor, max_steps,
-                            early_exit=_resolve_early_exit(early_exit, target.device))
+                            early_exit=resolve_early_exit(early_exit, target.device))
 
     bad_step = int(out.bad_step)  # the one host sync of the edit
     if bad_step >= 0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .edit import EditTarget, _check_common, _resolve_early_exit, eval_mode, run_edit_loop
+from .edit import EditTarget, _check_common, resolve_early_exit, eval_mode, run_edit_loop
 from .editors import Editor, make_editor
 from .kernels.reference import edit_metrics
 from .selection import ParamSpec
@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         target = EditTarget.build(model, params, use_prefix)
         y_e = target.check_inputs(x_e, y_e)
         y_c = target.check_inputs(x_c, y_c)
-        early = _resolve_early_exit(early_exit, target.device)
+        early = resolve_early_exit(early_exit, target.device)
 
         chunks = []  # (prefix activations, labels, original logits) per control chunk, computed once
         with torch.no_grad():

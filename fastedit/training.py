@@ -46,8 +46,8 @@ from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .constraint import REDUCTIONS, constraint_per_sample, reduce_constraint
-from .edit import _cached_entry, _resolve_early_exit, eval_mode
-from .editors import Adam, Editor, Momentum, RMSProp, make_editor
+from .edit import cached_entry, resolve_early_exit, eval_mode
+from .editors import Adam, Editor, RMSProp, make_editor
 from .selection import ParamSpec, select_parameters
 
 __all__ = ["EditableTraining", "LearnableEditor"]
@@ -150,13 +150,14 @@ class _StepSpec:
     """Everything an inner step needs that is not a differentiable tensor."""
 
     def __init__(self, suffix: nn.Module, theta_names, other_names, acts_spec, acts_consts, state_spec,
-                 learnable: LearnableEditor, hp_names, y: Tensor, reduction: str, check_active: bool):
+                 learnable: LearnableEditor, hp_names, y: Tensor, reduction: str):
         self.suffix, self.theta_names, self.other_names = suffix, theta_names, other_names
         self.acts_spec, self.acts_consts, self.state_spec = acts_spec, acts_consts, state_spec
         self.learnable, self.hp_names, self.y = learnable, hp_names, y
-        self.reduction, self.check_active = reduction, check_active
+        self.reduction = reduction
 
-    def split(self, flat: tuple, n_theta: int, n_state: int, n_acts: int, n_other: int):
+    def unpack(self, flat: tuple, n_theta: int, n_state: int, n_acts: int, n_other: int):
+        """Cut the flat tensor inputs of a step into (theta, state, acts, others, hyper-parameters)."""
         i = 0
         out = []
         for n in (n_theta, n_state, n_acts, n_other):
@@ -217,7 +218,7 @@ class _RematStep(torch.autograd.Function):
         ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
                         for dev in ("cpu", "cuda")]
         ctx.save_for_backward(*flat)
-        theta, state, acts, others, hps = spec.split(flat, *counts)
+        theta, state, acts, others, hps = spec.unpack(flat, *counts)
         with torch.no_grad():
             new_theta, new_state, loss, active = _inner_step(spec, theta, state, acts, others, hps,
                                                              early_exit=early_exit)
@@ -228,7 +229,7 @@ class _RematStep(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         flat = ctx.saved_tensors
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in flat]
-        theta, state, acts, others, hps = ctx.spec.split(inputs, *ctx.counts)
+        theta, state, acts, others, hps = ctx.spec.unpack(inputs, *ctx.counts)
         current = [(m, m.training) for m, _ in ctx.modes]
         try:
             for m, mode in ctx.modes:
@@ -314,7 +315,7 @@ class EditableTraining(nn.Module):
     # -- pieces ------------------------------------------------------------------------------------
     def _split(self):
         with eval_mode(self.model):  # trace once, in eval mode (mode-dependent Python is fixed at trace)
-            return _cached_entry(self.model, self.param_names)["split"]
+            return cached_entry(self.model, self.param_names)["split"]
 
     def _sample_edits(self, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, x.shape[0], (self.num_edits,), device=x.device)
@@ -337,8 +338,8 @@ class EditableTraining(nn.Module):
         editor = editor_module()
         state_leaves, state_spec = tree_flatten(editor.init_state([t.detach() for t in theta]))
         spec = _StepSpec(suffix, self.param_names, other_names, acts_spec, consts, state_spec, editor_module,
-                         hp_names, y_e, self.reduction, check_active=True)
-        early = _resolve_early_exit(self.early_exit, y_e.device)
+                         hp_names, y_e, self.reduction)
+        early = resolve_early_exit(self.early_exit, y_e.device)
         steps = torch.zeros((), dtype=torch.int64, device=y_e.device)
         loss = None
         for _ in range(self.max_steps):
@@ -394,7 +395,7 @@ class EditableTraining(nn.Module):
 
         loss_edit = torch.stack([F.relu(final) for _, final, _ in edits]).mean()
         loc_terms = []
-        early = _resolve_early_exit(self.early_exit, x.device)
+        early = resolve_early_exit(self.early_exit, x.device)
         for theta, _, steps in edits:
             if early and int(steps) == 0:      # no step taken: θ unchanged, KL exactly 0
                 loc_terms.append(loss_base.new_zeros(()))
