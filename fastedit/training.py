@@ -27,6 +27,11 @@ with ``c_loc > 0`` the returned gradient is not the derivative of the reported o
 Random ops in the suffix (dropout in train mode) draw different masks for ``L_base`` and ``L_loc``
 with ``loc_mode="shared"``; use ``loc_mode="eval"`` for such models.
 
+Under ``DistributedDataParallel`` each rank's eval-mode edits use the running statistics it has just
+updated from its own part of the batch (DDP broadcasts buffers from rank 0 only at the next
+forward), so with BatchNorm the objective differs slightly from a single-process run on the whole
+batch; the parameters stay identical across ranks.
+
 Rematerialisation (``rematerialize=True``): each inner step is an ``autograd.Function`` that saves
 only its inputs and recomputes itself (with ``torch.func.vjp``) during backward, so the unrolled
 graph's intermediate activations are not kept. ``torch.utils.checkpoint`` cannot do this inside
