@@ -11,11 +11,12 @@ from .evaluate import EvalReport, evaluate
 from .kernels import backends
 from .selection import select_parameters
 from .training import EditableTraining, LearnableEditor
+from .tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "edit", "EditResult", "EditError", "evaluate", "EvalReport", "backends", "EditableTraining", "LearnableEditor",
+    "edit", "EditResult", "EditError", "evaluate", "EvalReport", "tune", "TuneResult", "backends", "EditableTraining", "LearnableEditor",
     "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam", "EDITORS", "make_editor",
     "edit_constraint", "constraint_per_sample", "select_parameters", "__version__",
 ]

@@ -23,13 +23,107 @@ def _demo(args: argparse.Namespace) -> int:
                       num_edits=args.edits, max_steps=args.max_steps, params=args.params, editors=editors,
                       lr=args.lr, out=args.out, seed=args.seed, epochs=args.epochs, limit=args.limit,
                       progress=not args.no_progress)
-    # record the exact command next to the numbers it produced
+    _record_command(f"{args.out}/results.json")  # the exact command next to the numbers it produced
+    return 0 if result["rows"] else 1
+
+
+def _record_command(path) -> None:
     import pathlib
-    path = pathlib.Path(args.out) / "results.json"
+    path = pathlib.Path(path)
     data = json.loads(path.read_text())
     data["command"] = "fastedit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path.write_text(json.dumps(data, indent=2))
-    return 0 if result["rows"] else 1
+
+
+def _editor_from_args(args, setting: str):
+    from .demo import default_hparams
+    from .editors import make_editor
+
+    hp = dict(default_hparams()[setting].get(args.editor, {}))
+    if args.lr is not None:
+        hp["lr"] = args.lr
+    if getattr(args, "beta", None) is not None:
+        hp["beta"] = args.beta
+    return make_editor(args.editor, **hp)
+
+
+def _setting(model_name: str) -> str:
+    return "small" if model_name in ("small_cnn", "mlp") else "resnet"
+
+
+def _pick_edits(x, y, n: int, num_classes: int, seed: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(x.shape[0], generator=gen)[:min(n, x.shape[0])]
+    return x[pick], torch.randint(0, num_classes, (len(pick),), generator=gen), y[pick]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from .data import CIFAR10_CLASSES
+    from .demo import DEFAULT_PARAMS, prepare_model_and_data
+    from .evaluate import evaluate
+    from .plots import plot_edit_tsne, plot_per_class_drawdown
+
+    model, dataset, num_classes, _ = prepare_model_and_data(
+        args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)
+    editor = _editor_from_args(args, _setting(args.model))
+    params = args.params or DEFAULT_PARAMS.get(args.model, "layer3")
+    x, y = dataset.test
+    x_e, y_e, true_e = _pick_edits(x, y, args.edits, num_classes, args.seed)
+    report = evaluate(model, (x_e, y_e), (x, y), editor=editor, params=params, max_steps=args.max_steps,
+                      edit_labels=true_e, keep_kl_vectors=True, progress=not args.no_progress)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.to_json(out / "report.json")
+    report.to_csv(out / "edits.csv")
+    _record_command(out / "report.json")
+    names = CIFAR10_CLASSES if args.data.startswith("cifar10") else None
+    plot_per_class_drawdown(report, out / "per_class_drawdown.png", class_names=names)
+    if report.num_edits >= 5:
+        plot_edit_tsne(report, out / "edit_tsne.png", class_names=names)
+    print(f"{editor!r} on {args.model}, {report.num_edits} edits of {params!r}, control {report.num_control}: "
+          f"base error {100 * report.base_error:.2f}%, drawdown {100 * report.drawdown:.2f}%, success "
+          f"{100 * report.success_rate:.1f}%, mean steps {report.mean_steps:.2f}, flip rate {100 * report.flip_rate:.2f}%")
+    print(f"wrote {out}/report.json, edits.csv, per_class_drawdown.png" + (", edit_tsne.png" if report.num_edits >= 5 else ""))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from . import data as fdata
+    from .demo import DEFAULT_PARAMS, prepare_model_and_data
+    from .editors import make_editor
+    from .tune import tune
+
+    model, dataset, num_classes, _ = prepare_model_and_data(
+        args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)
+    if dataset.train is not None:
+        pool, source = dataset.train, "the training split"
+    else:  # pretrained CIFAR models: tuning edits from the training images, disjoint from the test set
+        xt, yt = fdata.load_dataset(args.data, args.data_dir, split="train", limit=args.tune_pool)
+        pool, source = (fdata.to_float_tensor(xt, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD), yt), "training images"
+    x_e, y_e, _ = _pick_edits(*pool, args.tune_edits, num_classes, args.seed + 1)
+    grid = {"lr": [float(v) for v in args.lrs.split(",")]}
+    if args.betas:
+        grid["beta"] = [float(v) for v in args.betas.split(",")]
+    params = args.params or DEFAULT_PARAMS.get(args.model, "layer3")
+    result = tune(model, (x_e, y_e), dataset.test, editor=make_editor(args.editor, **{"lr": grid["lr"][0]}),
+                  params=params, max_steps=args.max_steps, grid=grid, min_success=args.min_success,
+                  progress=not args.no_progress)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps({**result.to_dict(), "tuning_edits_from": source}, indent=2))
+    result.to_csv(out / "tune.csv")
+    _record_command(out / "tune.json")
+    print(f"{len(result.table)} settings on {len(x_e)} tuning edits from {source}; chosen: {result.editor!r} "
+          f"(drawdown {100 * result.report.drawdown:.2f}%, success {100 * result.report.success_rate:.1f}%"
+          f"{'' if result.feasible else ', NO setting reached the success target'})")
+    print(f"wrote {out}/tune.json, tune.csv")
+    return 0
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -51,6 +145,32 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="small_cnn",
+                   choices=["small_cnn", "mlp", "resnet18", "resnet20", "resnet32", "resnet44", "resnet56"],
+                   help="model architecture")
+    p.add_argument("--weights", default=None, help="checkpoint to load (required for resnet20..56); "
+                   "without it the model is trained on the data's training split")
+    p.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10", "cifar10-lossless", "cifar10-jpeg"],
+                   help="dataset; cifar10 picks the first available of the pickle folder, the lossless "
+                   "1,017-image npz and the JPEG zip")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $FASTEDIT_DATA)")
+    p.add_argument("--params", default=None, help="editable parameters: a module-name prefix "
+                   "(default: 'head' for small_cnn, 'classifier' for mlp, 'layer3' for ResNets)")
+    p.add_argument("--max-steps", type=int, default=10, help="editor steps per edit (the paper's k)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs when no --weights are given")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--seed", type=int, default=0, help="seed for training, edit choice and labels")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_editor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--editor", default="rmsprop", choices=["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"],
+                   help="update rule")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the calibrated demo value)")
+    p.add_argument("--beta", type=float, default=None, help="RMSProp's beta")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastedit",
@@ -68,29 +188,44 @@ def build_parser() -> argparse.ArgumentParser:
                     "download. Example on real CIFAR-10: fastedit demo --model resnet20 --weights "
                     "../shared/models/resnet20-12fca82f.th --data cifar10 --data-dir ../shared/data",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--model", default="small_cnn",
-                      choices=["small_cnn", "mlp", "resnet18", "resnet20", "resnet32", "resnet44", "resnet56"],
-                      help="model architecture")
-    demo.add_argument("--weights", default=None, help="checkpoint to load (required for resnet20..56); "
-                      "without it the model is trained on the data's training split")
-    demo.add_argument("--data", default="digits", choices=["digits", "mnist", "cifar10", "cifar10-lossless", "cifar10-jpeg"],
-                      help="dataset; cifar10 picks the first available of the pickle folder, the lossless "
-                      "1,017-image npz and the JPEG zip")
-    demo.add_argument("--data-dir", default=None, help="folder with the dataset files (default: $FASTEDIT_DATA)")
+    _add_model_data_args(demo)
     demo.add_argument("--edits", type=int, default=200, help="number of independent edits")
-    demo.add_argument("--max-steps", type=int, default=10, help="editor steps per edit (the paper's k)")
-    demo.add_argument("--params", default=None, help="editable parameters: a module-name prefix "
-                      "(default: 'head' for small_cnn, 'classifier' for mlp, 'layer3' for ResNets)")
     demo.add_argument("--editors", default="all", help="comma-separated subset of gd,scaled_gd,rprop,rmsprop,momentum,adam")
     demo.add_argument("--lr", type=float, default=None, help="one learning rate for every editor "
                       "(default: per-editor values in fastedit/demo.py)")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs when no --weights are given")
-    demo.add_argument("--limit", type=int, default=None, help="use only the first N test images")
-    demo.add_argument("--seed", type=int, default=0, help="seed for training, edit choice and labels")
     demo.add_argument("--out", default="runs/demo", help="output folder for results.json, results.csv, editors.png")
     demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser(
+        "evaluate", help="the paper's protocol for one editor, with per-class drawdown and t-SNE figures",
+        description="Apply N independent edits (test images with random target labels) with one editor; report "
+                    "drawdown, success rate, mean steps, flip rates and KL on the whole test set; write report.json, "
+                    "edits.csv, the per-class drawdown heatmap (paper Figure 2) and a t-SNE of the edits' "
+                    "per-sample KL vectors.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_data_args(ev)
+    _add_editor_args(ev)
+    ev.add_argument("--edits", type=int, default=200, help="number of independent edits")
+    ev.add_argument("--out", default="runs/evaluate", help="output folder")
+    ev.set_defaults(func=_evaluate)
+
+    tu = sub.add_parser(
+        "tune", help="search an editor's learning rate (and beta) by the paper's protocol",
+        description="Evaluate a grid of hyper-parameters on tuning edits taken from TRAINING images (disjoint from "
+                    "the test images that evaluate/demo edit) and choose the least drawdown among the settings whose "
+                    "success rate within --max-steps reaches --min-success. Writes tune.json and tune.csv.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_data_args(tu)
+    tu.add_argument("--editor", default="rmsprop", choices=["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"],
+                    help="the editor to tune")
+    tu.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", help="comma-separated learning rates")
+    tu.add_argument("--betas", default=None, help="comma-separated betas to search too (RMSProp)")
+    tu.add_argument("--tune-edits", type=int, default=100, help="number of tuning edits")
+    tu.add_argument("--tune-pool", type=int, default=None, help="load at most this many training images for tuning edits")
+    tu.add_argument("--min-success", type=float, default=0.95, help="required success rate within --max-steps")
+    tu.add_argument("--out", default="runs/tune", help="output folder")
+    tu.set_defaults(func=_tune)
 
     be = sub.add_parser("backends", help="show which kernel backends are usable here, and why not",
                         description="List the kernel backends (cuda, triton, cpu, reference) in priority order, "

@@ -128,14 +128,11 @@ def plot_table(rows: list[dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_demo(model_name: str = "small_cnn", weights=None, data: str = "digits", data_dir=None,
-             num_edits: int = 200, max_steps: int = 10, params: str | None = None, editors=EDITOR_ORDER,
-             lr: float | None = None, out: str | pathlib.Path = "runs/demo", seed: int = 0, epochs: int = 30,
-             limit: int | None = None, progress: bool = True, log=print) -> dict:
-    """Run the demo; writes ``results.json``, ``results.csv`` and ``editors.png`` to ``out``."""
+def prepare_model_and_data(model_name: str, weights=None, data: str = "digits", data_dir=None, *,
+                           limit: int | None = None, epochs: int = 30, seed: int = 0, log=print):
+    """The model (loaded from ``weights`` or trained on the data's training split) and the data, as
+    the CLI's subcommands use them: ``(model in eval mode, DemoData, num_classes, train_seconds)``."""
     torch.manual_seed(seed)
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     dataset = load_demo_data(data, data_dir, limit)
     x_test, y_test = dataset.test
     num_classes = int(y_test.max()) + 1 if dataset.train is None else int(dataset.train[1].max()) + 1
@@ -153,6 +150,19 @@ def run_demo(model_name: str = "small_cnn", weights=None, data: str = "digits", 
         log(f"training {model_name} on {dataset.description} ({dataset.train[0].shape[0]} images, {epochs} epochs)")
         train_seconds = train_classifier(model, *dataset.train, epochs=epochs, seed=seed)
     model.eval()
+    return model, dataset, num_classes, train_seconds
+
+
+def run_demo(model_name: str = "small_cnn", weights=None, data: str = "digits", data_dir=None,
+             num_edits: int = 200, max_steps: int = 10, params: str | None = None, editors=EDITOR_ORDER,
+             lr: float | None = None, out: str | pathlib.Path = "runs/demo", seed: int = 0, epochs: int = 30,
+             limit: int | None = None, progress: bool = True, log=print) -> dict:
+    """Run the demo; writes ``results.json``, ``results.csv`` and ``editors.png`` to ``out``."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, dataset, num_classes, train_seconds = prepare_model_and_data(
+        model_name, weights, data, data_dir, limit=limit, epochs=epochs, seed=seed, log=log)
+    x_test, y_test = dataset.test
     params = params or DEFAULT_PARAMS.get(model_name, "layer3")
     setting = "small" if model_name in ("small_cnn", "mlp") else "resnet"
 

@@ -8,7 +8,8 @@ import pytest
 from fastedit.cli import main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["backends", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["evaluate", "--help"], ["tune", "--help"],
+                                  ["backends", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -49,3 +50,22 @@ def test_demo_hyperparameters_come_from_the_committed_calibration():
     for setting in ("small", "resnet"):
         assert set(default_hparams()[setting]) == set(EDITOR_ORDER)
         assert data["sources"][setting]["command"].startswith("python benchmarks/calibrate_demo.py")
+
+
+def test_evaluate_and_tune_commands_write_their_outputs(tmp_path):
+    ev, tu = tmp_path / "ev", tmp_path / "tu"
+    common = ["--epochs", "2", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "fastedit", "evaluate", "--edits", "12", "--out", str(ev), *common],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((ev / "report.json").read_text())
+    assert report["command"].startswith("fastedit evaluate --edits 12") and report["num_edits"] == 12
+    assert len(report["per_class_drawdown"]) == 10
+    assert len((ev / "edits.csv").read_text().strip().splitlines()) == 13
+    assert (ev / "per_class_drawdown.png").stat().st_size > 1000 and (ev / "edit_tsne.png").stat().st_size > 1000
+    proc = subprocess.run([sys.executable, "-m", "fastedit", "tune", "--editor", "gd", "--lrs", "0.01,0.05",
+                           "--tune-edits", "10", "--out", str(tu), *common], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tu / "tune.json").read_text())
+    assert len(result["table"]) == 2 and result["tuning_edits_from"] == "the training split"
+    assert result["editor"]["lr"] in (0.01, 0.05)

@@ -1,0 +1,143 @@
+"""Figures from :class:`fastedit.EvalReport` (paper Figure 2 and an editor comparison).
+
+matplotlib (Agg backend, nothing is shown) and, for the t-SNE, scikit-learn are imported lazily, so
+``import fastedit`` does not need them. Every function writes a PNG (or whatever ``path``'s suffix
+says) and returns ``path``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .evaluate import EvalReport
+
+__all__ = ["plot_per_class_drawdown", "plot_edit_tsne", "plot_editor_comparison"]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _names(class_names, n: int) -> list[str]:
+    if class_names is None:
+        return [str(i) for i in range(n)]
+    names = [str(c) for c in class_names]
+    if len(names) != n:
+        raise ValueError(f"class_names has {len(names)} entries but the report has {n} classes")
+    return names
+
+
+def plot_per_class_drawdown(report: EvalReport, path, class_names=None, title=None):
+    """Heatmap of ``report.per_class_drawdown`` in percent (paper Figure 2, left).
+
+    Rows: class of the edited input; columns: class of the affected control sample. Diverging colormap
+    centred at 0; cells annotated when C ≤ 12; NaN cells (no edit / no control sample) left blank.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+    plt = _pyplot()
+    m = report.per_class_drawdown.double() * 100.0
+    if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+        raise ValueError(f"report has no per-class drawdown matrix (shape {tuple(m.shape)})")
+    c = m.shape[0]
+    names = _names(class_names, c)
+    finite = m[torch.isfinite(m)]
+    vmax = float(finite.abs().max()) if finite.numel() else 0.0
+    vmax = vmax if vmax > 0 else 1.0
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * c + 1.5, 1.0 + 0.55 * c + 0.8))
+    try:
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+        img = ax.imshow(m.numpy(), cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax))
+        fig.colorbar(img, ax=ax, label="drawdown (percentage points)")
+        rotate = class_names is not None
+        ax.set_xticks(range(c), names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+        ax.set_yticks(range(c), names)
+        ax.set_xlabel("class of affected sample")
+        ax.set_ylabel("class of edited input")
+        ax.set_title(title if title is not None else f"Per-class drawdown (%), {report.editor.get('editor', '')}")
+        if c <= 12:
+            for r in range(c):
+                for k in range(c):
+                    v = float(m[r, k])
+                    if math.isfinite(v):
+                        ax.text(k, r, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(v) > 0.6 * vmax else "black")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_edit_tsne(report: EvalReport, path, class_names=None, perplexity: float = 30, seed: int = 0):
+    """t-SNE of edits, each described by its per-control-sample KL vector (paper Figure 2, right).
+
+    Needs ``evaluate(..., keep_kl_vectors=True)``. Points are coloured by the edited input's class
+    (``per_edit["edit_class"]``). The perplexity is clamped below the number of edits.
+    """
+    if "kl_vector" not in report.per_edit:
+        raise ValueError("report has no per-edit KL vectors: run evaluate(..., keep_kl_vectors=True)")
+    from sklearn.manifold import TSNE
+    plt = _pyplot()
+    kl = report.per_edit["kl_vector"].double()
+    e = kl.shape[0]
+    if e < 2:
+        raise ValueError(f"a t-SNE needs at least 2 edits, got {e}")
+    finite = kl[torch.isfinite(kl)]
+    big = float(finite.abs().max()) if finite.numel() else 0.0
+    kl = torch.nan_to_num(kl, nan=0.0, posinf=big, neginf=-big)  # edits with a non-finite step
+    perp = float(min(perplexity, e - 1))
+    emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(kl.numpy())
+    cls = report.per_edit["edit_class"].tolist() if "edit_class" in report.per_edit else [0] * e
+    names = _names(class_names, report.num_classes) if report.num_classes else None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    try:
+        cmap = plt.get_cmap("tab10" if max(report.num_classes, 1) <= 10 else "tab20")
+        for k in sorted(set(cls)):
+            idx = [i for i, v in enumerate(cls) if v == k]
+            label = names[k] if names is not None else str(k)
+            ax.scatter(emb[idx, 0], emb[idx, 1], s=18, color=cmap(k % cmap.N), label=label)
+        ax.legend(title="class of edited input", fontsize=7, title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0),
+                  ncol=2 if len(set(cls)) > 10 else 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"t-SNE of {e} edits by per-sample KL (perplexity {perp:g})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_editor_comparison(reports: dict[str, EvalReport], path, title=None):
+    """Grouped bars (percent) of drawdown, flip rate and success rate for each named report."""
+    if not reports:
+        raise ValueError("reports is empty")
+    plt = _pyplot()
+    names = list(reports)
+    metrics = [("drawdown", "drawdown"), ("flip_rate", "flip rate"), ("success_rate", "success rate")]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(names) + 3), 4),
+                             gridspec_kw={"width_ratios": [2, 1]})
+    try:
+        # drawdown and flip rate share a scale; success rate (near 100%) gets its own panel
+        for ax, group in ((axes[0], metrics[:2]), (axes[1], metrics[2:])):
+            w = 0.8 / len(group)
+            for j, (attr, label) in enumerate(group):
+                vals = [100.0 * getattr(reports[n], attr) for n in names]
+                xs = [i + (j - (len(group) - 1) / 2) * w for i in range(len(names))]
+                bars = ax.bar(xs, vals, width=w, label=label)
+                ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0)
+            ax.set_ylabel("%")
+            ax.legend(fontsize=8)
+        axes[1].set_ylim(0, 105)
+        fig.suptitle(title if title is not None else "Editor comparison")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,231 @@
+"""Hyper-parameter search by the paper's protocol (Sinitsin et al. 2020): minimise drawdown subject to
+a success rate of at least ``min_success`` within ``max_steps`` editor steps.
+
+Every grid point is measured with :func:`fastedit.evaluate`, which never writes the model, so the
+model is bit-identical after :func:`tune`.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import Tensor, nn
+
+from .editors import EDITORS, Adam, Editor, RMSProp
+from .evaluate import EvalReport, evaluate
+from .selection import ParamSpec
+
+__all__ = ["tune", "TuneResult", "default_grid"]
+
+#: learning rates log-spaced over 1e-5..1, a factor √10 apart: 1e-5, 3.16e-5, …, 1 (11 points)
+DEFAULT_LRS: tuple[float, ...] = tuple(10.0 ** (-5 + i / 2) for i in range(11))
+_METRICS = ("drawdown", "success_rate", "mean_steps", "flip_rate")
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`tune`.
+
+    Attributes:
+        editor: the chosen editor (searched hyper-parameters set, the others kept).
+        report: its :class:`~fastedit.EvalReport` on the tuning edits.
+        table: one dict per grid point, in search order: the searched hyper-parameters, then
+            ``drawdown``, ``success_rate``, ``mean_steps``, ``flip_rate``, ``seconds``.
+        feasible: whether the chosen point reaches ``min_success`` (False: no grid point did, and the
+            one with the highest success rate was chosen).
+        min_success: the success-rate constraint used.
+    """
+
+    editor: Editor
+    report: EvalReport = field(repr=False)
+    table: list[dict[str, Any]] = field(repr=False)
+    feasible: bool
+    min_success: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: chosen editor, its report, the full table, feasibility."""
+        return {"editor": self.editor.to_dict(), "report": self.report.to_dict(),
+                "table": [dict(r) for r in self.table], "feasible": self.feasible,
+                "min_success": self.min_success}
+
+    def to_csv(self, path) -> None:
+        """Write the search table as CSV (header + one row per grid point)."""
+        fields: list[str] = []
+        for row in self.table:
+            fields += [k for k in row if k not in fields]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.table)
+
+
+def default_grid(editor: Editor | str | type) -> dict[str, list[float]]:
+    """The default search grid: ``lr`` in :data:`DEFAULT_LRS`, plus ``beta ∈ {0.5, 0.9}`` for RMSProp."""
+    cls = _editor_class(editor)
+    grid: dict[str, list[float]] = {"lr": list(DEFAULT_LRS)}
+    if issubclass(cls, RMSProp):
+        grid["beta"] = [0.5, 0.9]
+    return grid
+
+
+def _editor_class(editor: Editor | str) -> type[Editor]:
+    if isinstance(editor, Editor):
+        return type(editor)
+    if isinstance(editor, type) and issubclass(editor, Editor):
+        return editor
+    key = str(editor).lower().replace("-", "_")
+    if key not in EDITORS:
+        raise ValueError(f"unknown editor {editor!r}; choose one of {sorted(EDITORS)}")
+    return EDITORS[key]
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(value.detach())
+    return value
+
+
+def _check_grid(cls: type[Editor], grid: dict[str, Sequence]) -> dict[str, list]:
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError("grid must be a non-empty dict {hyper-parameter name: list of values}")
+    allowed = set(cls.hyperparameter_names)
+    if issubclass(cls, Adam):
+        allowed |= {"beta1", "beta2"}
+    unknown = sorted(set(grid) - allowed)
+    if unknown:
+        raise ValueError(f"{cls.name} has no hyper-parameter(s) {unknown}; it has {sorted(allowed)}")
+    if "betas" in grid and ({"beta1", "beta2"} & set(grid)):
+        raise ValueError("search either 'betas' or 'beta1'/'beta2' for Adam, not both")
+    out = {}
+    for name, values in grid.items():
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"grid[{name!r}] must be a list of values, got {values!r}")
+        values = list(values)
+        if not values:
+            raise ValueError(f"grid[{name!r}] is empty")
+        out[name] = values
+    return out
+
+
+def _base_hparams(editor: Editor | str, cls: type[Editor]) -> dict[str, Any]:
+    """The non-searched hyper-parameters: the instance's, or the class defaults for a name."""
+    if isinstance(editor, Editor):
+        return editor.hparams()
+    sig = inspect.signature(cls.__init__)
+    return {k: p.default for k, p in sig.parameters.items()
+            if k in cls.hyperparameter_names and p.default is not inspect.Parameter.empty}
+
+
+def _build(cls: type[Editor], base: dict[str, Any], point: dict[str, Any]) -> Editor:
+    values = dict(base)
+    point = dict(point)
+    if "beta1" in point or "beta2" in point:
+        b1, b2 = values.get("betas", (0.5, 0.999))
+        values["betas"] = (point.pop("beta1", b1), point.pop("beta2", b2))
+    values.update(point)
+    missing = [k for k in cls.hyperparameter_names if k not in values]
+    if missing:
+        raise ValueError(f"{cls.name} needs hyper-parameter(s) {missing}: put them in the grid "
+                         f"or pass an editor instance")
+    return cls(**values)
+
+
+def _progress(total: int, name: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but tuning must not need it
+        return None
+    return tqdm(total=total, desc=f"tune ({name})", unit="point")
+
+
+def tune(model: nn.Module, edits, control, editor: Editor | str = "rmsprop", params: ParamSpec = None,
+         max_steps: int = 10, *, grid: dict[str, Sequence] | None = None, min_success: float = 0.95,
+         batch_size: int = 256, progress: bool = True, **evaluate_kwargs) -> TuneResult:
+    """Search an editor's hyper-parameters by the paper's protocol: minimise drawdown subject to
+    ``success_rate ≥ min_success`` within ``max_steps`` steps.
+
+    Every point of the cartesian product of ``grid`` is measured with :func:`fastedit.evaluate` on
+    ``edits`` and ``control``. **``edits`` is a tuning split**: keep it disjoint from the edits you
+    report results on (e.g. tuning edits from training images, reported edits from the test set),
+    otherwise the reported numbers are optimistically biased. The model is never written (it is
+    bit-identical afterwards).
+
+    Selection: among the points with ``success_rate ≥ min_success``, the lowest drawdown (ties: higher
+    success rate, then fewer mean steps, then smaller lr, then grid order). If none qualifies, the
+    highest success rate (ties: lower drawdown, fewer steps, smaller lr), with ``feasible=False``
+    and a :class:`UserWarning`.
+
+    Args:
+        model, edits, control, params, max_steps, batch_size: as in :func:`fastedit.evaluate`.
+        editor: a name (class defaults for the non-searched hyper-parameters) or an
+            :class:`~fastedit.Editor` instance (its non-searched hyper-parameters are kept).
+        grid: ``{hyper-parameter name: list of values}``, searched as a full cartesian product (in
+            the dict's order, the last name varying fastest). Names must be hyper-parameters of the
+            editor; for Adam, ``"beta1"``/``"beta2"`` set the two entries of ``betas``. Default:
+            ``lr`` log-spaced over 1e-5..1 (11 points, factor √10: :data:`DEFAULT_LRS`), plus ``beta ∈ {0.5, 0.9}``
+            for RMSProp.
+        min_success: the required success rate, in [0, 1].
+        progress: one progress bar over grid points (evaluate's own bar is always off).
+        **evaluate_kwargs: passed on to :func:`fastedit.evaluate` (``reduction``, ``use_prefix``,
+            ``early_exit``).
+
+    Returns:
+        :class:`TuneResult` with the chosen editor, its report and the whole table.
+    """
+    if isinstance(min_success, bool) or not isinstance(min_success, (int, float)) \
+            or not math.isfinite(min_success) or not 0.0 <= min_success <= 1.0:
+        raise ValueError(f"min_success must lie in [0, 1], got {min_success!r}")
+    if "progress" in evaluate_kwargs:
+        raise TypeError("pass progress to tune itself")
+    cls = _editor_class(editor)
+    grid = _check_grid(cls, default_grid(cls) if grid is None else grid)
+    base = _base_hparams(editor, cls)
+    names = list(grid)
+    points = [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+    editors = [_build(cls, base, p) for p in points]  # invalid values fail before any evaluation
+
+    table: list[dict[str, Any]] = []
+    reports: list[EvalReport] = []
+    bar = _progress(len(points), cls.name, progress)
+    try:
+        for point, ed in zip(points, editors):
+            start = time.perf_counter()
+            rep = evaluate(model, edits, control, editor=ed, params=params, max_steps=max_steps,
+                           batch_size=batch_size, progress=False, **evaluate_kwargs)
+            row = {k: _as_number(v) for k, v in point.items()}
+            row.update({m: float(getattr(rep, m)) for m in _METRICS})
+            row["seconds"] = time.perf_counter() - start
+            table.append(row)
+            reports.append(rep)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(drawdown=f"{rep.drawdown:.4f}", success=f"{rep.success_rate:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    def lr_of(i: int) -> float:
+        lr = _as_number(getattr(editors[i], "lr", 0.0))
+        return float(lr) if isinstance(lr, (int, float)) else 0.0
+
+    idx = range(len(table))
+    ok = [i for i in idx if table[i]["success_rate"] >= min_success]
+    if ok:
+        best = min(ok, key=lambda i: (table[i]["drawdown"], -table[i]["success_rate"],
+                                      table[i]["mean_steps"], lr_of(i), i))
+    else:
+        best = min(idx, key=lambda i: (-table[i]["success_rate"], table[i]["drawdown"],
+                                       table[i]["mean_steps"], lr_of(i), i))
+        warnings.warn(f"tune: no grid point reached success_rate ≥ {min_success} within {max_steps} steps "
+                      f"(best {table[best]['success_rate']:.3f}); chose the highest success rate "
+                      f"{editors[best]!r}", UserWarning, stacklevel=2)
+    return TuneResult(editor=editors[best], report=reports[best], table=table, feasible=bool(ok),
+                      min_success=float(min_success))
