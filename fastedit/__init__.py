@@ -11,7 +11,7 @@ from .evaluate import EvalReport, evaluate
 from .kernels import backends
 from .selection import select_parameters
 from .training import EditableTraining, LearnableEditor
-from .tune import TuneResult, tune
+from .tuning import TuneResult, tune
 
 __version__ = "0.1.0"
 

@@ -97,7 +97,7 @@ def _tune(args: argparse.Namespace) -> int:
     from . import data as fdata
     from .demo import DEFAULT_PARAMS, prepare_model_and_data
     from .editors import make_editor
-    from .tune import tune
+    from .tuning import tune
 
     model, dataset, num_classes, _ = prepare_model_and_data(
         args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)

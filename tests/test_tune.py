@@ -1,4 +1,4 @@
-"""fastedit.tune: the selection rule on a known answer, a real end-to-end run, validation."""
+"""fastedit.tune (fastedit/tuning.py): the selection rule on a known answer, a real end-to-end run, validation."""
 import csv
 import json
 import math
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastedit as fe
-import fastedit.tune as ft
-from fastedit.tune import TuneResult, tune
+import fastedit.tuning as ft
+from fastedit.tuning import TuneResult, tune
 from test_edit import make_model, snapshot, assert_identical
 
 
