@@ -115,7 +115,8 @@ def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool = True
     per_model = _SPLIT_CACHE.setdefault(model, {})
     if key not in per_model:
         per_model.clear()  # a model is usually edited with one selection; keep the cache small
-        split = split_prefix(model, names) if use_prefix else whole_model_split(model)
+        with eval_mode(model):  # trace in eval mode: mode-dependent Python is fixed at trace time
+            split = split_prefix(model, names) if use_prefix else whole_model_split(model)
         per_model[key] = {"split": split, "num_classes": None}
     return per_model[key]
 
@@ -213,9 +214,7 @@ class EditTarget:
         return self._cache["num_classes"]
 
     def check_labels(self, num_classes: int, y: Tensor) -> None:
-        bad = (y < 0) | (y >= num_classes)
-        if bool(bad.any()):  # one host read, before any step
-            raise ValueError(f"label {int(y[bad][0])} is out of range for a model with {num_classes} classes")
+        check_label_range(y, num_classes)
 
 
 def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
@@ -226,7 +225,15 @@ def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
     raise ValueError(f"early_exit must be True, False or 'auto', got {early_exit!r}")
 
 
-def _check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> None:
+def check_label_range(y: Tensor, num_classes: int, what: str = "label") -> None:
+    """``ValueError`` naming the first label outside ``[0, num_classes)`` (one host read)."""
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"{what} {int(y[bad][0])} is out of range for a model with {num_classes} classes")
+
+
+def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> None:
+    """Validate the arguments shared by edit, evaluate and EditableTraining."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"max_steps must be an integer ≥ 0, got {max_steps!r}")
     if reduction not in REDUCTIONS:
@@ -295,7 +302,7 @@ def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", param
         device, dtype or shape mismatch); :class:`EditError` for a non-finite loss or gradient.
         In every such case the model is left bit-identical to before.
     """
-    _check_common(max_steps, reduction, on_failure)
+    check_common(max_steps, reduction, on_failure)
     editor = make_editor(editor)
     with eval_mode(model):
         target = EditTarget.build(model, params, use_prefix)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .edit import EditTarget, _check_common, resolve_early_exit, eval_mode, run_edit_loop
+from .edit import EditTarget, check_common, resolve_early_exit, eval_mode, run_edit_loop
 from .editors import Editor, make_editor
 from .kernels.reference import edit_metrics
 from .selection import ParamSpec
@@ -134,7 +134,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     paper's Figure 2. Identity: ``Σ_r (edits in r / E) · Σ_c per_class_drawdown[r, c] · (N_c / N)``
     equals ``drawdown`` (when every class occurs in the control set).
     """
-    _check_common(max_steps, reduction)
+    check_common(max_steps, reduction)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     editor = make_editor(editor)
@@ -145,23 +145,31 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         target = EditTarget.build(model, params, use_prefix)
         y_e = target.check_inputs(x_e, y_e)
         y_c = target.check_inputs(x_c, y_c)
-        if edit_labels is not None:
-            edit_labels = target.check_inputs(x_e, edit_labels)
         early = resolve_early_exit(early_exit, target.device)
 
         chunks = []  # (prefix activations, labels, original logits) per control chunk, computed once
+        ref_logp = []  # the original model's log-probabilities per chunk, for the KL vectors
         with torch.no_grad():
             for lo in range(0, x_c.shape[0], batch_size):
                 acts = target.prefix(x_c[lo:lo + batch_size])
                 chunks.append((acts, y_c[lo:lo + batch_size], target.logits(acts)))
+                if keep_kl_vectors:
+                    ref_logp.append(torch.log_softmax(chunks[-1][2].float(), -1))
+            if edit_labels is None:  # rows of the per-class matrix: the original model's predictions
+                edit_labels = torch.cat([target.logits(target.prefix(x_e[lo:lo + batch_size])).argmax(-1)
+                                         for lo in range(0, x_e.shape[0], batch_size)])
+                edit_class_source = "predictions"
+            else:
+                edit_labels = target.check_inputs(x_e, edit_labels)
+                edit_class_source = "labels"
         num_classes = chunks[0][2].shape[-1]
-        target.check_labels(num_classes, torch.cat([y_e, y_c] + ([] if edit_labels is None else [edit_labels])))
+        target.check_labels(num_classes, torch.cat([y_e, y_c, edit_labels]))
         n_control = x_c.shape[0]
         base_errors = sum(int((ref.argmax(-1) != y).sum()) for _, y, ref in chunks)
         base_per_class = sum(torch.bincount(y[ref.argmax(-1) != y], minlength=num_classes) for _, y, ref in chunks)
 
         names = ("errors", "flips", "correct_to_wrong", "wrong_to_correct", "kl")
-        extra = ("errors_per_class", "edit_class") + (("kl_vector",) if keep_kl_vectors else ())
+        extra = ("errors_per_class",) + (("kl_vector",) if keep_kl_vectors else ())
         per_edit = {k: [] for k in names + ("success", "steps", "loss", "nonfinite") + extra}
         bar = _progress(x_e.shape[0], editor, progress)
         for i in range(x_e.shape[0]):
@@ -172,11 +180,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
             errors_per_class = 0
             kl_vector = []
             with torch.no_grad():
-                if edit_labels is None:
-                    per_edit["edit_class"].append(target.logits(acts_e)[0].argmax(-1))
-                else:
-                    per_edit["edit_class"].append(edit_labels[i])
-                for acts, y, ref in chunks:
+                for j, (acts, y, ref) in enumerate(chunks):
                     logits = target.logits(acts, out.params)
                     m = edit_metrics(ref, y, logits.unsqueeze(0))
                     for k in names:
@@ -184,9 +188,8 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
                     wrong = logits.float().argmax(-1) != y  # as edit_metrics counts errors
                     errors_per_class = errors_per_class + torch.bincount(y[wrong], minlength=num_classes)
                     if keep_kl_vectors:
-                        logp_ref = torch.log_softmax(ref.float(), -1)
                         logp_edit = torch.log_softmax(logits.float(), -1)
-                        kl_vector.append((logp_ref.exp() * (logp_ref - logp_edit)).sum(-1))
+                        kl_vector.append((ref_logp[j].exp() * (ref_logp[j] - logp_edit)).sum(-1))
             totals["kl"] = totals["kl"] / n_control
             per_edit["errors_per_class"].append(errors_per_class)
             if keep_kl_vectors:
@@ -206,7 +209,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     base_error = base_errors / n_control
     error = pe["errors"].double() / n_control
     pe["error"] = error
-    pe["edit_class"] = pe["edit_class"].to(torch.int64)
+    pe["edit_class"] = edit_labels.cpu().to(torch.int64)
     per_class = _per_class_drawdown(pe["errors_per_class"], base_per_class.cpu(), y_c.cpu(), pe["edit_class"],
                                     num_classes)
     return EvalReport(
@@ -221,7 +224,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         num_edits=int(x_e.shape[0]), num_control=int(n_control), editor=editor.to_dict(),
         params=list(target.names), max_steps=max_steps, seconds=time.perf_counter() - start, per_edit=pe,
         per_class_drawdown=per_class, num_classes=int(num_classes),
-        edit_class_source="predictions" if edit_labels is None else "labels",
+        edit_class_source=edit_class_source,
     )
 
 

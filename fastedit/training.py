@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .constraint import REDUCTIONS, constraint_per_sample, reduce_constraint
-from .edit import cached_entry, resolve_early_exit, eval_mode
+from .constraint import constraint_per_sample, reduce_constraint
+from .edit import cached_entry, check_common, check_label_range, eval_mode, resolve_early_exit
 from .editors import Adam, Editor, RMSProp, make_editor
 from .selection import ParamSpec, select_parameters
 
@@ -291,12 +291,9 @@ class EditableTraining(nn.Module):
                  learn: Iterable[str] | None = None, num_edits: int = 1, rematerialize: bool = False,
                  reduction: str = "max", loc_mode: str = "shared", early_exit: bool | str = "auto"):
         super().__init__()
-        if max_steps < 0 or isinstance(max_steps, bool) or not isinstance(max_steps, int):
-            raise ValueError(f"max_steps must be an integer ≥ 0, got {max_steps!r}")
+        check_common(max_steps, reduction)
         if isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1:
             raise ValueError(f"num_edits must be an integer ≥ 1, got {num_edits!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if loc_mode not in ("shared", "eval"):
             raise ValueError(f"loc_mode must be 'shared' or 'eval', got {loc_mode!r}")
         if not (math.isfinite(c_edit) and math.isfinite(c_loc) and c_edit >= 0 and c_loc >= 0):
@@ -319,15 +316,14 @@ class EditableTraining(nn.Module):
 
     # -- pieces ------------------------------------------------------------------------------------
     def _split(self):
-        with eval_mode(self.model):  # trace once, in eval mode (mode-dependent Python is fixed at trace)
-            return cached_entry(self.model, self.param_names)["split"]
+        return cached_entry(self.model, self.param_names)["split"]  # traced once, in eval mode
 
     def _sample_edits(self, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, x.shape[0], (self.num_edits,), device=x.device)
         return x[idx], torch.randint(0, num_classes, (self.num_edits,), device=x.device)
 
     def _run_edit(self, split, acts_e: tuple, y_e: Tensor, editor_module: LearnableEditor):
-        """The unrolled edit of one sample: returns (edited params, final constraint, steps, success)."""
+        """The unrolled edit of one sample: returns (edited params, final constraint, steps taken)."""
         suffix = split.suffix_module
         params = dict(self.model.named_parameters())
         theta = [params[n] for n in self.param_names]
@@ -338,7 +334,7 @@ class EditableTraining(nn.Module):
         act_tensors = [v for v in leaves if isinstance(v, Tensor)]
         consts = [(_TENSOR if isinstance(v, Tensor) else v) for v in leaves]
         hp_values = editor_module.values()
-        hp_names = [k for k in editor_module.learn]
+        hp_names = list(editor_module.learn)
         hps = [hp_values[k] for k in hp_names]
         editor = editor_module()
         state_leaves, state_spec = tree_flatten(editor.init_state([t.detach() for t in theta]))
@@ -346,7 +342,6 @@ class EditableTraining(nn.Module):
                          hp_names, y_e, self.reduction)
         early = resolve_early_exit(self.early_exit, y_e.device)
         steps = torch.zeros((), dtype=torch.int64, device=y_e.device)
-        loss = None
         for _ in range(self.max_steps):
             if self.rematerialize:
                 counts = (len(theta), len(state_leaves), len(act_tensors), len(others))
@@ -433,9 +428,7 @@ def _check_edits(edit_x, edit_y, num_classes: int) -> Tensor:
     if edit_y.dim() != 1 or edit_y.shape[0] != edit_x.shape[0]:
         raise ValueError(f"edit_y must have shape ({edit_x.shape[0]},), one target class per row of edit_x; "
                          f"got {tuple(edit_y.shape)}")
-    bad = (edit_y < 0) | (edit_y >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(f"edit target {int(edit_y[bad][0])} is out of range for {num_classes} classes")
+    check_label_range(edit_y, num_classes, what="edit target")
     return edit_y.to(torch.int64)
 
 
