@@ -31,7 +31,10 @@ def _record_command(path) -> None:
     import pathlib
     path = pathlib.Path(path)
     data = json.loads(path.read_text())
-    data["command"] = "fastedit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc-per-node {world} -m fastedit " if world > 1 else "fastedit "
+    data["command"] = launcher + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path.write_text(json.dumps(data, indent=2))
 
 
@@ -59,6 +62,27 @@ def _pick_edits(x, y, n: int, num_classes: int, seed: int):
     return x[pick], torch.randint(0, num_classes, (len(pick),), generator=gen), y[pick]
 
 
+def _init_distributed() -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on the CPU, NCCL on GPUs)
+    so evaluate/tune shard their edits; returns this process's rank (0 without torchrun)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank()
+
+
+def _speed_kwargs(args: argparse.Namespace) -> dict:
+    return {"strategy": args.strategy, "edits_per_group": args.edits_per_group, "batch_size": args.batch_size,
+            "cache_budget": args.cache_budget_mb * 2 ** 20}
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import pathlib
 
@@ -67,6 +91,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .plots import plot_edit_tsne, plot_per_class_drawdown
 
+    rank = _init_distributed()
     model, dataset, num_classes, _ = prepare_model_and_data(
         args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)
     editor = _editor_from_args(args, _setting(args.model))
@@ -74,7 +99,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     x, y = dataset.test
     x_e, y_e, true_e = _pick_edits(x, y, args.edits, num_classes, args.seed)
     report = evaluate(model, (x_e, y_e), (x, y), editor=editor, params=params, max_steps=args.max_steps,
-                      edit_labels=true_e, keep_kl_vectors=True, progress=not args.no_progress)
+                      edit_labels=true_e, keep_kl_vectors=True, progress=not args.no_progress,
+                      **_speed_kwargs(args))
+    if rank != 0:  # every rank holds the whole report; one writes it
+        return 0
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "report.json")
@@ -99,6 +127,7 @@ def _tune(args: argparse.Namespace) -> int:
     from .editors import make_editor
     from .tuning import tune
 
+    rank = _init_distributed()
     model, dataset, num_classes, _ = prepare_model_and_data(
         args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)
     if dataset.train is not None:
@@ -113,7 +142,9 @@ def _tune(args: argparse.Namespace) -> int:
     params = args.params or DEFAULT_PARAMS.get(args.model, "layer3")
     result = tune(model, (x_e, y_e), dataset.test, editor=make_editor(args.editor, **{"lr": grid["lr"][0]}),
                   params=params, max_steps=args.max_steps, grid=grid, min_success=args.min_success,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, **_speed_kwargs(args))
+    if rank != 0:
+        return 0
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps({**result.to_dict(), "tuning_edits_from": source}, indent=2))
@@ -164,6 +195,17 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap", "measure"],
+                   help="edits one after another (loop), side by side under torch.func.vmap, or measure both "
+                        "on the first group; auto: loop on the CPU, measure elsewhere")
+    p.add_argument("--edits-per-group", type=int, default=None, help="edits processed together (default: 1 for "
+                   "loop, 16 for vmap)")
+    p.add_argument("--batch-size", type=int, default=256, help="control images per forward pass")
+    p.add_argument("--cache-budget-mb", type=float, default=2048,
+                   help="memory for the control set's cached prefix activations; beyond it they are recomputed")
+
+
 def _add_editor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--editor", default="rmsprop", choices=["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"],
                    help="update rule")
@@ -203,11 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "drawdown, success rate, mean steps, flip rates and KL on the whole test set; write report.json, "
                     "edits.csv, the per-class drawdown heatmap (paper Figure 2) and a t-SNE of the edits' "
                     "per-sample KL vectors.",
+        epilog="Under torchrun (e.g. `torchrun --nproc-per-node 2 -m fastedit evaluate ...`) the edits are "
+               "sharded across the processes and rank 0 writes the same report a single process would.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_data_args(ev)
     _add_editor_args(ev)
     ev.add_argument("--edits", type=int, default=200, help="number of independent edits")
     ev.add_argument("--out", default="runs/evaluate", help="output folder")
+    _add_speed_args(ev)
     ev.set_defaults(func=_evaluate)
 
     tu = sub.add_parser(
@@ -225,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--tune-pool", type=int, default=None, help="load at most this many training images for tuning edits")
     tu.add_argument("--min-success", type=float, default=0.95, help="required success rate within --max-steps")
     tu.add_argument("--out", default="runs/tune", help="output folder")
+    _add_speed_args(tu)
     tu.set_defaults(func=_tune)
 
     be = sub.add_parser("backends", help="show which kernel backends are usable here, and why not",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,8 @@ from .editors import Editor, make_editor
 from .prefix import PrefixSplit, split_prefix, whole_model_split
 from .selection import ParamSpec, select_parameters
 
-__all__ = ["edit", "EditResult", "EditError", "EditLoopOutput", "run_edit_loop", "EditTarget"]
+__all__ = ["edit", "EditResult", "EditError", "EditLoopOutput", "run_edit_loop", "run_edit_loop_batched",
+           "EditTarget"]
 
 
 class EditError(RuntimeError):
@@ -94,6 +95,56 @@ def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Te
             bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
             active = active & ~bad_grad
             theta, state = editor.step(theta, grads, state, active)
+            steps = steps + active
+    return EditLoopOutput(theta, loss, initial, steps, bad_step)
+
+
+def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], params: Sequence[Tensor], inputs: Any,
+                          editor: Editor, max_steps: int, *, early_exit: bool = False) -> EditLoopOutput:
+    """``G`` independent edits of the same ``params`` side by side: :func:`run_edit_loop` with a
+    leading edit dimension, the forward vectorised by :func:`torch.func.vmap`.
+
+    ``loss_one(theta, inp)`` is one edit's 0-dim constraint value; ``inputs`` is a pytree whose
+    tensors carry the edit dimension ``G`` in front (``inp`` is one slice of it). The editor runs
+    with ``batched=True`` and the per-edit active mask, so each edit stops on its own; the outputs
+    carry the edit dimension (``params`` ``[G, ...]``, the rest ``[G]``). ``params`` are not modified.
+
+    Equal to ``G`` calls of :func:`run_edit_loop` up to floating-point rounding: vmap turns
+    convolutions with per-edit weights into grouped convolutions, which may round differently.
+    """
+    from torch.func import vmap
+
+    g = next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)).shape[0]
+    theta = [p.detach().unsqueeze(0).expand(g, *p.shape).clone() for p in params]
+    state = editor.init_state(theta, batched=True)
+    device = theta[0].device
+    steps = torch.zeros(g, dtype=torch.int64, device=device)
+    bad_step = torch.full((g,), -1, dtype=torch.int64, device=device)
+    batched_loss = vmap(loss_one)
+    initial = loss = None
+    with torch.no_grad():
+        for k in range(max_steps + 1):
+            leaves = [t.detach().requires_grad_() for t in theta]
+            with torch.enable_grad():
+                loss_graph = batched_loss(leaves, inputs)
+                # each edit's loss depends on its own slice only, so the gradient of the sum is the
+                # stack of the per-edit gradients (a non-finite loss stays in its own slice)
+                loss_total = loss_graph.sum()
+            loss = loss_graph.detach()
+            if initial is None:
+                initial = loss
+            bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), k, bad_step)
+            if k == max_steps:
+                break
+            active = (loss > 0) & (bad_step < 0)
+            if early_exit and not bool(active.any()):
+                break
+            grads = torch.autograd.grad(loss_total, leaves)
+            finite = torch.stack([gr.reshape(g, -1).isfinite().all(1) for gr in grads]).all(0)
+            bad_grad = active & ~finite
+            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
+            active = active & ~bad_grad
+            theta, state = editor.step(theta, grads, state, active, batched=True)
             steps = steps + active
     return EditLoopOutput(theta, loss, initial, steps, bad_step)
 

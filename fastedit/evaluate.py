@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .edit import EditTarget, check_common, resolve_early_exit, eval_mode, run_edit_loop
+from .constraint import constraint_per_sample, reduce_constraint
+from .edit import EditTarget, check_common, eval_mode, resolve_early_exit, run_edit_loop, run_edit_loop_batched
 from .editors import Editor, make_editor
 from .kernels.reference import edit_metrics
 from .selection import ParamSpec
@@ -54,6 +55,10 @@ class EvalReport:
     num_classes: int = 0
     #: where the rows' classes come from: "labels" (``edit_labels``) or "predictions" (original model)
     edit_class_source: str = "labels"
+    #: how edits were processed ("loop" or "vmap"), how many per group, and over how many ranks
+    strategy: str = "loop"
+    edits_per_group: int = 1
+    world_size: int = 1
 
     def to_dict(self, per_edit: bool = False) -> dict:
         """JSON-ready summary (with the per-edit lists when ``per_edit``); NaN matrix cells become None."""
@@ -63,6 +68,7 @@ class EvalReport:
             "num_edits", "num_control", "editor", "params", "max_steps", "seconds")}
         out["num_classes"] = self.num_classes
         out["edit_class_source"] = self.edit_class_source
+        out["strategy"], out["edits_per_group"], out["world_size"] = self.strategy, self.edits_per_group, self.world_size
         out["per_class_drawdown"] = _nan_to_none(self.per_class_drawdown.tolist())
         if per_edit:
             out["per_edit"] = {k: v.tolist() for k, v in self.per_edit.items()}
@@ -111,50 +117,83 @@ def _pairs(data, what: str) -> tuple[Tensor, Tensor]:
     return data[0], data[1]
 
 
+#: Default memory budget for the control set's cached prefix activations (bytes); beyond it the
+#: remaining chunks' activations are recomputed for every edit instead of kept.
+DEFAULT_CACHE_BUDGET = 2 * 1024 ** 3
+
+STRATEGIES = ("auto", "loop", "vmap", "measure")
+
+
 def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop", params: ParamSpec = None,
              max_steps: int = 10, *, batch_size: int = 256, reduction: str = "max", use_prefix: bool = True,
              early_exit: bool | str = "auto", progress: bool = True, edit_labels=None,
-             keep_kl_vectors: bool = False) -> EvalReport:
+             keep_kl_vectors: bool = False, strategy: str = "auto", edits_per_group: int | None = None,
+             cache_budget: float = DEFAULT_CACHE_BUDGET, distributed: bool | str = "auto") -> EvalReport:
     """Apply each edit ``(x_e[i], y_e[i])`` independently and measure its side effects on ``control``.
 
     Args:
         edits: ``(x_e [E, ...], y_e [E])``; each row is one edit.
         control: ``(x_c [N, ...], y_c [N])``, the set on which drawdown and flips are measured.
         editor, params, max_steps, reduction, use_prefix, early_exit: as in :func:`fastedit.edit`.
-        batch_size: control samples per forward pass.
+        batch_size: control samples per forward pass (a chunk).
         progress: show a progress bar with edits/s.
         edit_labels: ``[E]`` true classes of the edit inputs, the rows of ``per_class_drawdown``; when
             None the original model's predictions on the edit inputs are used
             (``edit_class_source == "predictions"``). Stored as ``per_edit["edit_class"]``.
         keep_kl_vectors: also store ``per_edit["kl_vector"]`` ``[E, N]`` float32, the per-control-sample
             KL(original ‖ edited) of each edit (its row mean is ``per_edit["kl"]``). Memory: E·N floats.
+        strategy: how edits are processed together. ``"loop"``: one edit after the other (the exact
+            reference; ``edits_per_group`` edits share each pass over the cached control chunks);
+            ``"vmap"``: ``edits_per_group`` edits run side by side under :func:`torch.func.vmap`, both
+            their edit loops and their control passes (convolutions become grouped convolutions;
+            results equal the loop's up to rounding); ``"measure"``: time the first group both ways
+            and use the faster; ``"auto"``: ``"loop"`` on the CPU (where vmap measured slower, see
+            ``benchmarks/bench_evaluate.py``), ``"measure"`` on other devices.
+        edits_per_group: edits per group (default 1 for ``"loop"``, 16 otherwise).
+        cache_budget: bytes of control-set prefix activations kept in memory; chunks beyond the budget
+            are recomputed from the inputs for every edit (same results, more time). ``0`` keeps none.
+        distributed: with ``torch.distributed`` initialised (e.g. under ``torchrun``) and ``"auto"``
+            (or True), the edits are sharded across the ranks in contiguous blocks and the per-edit
+            results gathered, so every rank returns the report a single process would (up to
+            ``seconds``). All ranks must call ``evaluate`` with the same arguments. False: no sharding.
 
     Besides the summary numbers, ``per_edit["errors_per_class"]`` ``[E, C]`` int64 counts each edit's
     control errors by true control class, and ``per_class_drawdown`` is the ``[C, C]`` matrix of the
     paper's Figure 2. Identity: ``Σ_r (edits in r / E) · Σ_c per_class_drawdown[r, c] · (N_c / N)``
     equals ``drawdown`` (when every class occurs in the control set).
+
+    An edit satisfied before its first step leaves the parameters untouched, so its control metrics
+    are the original model's and its control pass is skipped (with ``early_exit``, where the step
+    count is read anyway).
     """
     check_common(max_steps, reduction)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if edits_per_group is not None and (isinstance(edits_per_group, bool) or not isinstance(edits_per_group, int)
+                                        or edits_per_group < 1):
+        raise ValueError(f"edits_per_group must be an integer ≥ 1, got {edits_per_group!r}")
+    if not (isinstance(cache_budget, (int, float)) and not isinstance(cache_budget, bool) and cache_budget >= 0):
+        raise ValueError(f"cache_budget must be a number of bytes ≥ 0, got {cache_budget!r}")
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
     editor = make_editor(editor)
     x_e, y_e = _pairs(edits, "edits")
     x_c, y_c = _pairs(control, "control")
+    rank, world = _shard_info(distributed)
     start = time.perf_counter()
     with eval_mode(model):
         target = EditTarget.build(model, params, use_prefix)
         y_e = target.check_inputs(x_e, y_e)
         y_c = target.check_inputs(x_c, y_c)
         early = resolve_early_exit(early_exit, target.device)
+        if strategy == "auto":
+            strategy = "loop" if target.device.type == "cpu" else "measure"
+        group = edits_per_group or (1 if strategy == "loop" else 16)
 
-        chunks = []  # (prefix activations, labels, original logits) per control chunk, computed once
-        ref_logp = []  # the original model's log-probabilities per chunk, for the KL vectors
         with torch.no_grad():
-            for lo in range(0, x_c.shape[0], batch_size):
-                acts = target.prefix(x_c[lo:lo + batch_size])
-                chunks.append((acts, y_c[lo:lo + batch_size], target.logits(acts)))
-                if keep_kl_vectors:
-                    ref_logp.append(torch.log_softmax(chunks[-1][2].float(), -1))
+            control_set = _ControlSet(target, x_c, y_c, batch_size, cache_budget)
             if edit_labels is None:  # rows of the per-class matrix: the original model's predictions
                 edit_labels = torch.cat([target.logits(target.prefix(x_e[lo:lo + batch_size])).argmax(-1)
                                          for lo in range(0, x_e.shape[0], batch_size)])
@@ -162,51 +201,33 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
             else:
                 edit_labels = target.check_inputs(x_e, edit_labels)
                 edit_class_source = "labels"
-        num_classes = chunks[0][2].shape[-1]
+        num_classes = control_set.num_classes
         target.check_labels(num_classes, torch.cat([y_e, y_c, edit_labels]))
-        n_control = x_c.shape[0]
-        base_errors = sum(int((ref.argmax(-1) != y).sum()) for _, y, ref in chunks)
-        base_per_class = sum(torch.bincount(y[ref.argmax(-1) != y], minlength=num_classes) for _, y, ref in chunks)
+        base_per_class = control_set.base_errors_per_class(num_classes)
 
-        names = ("errors", "flips", "correct_to_wrong", "wrong_to_correct", "kl")
-        extra = ("errors_per_class",) + (("kl_vector",) if keep_kl_vectors else ())
-        per_edit = {k: [] for k in names + ("success", "steps", "loss", "nonfinite") + extra}
-        bar = _progress(x_e.shape[0], editor, progress)
-        for i in range(x_e.shape[0]):
-            acts_e = target.prefix(x_e[i:i + 1])
-            out = run_edit_loop(target.loss_fn(acts_e, y_e[i:i + 1], reduction), target.params, editor,
-                                max_steps, early_exit=early)
-            totals = {k: (0.0 if k == "kl" else 0) for k in names}  # counts stay integers
-            errors_per_class = 0
-            kl_vector = []
-            with torch.no_grad():
-                for j, (acts, y, ref) in enumerate(chunks):
-                    logits = target.logits(acts, out.params)
-                    m = edit_metrics(ref, y, logits.unsqueeze(0))
-                    for k in names:
-                        totals[k] = totals[k] + (m[k][0] * y.shape[0] if k == "kl" else m[k][0])
-                    wrong = logits.float().argmax(-1) != y  # as edit_metrics counts errors
-                    errors_per_class = errors_per_class + torch.bincount(y[wrong], minlength=num_classes)
-                    if keep_kl_vectors:
-                        logp_edit = torch.log_softmax(logits.float(), -1)
-                        kl_vector.append((ref_logp[j].exp() * (ref_logp[j] - logp_edit)).sum(-1))
-            totals["kl"] = totals["kl"] / n_control
-            per_edit["errors_per_class"].append(errors_per_class)
-            if keep_kl_vectors:
-                per_edit["kl_vector"].append(torch.cat(kl_vector))
-            for k in names:
-                per_edit[k].append(totals[k])
-            per_edit["success"].append(out.success & (out.bad_step < 0))
-            per_edit["steps"].append(out.steps)
-            per_edit["loss"].append(out.loss)
-            per_edit["nonfinite"].append(out.bad_step >= 0)
+        runner = _GroupRunner(target, control_set, editor, max_steps, reduction, early, keep_kl_vectors,
+                              num_classes, base_per_class)
+        n_edits = x_e.shape[0]
+        lo, hi = rank * n_edits // world, (rank + 1) * n_edits // world  # this rank's block of edits
+        rows: list[dict[str, Tensor]] = []
+        bar = _progress(n_edits, editor, progress and rank == 0, world)
+        for g0 in range(lo, hi, group):
+            idx = range(g0, min(g0 + group, hi))
+            if strategy == "measure":
+                strategy = runner.measure(x_e, y_e, idx)
+                rows.append(runner.last)
+            else:
+                rows.append(runner.run(strategy, x_e, y_e, idx))
             if bar is not None:
-                bar.update(1)
+                bar.update(len(idx) * world)
         if bar is not None:
             bar.close()
 
-    pe = {k: torch.stack(v).cpu() for k, v in per_edit.items()}
-    base_error = base_errors / n_control
+    pe = {k: torch.cat([r[k] for r in rows]) if rows else torch.empty(0) for k in (rows[0] if rows else {})}
+    if world > 1:
+        pe = _gather_per_edit(pe, world)
+    base_error = control_set.base_errors / control_set.n
+    n_control = control_set.n
     error = pe["errors"].double() / n_control
     pe["error"] = error
     pe["edit_class"] = edit_labels.cpu().to(torch.int64)
@@ -221,11 +242,173 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         flip_rate_correct_to_wrong=float(pe["correct_to_wrong"].double().mean() / n_control),
         flip_rate_wrong_to_correct=float(pe["wrong_to_correct"].double().mean() / n_control),
         mean_kl=float(pe["kl"].double().mean()),
-        num_edits=int(x_e.shape[0]), num_control=int(n_control), editor=editor.to_dict(),
+        num_edits=int(n_edits), num_control=int(n_control), editor=editor.to_dict(),
         params=list(target.names), max_steps=max_steps, seconds=time.perf_counter() - start, per_edit=pe,
         per_class_drawdown=per_class, num_classes=int(num_classes),
-        edit_class_source=edit_class_source,
+        edit_class_source=edit_class_source, strategy=strategy, edits_per_group=group, world_size=world,
     )
+
+
+class _ControlSet:
+    """The control set in chunks of ``batch_size``: labels and the original logits always kept, the
+    frozen prefix's activations kept while they fit ``budget`` bytes and recomputed per use beyond."""
+
+    def __init__(self, target: EditTarget, x: Tensor, y: Tensor, batch_size: int, budget: float):
+        self.target, self.x, self.n = target, x, int(x.shape[0])
+        self.chunks: list[list] = []  # [lo, hi, activations or None, labels, original logits]
+        self.cached_bytes = 0
+        for lo in range(0, self.n, batch_size):
+            hi = min(lo + batch_size, self.n)
+            acts = target.prefix(x[lo:hi])
+            size = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(acts) if isinstance(t, Tensor))
+            keep = self.cached_bytes + size <= budget
+            self.cached_bytes += size if keep else 0
+            self.chunks.append([lo, hi, acts if keep else None, y[lo:hi], target.logits(acts)])
+        self.num_classes = int(self.chunks[0][4].shape[-1])
+        self.base_errors = sum(int((ref.float().argmax(-1) != yc).sum()) for *_, yc, ref in self.chunks)
+
+    def base_errors_per_class(self, num_classes: int) -> Tensor:
+        return sum(torch.bincount(yc[ref.float().argmax(-1) != yc], minlength=num_classes)
+                   for *_, yc, ref in self.chunks)
+
+    def __iter__(self):
+        for lo, hi, acts, yc, ref in self.chunks:
+            yield (acts if acts is not None else self.target.prefix(self.x[lo:hi])), yc, ref
+
+
+_METRIC_KEYS = ("errors", "flips", "correct_to_wrong", "wrong_to_correct")
+
+
+class _GroupRunner:
+    """Runs a group of edits (edit loops, then one pass over the control chunks for all of them)."""
+
+    def __init__(self, target, control_set, editor, max_steps, reduction, early, keep_kl, num_classes,
+                 base_per_class):
+        self.target, self.control, self.editor = target, control_set, editor
+        self.max_steps, self.reduction, self.early, self.keep_kl = max_steps, reduction, early, keep_kl
+        self.num_classes, self.base_per_class = num_classes, base_per_class
+        self.last: dict[str, Tensor] = {}
+
+    def _loss_one(self, theta, inp):
+        acts, y = inp
+        return reduce_constraint(constraint_per_sample(self.target.logits(acts, theta), y), self.reduction)
+
+    def edit_loops(self, strategy: str, x_e: Tensor, y_e: Tensor, idx: range):
+        """Per group: edited parameters (list of ``[G, ...]``), steps, final loss and bad steps ``[G]``."""
+        t = self.target
+        if strategy == "loop":
+            outs = [run_edit_loop(t.loss_fn(t.prefix(x_e[i:i + 1]), y_e[i:i + 1], self.reduction), t.params,
+                                  self.editor, self.max_steps, early_exit=self.early) for i in idx]
+            params = [torch.stack(ps) for ps in zip(*(o.params for o in outs))]
+            return params, *(torch.stack([getattr(o, k) for o in outs]) for k in ("steps", "loss", "bad_step"))
+        acts = t.prefix(x_e[idx.start:idx.stop])  # eval mode: per-sample, so one batch serves all edits
+        inputs = (torch.utils._pytree.tree_map(lambda a: a.unsqueeze(1) if isinstance(a, Tensor) else a, acts),
+                  y_e[idx.start:idx.stop].unsqueeze(1))
+        out = run_edit_loop_batched(self._loss_one, t.params, inputs, self.editor, self.max_steps,
+                                    early_exit=self.early)
+        return out.params, out.steps, out.loss, out.bad_step
+
+    def control_pass(self, strategy: str, params: list[Tensor]) -> dict[str, Tensor]:
+        """Metrics of ``G`` edited parameter sets over the whole control set."""
+        g = params[0].shape[0]
+        t = self.target
+        totals = {k: torch.zeros(g, dtype=torch.int64) for k in _METRIC_KEYS}
+        totals["kl"] = torch.zeros(g, dtype=torch.float64)
+        totals["errors_per_class"] = torch.zeros(g, self.num_classes, dtype=torch.int64)
+        kl_rows = []
+        if strategy == "vmap":
+            from torch.func import vmap
+        with torch.no_grad():
+            for acts, y, ref in self.control:
+                if strategy == "vmap":
+                    logits = vmap(lambda th: t.logits(acts, th))(params)
+                else:
+                    logits = torch.stack([t.logits(acts, [p[e] for p in params]) for e in range(g)])
+                m = _chunk_metrics(ref, y, logits, self.num_classes, self.keep_kl)
+                for k in totals:
+                    totals[k] += m[k].to(totals[k].device)
+                if self.keep_kl:
+                    kl_rows.append(m["kl_rows"])
+        totals["kl"] = (totals["kl"] / self.control.n).float()
+        if self.keep_kl:
+            totals["kl_vector"] = torch.cat(kl_rows, dim=1).cpu()
+        return totals
+
+    def run(self, strategy: str, x_e: Tensor, y_e: Tensor, idx: range) -> dict[str, Tensor]:
+        params, steps, loss, bad_step = self.edit_loops(strategy, x_e, y_e, idx)
+        g = len(idx)
+        # an edit with no step kept the original parameters: its metrics are the original model's
+        untouched = ((steps == 0) & (bad_step < 0)).cpu() if self.early else torch.zeros(g, dtype=torch.bool)
+        need = (~untouched).nonzero().flatten().tolist()
+        row = {k: torch.zeros(g, dtype=torch.int64) for k in _METRIC_KEYS}
+        row["errors"] += self.control.base_errors
+        row["kl"] = torch.zeros(g)
+        row["errors_per_class"] = self.base_per_class.cpu().to(torch.int64).repeat(g, 1)
+        if self.keep_kl:
+            row["kl_vector"] = torch.zeros(g, self.control.n)
+        if need:
+            sub = params if len(need) == g else [p[need] for p in params]
+            for k, v in self.control_pass(strategy, sub).items():
+                row[k][need] = v
+        row["success"] = ((loss <= 0) & (bad_step < 0)).cpu()
+        row["steps"] = steps.cpu()
+        row["loss"] = loss.float().cpu()
+        row["nonfinite"] = (bad_step >= 0).cpu()
+        self.last = row
+        return row
+
+    def measure(self, x_e: Tensor, y_e: Tensor, idx: range) -> str:
+        """Run the group both ways, keep the loop's results (the reference), return the faster strategy."""
+        seconds = {}
+        for strategy in ("vmap", "loop"):
+            _synchronize(self.target.device)
+            t0 = time.perf_counter()
+            row = self.run(strategy, x_e, y_e, idx)
+            _synchronize(self.target.device)
+            seconds[strategy] = time.perf_counter() - t0
+        self.last = row
+        return min(seconds, key=seconds.get)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _chunk_metrics(ref: Tensor, y: Tensor, logits: Tensor, num_classes: int, keep_kl: bool) -> dict[str, Tensor]:
+    """Per-edit metrics of one control chunk: ``ref [B, C]``, ``y [B]``, ``logits [G, B, C]``."""
+    m = edit_metrics(ref, y, logits)
+    out = {k: m[k] for k in _METRIC_KEYS}
+    wrong = logits.float().argmax(-1) != y  # [G, B], as edit_metrics counts errors
+    g = logits.shape[0]
+    flat = (torch.arange(g, device=y.device).unsqueeze(1) * num_classes + y).masked_select(wrong)
+    out["errors_per_class"] = torch.bincount(flat, minlength=g * num_classes).reshape(g, num_classes)
+    logp_ref = torch.log_softmax(ref.float(), -1)
+    kl_rows = (logp_ref.exp() * (logp_ref - torch.log_softmax(logits.float(), -1))).sum(-1)  # [G, B]
+    out["kl"] = kl_rows.double().sum(-1)
+    if keep_kl:
+        out["kl_rows"] = kl_rows
+    return out
+
+
+def _shard_info(distributed) -> tuple[int, int]:
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed is True:
+            raise RuntimeError("distributed=True but torch.distributed is not initialised")
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather_per_edit(pe: dict[str, Tensor], world: int) -> dict[str, Tensor]:
+    """All ranks' per-edit tensors, concatenated in rank order (= edit order: blocks are contiguous)."""
+    import torch.distributed as dist
+    parts: list = [None] * world
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in pe.items()})
+    keys = next(p for p in parts if p)  # a rank with no edits sends an empty dict
+    return {k: torch.cat([p[k] for p in parts if p]) for k in keys}
 
 
 def _per_class_drawdown(errors_per_class: Tensor, base_per_class: Tensor, y_c: Tensor, edit_class: Tensor,
@@ -238,11 +421,12 @@ def _per_class_drawdown(errors_per_class: Tensor, base_per_class: Tensor, y_c: T
     return sums / counts.unsqueeze(1)  # rows without edits: 0/0 = NaN
 
 
-def _progress(total: int, editor: Editor, enabled: bool):
+def _progress(total: int, editor: Editor, enabled: bool, world: int = 1):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but evaluation must not need it
         return None
-    return tqdm(total=total, desc=f"edits ({editor.name})", unit="edit", leave=False)
+    desc = f"edits ({editor.name}{f', {world} ranks' if world > 1 else ''})"
+    return tqdm(total=total, desc=desc, unit="edit", leave=False)

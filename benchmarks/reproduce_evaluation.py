@@ -1,0 +1,208 @@
+"""Reproduce the editor comparison of Editable Neural Networks (Sinitsin et al. 2020, Tables 1-2)
+on the pretrained CIFAR-10 ResNets, with fastedit's evaluation protocol.
+
+Table 1: the six editors on ResNet-20 and ResNet-56 editing the last stage (``layer3``).
+Table 2: GD and RMSProp editing each stage (``layer1``, ``layer2``, ``layer3``) and the whole model.
+
+Protocol (DESIGN.md §1):
+- reported edits: ``--edits`` of the 1,017 exact CIFAR-10 test images (a seeded permutation), each with
+  a label drawn uniformly from the 10 classes (seeded); control set: all 1,017 exact test images;
+- every editor is tuned by :func:`fastedit.tune` on a disjoint tuning split (``--tune-edits`` exact
+  *training* images with random labels): least drawdown subject to ≥ 95% success within k steps,
+  over ``lr`` (×√10 grid) and, for RMSProp, ``beta ∈ {0.5, 0.9}``;
+- the tuned editor is then evaluated on the reported edits (``fastedit.evaluate``).
+
+Each (model, stage, editor) cell is written to ``<out-dir>/cells/`` as soon as it is done, so the
+script is resumable: run it again and finished cells are read back. Then the tables are assembled
+into ``<out-dir>/tables.json`` and the figures drawn (per-class drawdown heatmap, t-SNE of edits,
+editor comparison bars) from the ResNet-20 / layer3 cells.
+
+    python benchmarks/reproduce_evaluation.py --table 1 --models resnet20 resnet56
+    python benchmarks/reproduce_evaluation.py --table 2 --models resnet20 --edits 500
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+import fastedit as fe
+from fastedit import data as fdata
+from fastedit.demo import EDITOR_ORDER
+from fastedit.models import load_pretrained_cifar_resnet
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LRS = [10.0 ** (-5 + i / 2) for i in range(9)]         # 1e-5 … 1e-1, factor √10
+SCALED_GD_LRS = [10.0 ** (-3 + i / 2) for i in range(9)]  # an L2 step length: 1e-3 … 10
+STAGES = ("layer1", "layer2", "layer3", "all")
+
+
+def grid_for(editor: str) -> dict:
+    grid = {"lr": SCALED_GD_LRS if editor == "scaled_gd" else LRS}
+    if editor == "rmsprop":
+        grid["beta"] = [0.5, 0.9]
+    return grid
+
+
+def load_setting(model_name: str, shared: pathlib.Path, edits: int, tune_edits: int, seed: int):
+    weights = sorted((shared / "models").glob(f"{model_name}-*.th"))
+    if not weights:
+        raise SystemExit(f"no weights for {model_name} in {shared / 'models'}")
+    model = load_pretrained_cifar_resnet(weights[0])
+    npz = shared / "data" / "cifar10" / "cifar10_lossless_subset.npz"
+    norm = lambda x: fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)  # noqa: E731
+    xtr, _ = fdata.load_cifar10_lossless(npz, "train")
+    xte, yte = fdata.load_cifar10_lossless(npz, "test")
+    xtr, xte = norm(xtr), norm(xte)
+    # separate generators: the first n reported edits are the same for every --edits ≥ n, and the
+    # tuning split does not depend on --edits
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(xte.shape[0], generator=gen)
+    labels = torch.randint(0, 10, (xte.shape[0],), generator=gen)
+    pick = order[:edits]
+    report_edits = (xte[pick], labels[:edits])
+    gen_tune = torch.Generator().manual_seed(seed + 1)
+    tune_pick = torch.randperm(xtr.shape[0], generator=gen_tune)[:tune_edits]
+    tuning_edits = (xtr[tune_pick], torch.randint(0, 10, (tune_edits,), generator=gen_tune))
+    return model, report_edits, yte[pick], tuning_edits, (xte, yte)
+
+
+def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, edit_classes, tuning_edits,
+             control, args, keep_kl: bool) -> dict:
+    params = None if stage == "all" else stage
+    start = time.perf_counter()
+    tuned = fe.tune(model, tuning_edits, control, editor=editor, params=params, max_steps=args.max_steps,
+                    grid=grid_for(editor), min_success=0.95, progress=not args.quiet)
+    tune_seconds = time.perf_counter() - start
+    report = fe.evaluate(model, report_edits, control, editor=tuned.editor, params=params,
+                         max_steps=args.max_steps, edit_labels=edit_classes, keep_kl_vectors=keep_kl,
+                         progress=not args.quiet)
+    cell = {"stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
+            "chosen_at_grid_edge": _at_edge(tuned, editor), "tune_table": tuned.table,
+            "tune_seconds": tune_seconds, "report": report.to_dict()}
+    path.write_text(json.dumps(cell, indent=1, allow_nan=False))
+    if keep_kl:
+        report.to_json(path.with_suffix(".per_edit.json"))
+    return cell
+
+
+def _at_edge(tuned, editor: str) -> str | None:
+    lrs = grid_for(editor)["lr"]
+    lr = float(tuned.editor.lr)
+    return "low" if lr == lrs[0] else "high" if lr == lrs[-1] else None
+
+
+def assemble(out_dir: pathlib.Path, cells: dict, meta: dict) -> dict:
+    rows = []
+    for (model_name, stage, editor), cell in sorted(cells.items()):
+        r = cell["report"]
+        rows.append({"model": model_name, "stage": stage, "editor": editor, "chosen": cell["chosen"],
+                     "feasible": cell["feasible"], "chosen_at_grid_edge": cell["chosen_at_grid_edge"],
+                     "base_error": r["base_error"], "drawdown": r["drawdown"], "success_rate": r["success_rate"],
+                     "mean_steps": r["mean_steps"], "flip_rate": r["flip_rate"], "mean_kl": r["mean_kl"],
+                     "num_edits": r["num_edits"], "eval_seconds": r["seconds"],
+                     "tune_seconds": cell["tune_seconds"]})
+    out = {**meta, "rows": rows}
+    (out_dir / "tables.json").write_text(json.dumps(out, indent=1, allow_nan=False))
+    return out
+
+
+def draw_figures(out_dir: pathlib.Path, cells: dict) -> None:
+    """Figures from the stored cells (so a resumed run draws them too)."""
+    from types import SimpleNamespace
+    from fastedit import plots
+    classes = fdata.CIFAR10_CLASSES
+    for model_name in sorted({m for m, _, _ in cells}):
+        layer3 = {e: SimpleNamespace(**c["report"]) for (m, s, e), c in sorted(cells.items())
+                  if m == model_name and s == "layer3"}
+        if layer3:
+            plots.plot_editor_comparison(layer3, out_dir / f"editor_comparison_{model_name}.png",
+                                         title=f"{model_name}, editing layer3 (tuned editors)")
+    per_edit = out_dir / "cells" / "resnet20_layer3_rmsprop.per_edit.json"
+    if per_edit.exists():
+        data = json.loads(per_edit.read_text())
+        nan = float("nan")
+        report = SimpleNamespace(
+            per_class_drawdown=torch.tensor([[nan if v is None else v for v in row]
+                                             for row in data["per_class_drawdown"]]),
+            per_edit={k: torch.tensor(data["per_edit"][k]) for k in ("kl_vector", "edit_class")},
+            num_classes=len(classes))
+        plots.plot_per_class_drawdown(report, out_dir / "per_class_drawdown_resnet20_rmsprop.png", classes,
+                                      title="ResNet-20, RMSProp on layer3: drawdown (%) by class")
+        plots.plot_edit_tsne(report, out_dir / "tsne_edits_resnet20_rmsprop.png", classes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--table", choices=["1", "2", "all"], default="1")
+    ap.add_argument("--models", nargs="+", default=["resnet20"], choices=["resnet20", "resnet32", "resnet44", "resnet56"])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES), help="Table 2 stages")
+    ap.add_argument("--editors", nargs="+", default=list(EDITOR_ORDER), help="Table 1 editors")
+    ap.add_argument("--edits", type=int, default=1000, help="reported edits (test images, random labels)")
+    ap.add_argument("--tune-edits", type=int, default=50, help="tuning edits (training images, random labels)")
+    ap.add_argument("--max-steps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the ../shared folder (data, models)")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "evaluation"))
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = pathlib.Path(args.out_dir)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+
+    todo = []  # (model, stage, editor)
+    for m in args.models:
+        if args.table in ("1", "all"):
+            todo += [(m, "layer3", e) for e in args.editors]
+        if args.table in ("2", "all"):
+            todo += [(m, s, e) for s in args.stages for e in ("gd", "rmsprop") if (m, s, e) not in todo]
+    cells: dict = {}
+    for path in (out_dir / "cells").glob("*.json"):  # earlier runs, also of other tables
+        if path.name.endswith(".per_edit.json"):
+            continue
+        cell = json.loads(path.read_text())
+        cells[(path.stem.split("_")[0], cell["stage"], cell["editor"])] = cell
+    loaded = {}
+    for key in todo:
+        model_name, stage, editor = key
+        path = out_dir / "cells" / f"{model_name}_{stage}_{editor}.json"
+        if key in cells and cells[key]["report"]["num_edits"] >= args.edits:  # same seed: a superset
+            print(f"{path.name}: done earlier", flush=True)
+            continue
+        if model_name not in loaded:
+            loaded = {model_name: load_setting(model_name, pathlib.Path(args.shared), args.edits,
+                                               args.tune_edits, args.seed)}
+        model, report_edits, edit_classes, tuning_edits, control = loaded[model_name]
+        keep_kl = (model_name, stage, editor) == ("resnet20", "layer3", "rmsprop")
+        cell = run_cell(path, model, stage, editor, report_edits, edit_classes, tuning_edits, control, args, keep_kl)
+        cells[key] = cell
+        r = cell["report"]
+        print(f"{model_name} {stage:<6} {editor:<9} {cell['chosen']} drawdown={100 * r['drawdown']:.2f}% "
+              f"success={100 * r['success_rate']:.1f}% steps={r['mean_steps']:.2f} "
+              f"flips={100 * r['flip_rate']:.2f}% ({r['seconds']:.0f} s)", flush=True)
+
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "protocol": {"edits": args.edits, "tune_edits": args.tune_edits, "max_steps": args.max_steps,
+                         "seed": args.seed, "lr_grid": LRS, "scaled_gd_lr_grid": SCALED_GD_LRS,
+                         "rmsprop_beta_grid": [0.5, 0.9], "min_success": 0.95,
+                         "edits_from": "exact CIFAR-10 test images (seeded permutation), uniform random labels",
+                         "tuning_edits_from": "exact CIFAR-10 training images, uniform random labels",
+                         "control": "all 1,017 exact CIFAR-10 test images"},
+            "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads()}}
+    assemble(out_dir, cells, meta)
+    draw_figures(out_dir, cells)
+    print(f"wrote {out_dir / 'tables.json'}")
+
+
+if __name__ == "__main__":
+    main()
