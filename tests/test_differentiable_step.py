@@ -220,6 +220,27 @@ def test_vjp_equals_autograd_through_editor_step(editor, batched, t0):
                 torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("used", ["params", "state", "some"])
+@pytest.mark.parametrize("editor", [e for e in EDITORS if type(e).slots], ids=lambda e: e.name)
+def test_unused_outputs(editor, used):
+    """Outputs that do not reach the loss (the last step's state; or θ' when only the state is used)
+    get no incoming gradient (None); first and second order still match autograd."""
+    gen = torch.Generator().manual_seed(9)
+    ed = tensor_hparams(editor)
+    inputs, n, _ = grad_inputs(ed, True, gen)
+    t = torch.ones(2, dtype=F64)
+    results = []
+    for step in (editor_step, lambda e, *a, **k: e.step(*a, **k)):
+        outs = step_fn(ed, step, True, t, torch.tensor([True, False]), n)(*inputs)
+        picked = {"params": outs[:n], "state": outs[n:], "some": outs[1:n + 1]}[used]
+        loss = sum((torch.sin(o) * (j + 1)).sum() for j, o in enumerate(picked))
+        first = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
+        w = sum((f ** 2).sum() for f in first)
+        results.append(first + torch.autograd.grad(w, inputs, allow_unused=True, materialize_grads=True))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("editor", EDITORS, ids=IDS)
 def test_inactive_edit_passes_gradient_through(editor):
     """active False: θ' = θ and state' = state, so ∂θ = ∂θ', ∂state = ∂state', ∂g = ∂hparams = 0."""

@@ -182,173 +182,209 @@ class _EditorStep(torch.autograd.Function):
         params, grads, slots, t, active, hp, hp_index = _unpack(layout, tensors)
         needs = ctx.needs_input_grad[1:]
         hp_needs = {name: needs[i] for name, i in hp_index.items()}
-        ctx.layout = layout
-        ctx.hp_needs = hp_needs
+        ctx.layout, ctx.hp_needs = layout, hp_needs
         ctx.param_dtypes = [p.dtype for p in params]
+        ctx.param_shapes = [p.shape for p in params]
         ctx.grad_dtypes = [g.dtype for g in grads]
         ctx.grads_need = [needs[layout.n + i] for i in range(layout.n)]
+        ctx.set_materialize_grads(False)  # unused outputs (e.g. the last step's state) stay None
         rule = layout.rule
-        # Saved (inputs only; θ is never saved, its Jacobian is the identity):
-        #   gd, rprop: g only if lr needs a gradient;  scaled_gd: g (the norm is recomputed);
+        # Saved: inputs only (θ never: its Jacobian is the identity), so double backward is exact:
+        #   gd, rprop: g only if lr needs a gradient;  scaled_gd: g (its norm is recomputed);
         #   momentum: g if lr needs a gradient, v_old if momentum does;
         #   rmsprop: g, s_old;  adam: g, m_old, v_old;  always t, active and the tensor hparams.
-        # Recomputed in backward: g², s_new, √(s+ε) (RMSProp); m, v, bias corrections, m̂, v̂, √v̂+ε
-        # (Adam); ‖g‖ and 1/max(‖g‖, ε) (ScaledGD): a few elementwise ops instead of ~5 saved tensors
-        # per parameter tensor and step.
-        keep_g = {"gd": hp_needs.get("lr", False), "rprop": hp_needs.get("lr", False),
-                  "momentum": hp_needs.get("lr", False)}.get(rule, True)
+        # Recomputed in backward: g², s', √(s'+ε) (RMSProp); m', v', the bias corrections, m̂, v̂, √v̂
+        # (Adam); ‖g‖ and 1/max(‖g‖, ε) (ScaledGD): a few elementwise ops instead of the 3–8 tensors
+        # per parameter tensor and step that autograd keeps for Editor.step's op chain.
+        lr_needed = hp_needs.get("lr", False)
+        keep_g = {"gd": lr_needed, "rprop": lr_needed, "momentum": lr_needed}.get(rule, True)
         saved_g = grads if keep_g else [None] * layout.n
         if rule == "momentum":
             saved_slots = slots[0] if hp_needs.get("momentum", False) else [None] * layout.n
         else:
             saved_slots = [s for per_slot in slots for s in per_slot]
-        hp_tensors = [hp[name] for name in hp_index]
         ctx.n_saved_slots = len(saved_slots)
-        ctx.save_for_backward(*saved_g, *saved_slots, t, active, *hp_tensors)
+        ctx.save_for_backward(*saved_g, *saved_slots, t, active, *(hp[name] for name in hp_index))
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         layout = ctx.layout
         n, k, batched, rule = layout.n, layout.n_slots, layout.batched, layout.rule
         saved = ctx.saved_tensors
-        grads = list(saved[:n])
-        flat_slots = list(saved[n:n + ctx.n_saved_slots])
-        t, active = saved[n + ctx.n_saved_slots], saved[n + ctx.n_saved_slots + 1]
-        hp_tensors = saved[n + ctx.n_saved_slots + 2:]
-        hp = {}
-        it = iter(hp_tensors)
-        for name, const in zip(layout.hp_names, layout.hp_const):
-            hp[name] = next(it) if const is None else const
+        n_s = ctx.n_saved_slots
+        grads, flat_slots = list(saved[:n]), list(saved[n:n + n_s])
+        t, active = saved[n + n_s], saved[n + n_s + 1]
+        it = iter(saved[n + n_s + 2:])
+        hp = {name: (next(it) if const is None else const) for name, const in zip(layout.hp_names, layout.hp_const)}
         hp_needs = ctx.hp_needs
-        if rule == "momentum":
-            old_slots = [flat_slots]
-        else:
-            old_slots = [flat_slots[j * n:(j + 1) * n] for j in range(k)]
+        old_slots = [flat_slots] if rule == "momentum" else [flat_slots[j * n:(j + 1) * n] for j in range(k)]
         g_out, s_out = grad_outputs[:n], grad_outputs[n:]
-        t1 = t + 1
+        if all(x is None for x in grad_outputs):
+            return (None,) * len(ctx.needs_input_grad)
+        t1 = t + 1                                   # this step's number, per edit ([E] or 0-dim)
+        sums: dict = {}                              # hparam name -> per-edit partial sums
 
-        d_params = list(g_out)  # θ' = θ − δ (or θ where inactive): identity Jacobian either way
+        def add(name, per_edit_value):
+            if hp_needs.get(name, False):
+                sums[name] = per_edit_value if name not in sums else sums[name] + per_edit_value
+
+        def esum(x):                                 # per-edit sum over all but the edit dim
+            return x.sum(dim=_dims(x, batched))
+
+        def edot(a, b):                              # per-edit ⟨a, b⟩
+            if batched:
+                return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+            return torch.dot(a.reshape(-1), b.reshape(-1))
+
+        def pe(v, like):                             # a per-edit value, broadcastable against `like`
+            return _per_edit(v, like, batched)
+
+        def upstream(i):
+            """(dtype, go, gs): ∂L/∂θ' in the compute dtype (= −∂L/∂δ) and ∂L/∂(new slot j), both
+            zeroed where the edit is inactive (there the step is the identity); None when unused."""
+            dtype = _compute_dtype(ctx.param_dtypes[i])
+            go = g_out[i]
+            if go is None:  # θ' unused but the new state used: rare, so simply zeros
+                go = torch.zeros(ctx.param_shapes[i], dtype=dtype, device=t.device)
+            go = go.to(dtype)
+            if active is not None:
+                go = torch.where(pe(active, go), go, 0.0)
+            gs = []
+            for j in range(k):
+                x = s_out[j * n + i]
+                gs.append(x if x is None or active is None else torch.where(pe(active, x), x, 0.0))
+            return dtype, go, gs
+
+        def plus(a, b):
+            return b if a is None else a + b
+
         d_grads: list = [None] * n
         d_slots: list = [None] * (k * n)
-        d_hp = {name: None for name in hp_needs}
 
-        def add_hp(name, contribution):
-            if hp_needs.get(name, False):
-                total = contribution.sum()
-                d_hp[name] = total if d_hp[name] is None else d_hp[name] + total
+        def set_grad(i, dg):
+            if dg is not None and ctx.grads_need[i]:
+                d_grads[i] = dg.to(ctx.grad_dtypes[i])  # zero where inactive: go and gs are
 
-        def mask(x, like):  # zero where the edit is inactive
-            return x if active is None else torch.where(_per_edit(active, like, batched), x, torch.zeros_like(x))
-
-        def compute(i):
-            dtype = _compute_dtype(ctx.param_dtypes[i])
-            gd_ = mask(-g_out[i].to(dtype), g_out[i])          # upstream of δ
-            gs_ = [mask(s_out[j * n + i], s_out[j * n + i]) for j in range(k)]  # upstream of new slots
-            return dtype, gd_, gs_
-
-        def set_slot_grads(i, d_old):
+        def set_slots(i, d_old):
             """Old slot j: the rule's gradient where the edit is active, the incoming one where not."""
             for j in range(k):
-                d_slots[j * n + i] = _keep(active, d_old[j], s_out[j * n + i], batched)
+                incoming = s_out[j * n + i]
+                if active is None or incoming is None:
+                    d_slots[j * n + i] = d_old[j]
+                else:
+                    d_slots[j * n + i] = torch.where(pe(active, d_old[j]), d_old[j], incoming)
 
+        lr = hp["lr"]
         if rule == "scaled_gd":
             g32s = [grads[i].to(_compute_dtype(ctx.param_dtypes[i])) for i in range(n)]
             sq, norm, inv = _scaled_gd_norm(g32s, hp["eps"], batched)
-            gds = [compute(i)[1] for i in range(n)]
-            # A = Σ_tensors ⟨g, ∂L/∂δ⟩ per edit: δ = lr·g·inv, so ∂L/∂inv = lr·A and ∂L/∂lr = inv·A
-            a = sum((g * d).sum(dim=_dims(g, batched)) for g, d in zip(g32s, gds))
-            add_hp("lr", inv * a)
-            d_clamped = -(hp["lr"] * a) * inv * inv             # ∂L/∂max(‖g‖, eps)
+            gos = [upstream(i)[1] for i in range(n)]
+            # δ = lr·g·inv with inv = 1/max(‖g‖, eps) per edit; a = Σ_tensors ⟨g, go⟩ = −Σ ⟨g, ∂L/∂δ⟩
+            a = sum(edot(g, go) for g, go in zip(g32s, gos))
+            add("lr", -(inv * a))
+            d_clamped = lr * a * inv * inv                   # ∂L/∂max(‖g‖, eps)
             # clamp_min: the gradient goes to ‖g‖ where ‖g‖ ≥ eps (ties included, as torch), else to eps
             if hp_needs.get("eps", False):
-                add_hp("eps", torch.where(norm < hp["eps"], d_clamped, torch.zeros_like(d_clamped)))
-            d_norm = torch.where(norm >= hp["eps"], d_clamped, torch.zeros_like(d_clamped))
+                add("eps", torch.where(norm < hp["eps"], d_clamped, 0.0))
+            d_norm = torch.where(norm >= hp["eps"], d_clamped, 0.0)
             # _safe_sqrt: zero derivative at 0 (then every g is 0 and the clamp is active anyway)
             positive = sq > 0
-            d_sq = torch.where(positive, d_norm / (2 * torch.where(positive, norm, torch.ones_like(norm))),
-                               torch.zeros_like(d_norm))
+            d_sq2 = torch.where(positive, d_norm / torch.where(positive, norm, 1.0), 0.0)  # 2·∂L/∂Σg²
             for i in range(n):
                 if ctx.grads_need[i]:
-                    g, d = g32s[i], gds[i]
-                    dg = hp["lr"] * d * _per_edit(inv, g, batched) + 2 * g * _per_edit(d_sq, g, batched)
-                    d_grads[i] = mask(dg, dg).to(ctx.grad_dtypes[i])
+                    g = g32s[i]
+                    set_grad(i, torch.addcmul(gos[i] * pe(-(lr * inv), g), g, pe(d_sq2, g)))
         else:
             for i in range(n):
-                dtype, gd_, gs_ = compute(i)
+                dtype, go, gs = upstream(i)
                 g = None if grads[i] is None else grads[i].to(dtype)
-                t_i = _per_edit(t1, gd_, batched)
                 old = [old_slots[j][i] for j in range(len(old_slots))]
-                dg, d_old = None, [None] * k
-                if rule == "gd":
-                    dg = hp["lr"] * gd_
+                if rule == "gd":                                  # δ = lr·g
+                    set_grad(i, go * (-lr))
                     if g is not None:
-                        add_hp("lr", g * gd_)
-                elif rule == "rprop":
-                    # sign has zero derivative (a.e.): g gets no gradient, lr gets ⟨sign g, ∂L/∂δ⟩
+                        add("lr", -edot(g, go))
+                elif rule == "rprop":                             # δ = lr·sign(g)
+                    # sign has zero derivative (a.e.): g gets none, lr gets ⟨sign g, ∂L/∂δ⟩
                     if g is not None:
-                        add_hp("lr", torch.sign(g) * gd_)
-                elif rule == "momentum":
-                    # v' = lr·g + μ·v and δ = v'
-                    d_v = gs_[0] + gd_
-                    dg = hp["lr"] * d_v
-                    d_old[0] = hp["momentum"] * d_v
+                        add("lr", -edot(torch.sign(g), go))
+                elif rule == "momentum":                          # v' = lr·g + μ·v, δ = v'
+                    d_v = plus(gs[0], -go)
+                    set_grad(i, d_v * lr)
+                    set_slots(i, [d_v * hp["momentum"]])
                     if g is not None:
-                        add_hp("lr", g * d_v)
+                        add("lr", edot(g, d_v))
                     if old[0] is not None:
-                        add_hp("momentum", old[0] * d_v)
+                        add("momentum", edot(old[0], d_v))
                 elif rule == "rmsprop":
-                    s_old = old[0]
-                    delta, s_new, r = _rmsprop_fwd(g, s_old, t_i, hp)
-                    add_hp("lr", gd_ * g / r)
-                    # δ = lr·g / r with r = √(s' + eps) > 0 (eps > 0): ∂δ/∂(s'+eps) = −δ / (2 r²)
-                    d_inside = -gd_ * delta / (2 * r * r)
-                    add_hp("eps", d_inside)
-                    d_s = gs_[0] + d_inside
-                    # first step (t == 1): s' = g², independent of s_old and β
-                    first = t_i == 1
-                    d_g2 = torch.where(first, d_s, (1 - hp["beta"]) * d_s)
-                    dg = hp["lr"] * gd_ / r + 2 * g * d_g2
-                    zero = torch.zeros_like(d_s)
-                    d_old[0] = torch.where(first, zero, hp["beta"] * d_s)
-                    if hp_needs.get("beta", False):
-                        add_hp("beta", torch.where(first, zero, d_s * (s_old - g * g)))
+                    _rmsprop_bwd(hp, hp_needs, g, old[0], t1, go, gs[0], pe, edot, esum, add, set_grad, set_slots, i)
                 elif rule == "adam":
-                    m_old, v_old = old
-                    beta1, beta2 = hp["beta1"], hp["beta2"]
-                    delta, m, v, (bc1, bc2, m_hat, v_hat, den) = _adam_fwd(g, m_old, v_old, t_i, hp)
-                    add_hp("lr", gd_ * m_hat / den)
-                    d_mhat = gd_ * hp["lr"] / den
-                    d_den = -gd_ * delta / den                   # δ = lr·m̂ / (√v̂ + eps)
-                    add_hp("eps", d_den)
-                    # _safe_sqrt: zero derivative where v̂ == 0 (the update does not depend on it there)
-                    positive = v_hat > 0
-                    q = torch.where(positive, torch.sqrt(torch.where(positive, v_hat, torch.ones_like(v_hat))),
-                                    torch.ones_like(v_hat))
-                    d_vhat = torch.where(positive, d_den / (2 * q), torch.zeros_like(d_den))
-                    d_m = gs_[0] + d_mhat / bc1
-                    d_v = gs_[1] + d_vhat / bc2
-                    dg = (1 - beta1) * d_m + (1 - beta2) * 2 * g * d_v
-                    d_old = [beta1 * d_m, beta2 * d_v]
-                    # β enters the moment update and the bias correction 1 − β^t (∂/∂β = −t·β^(t−1))
-                    if hp_needs.get("beta1", False):
-                        d_bc1 = -d_mhat * m_hat / bc1
-                        add_hp("beta1", d_m * (m_old - g) - d_bc1 * t_i * beta1 ** (t_i - 1))
-                    if hp_needs.get("beta2", False):
-                        d_bc2 = -d_vhat * v_hat / bc2
-                        add_hp("beta2", d_v * (v_old - g * g) - d_bc2 * t_i * beta2 ** (t_i - 1))
-                if dg is not None and ctx.grads_need[i]:
-                    d_grads[i] = mask(dg, dg).to(ctx.grad_dtypes[i])
-                if k:
-                    set_slot_grads(i, d_old)
+                    _adam_bwd(hp, hp_needs, g, old[0], old[1], t1, go, gs, pe, edot, esum, add, set_grad,
+                              set_slots, i)
 
-        d_hp_list = []
+        d_hp = []
         for name, const in zip(layout.hp_names, layout.hp_const):
             if const is None:
-                value = d_hp.get(name)
                 ref = hp[name]
-                d_hp_list.append(None if value is None else value.to(ref.dtype).reshape(ref.shape))
+                value = sums.get(name)
+                d_hp.append(None if value is None else value.sum().to(ref.dtype).reshape(ref.shape))
         d_t_active = [None, None] if layout.has_active else [None]
-        return (None, *d_params, *d_grads, *d_slots, *d_t_active, *d_hp_list)
+        return (None, *g_out, *d_grads, *d_slots, *d_t_active, *d_hp)
+
+
+def _rmsprop_bwd(hp, hp_needs, g, s_old, t1, go, gs, pe, edot, esum, add, set_grad, set_slots, i):
+    """s' = g² at the first step (t == 1), else β·s + (1−β)·g²; δ = lr·g / r with r = √(s' + eps)."""
+    lr, beta, eps = hp["lr"], hp["beta"], hp["eps"]
+    first = t1 == 1
+    g2 = g * g
+    s_new = torch.where(pe(first, g), g2, beta * s_old + (1 - beta) * g2)
+    inv_r = torch.rsqrt(s_new + eps)                     # r > 0: eps > 0
+    u = go * inv_r                                       # −∂L/∂δ / r
+    ug = u * g
+    add("lr", -esum(ug))
+    d_inside = ug * (inv_r * inv_r) * (0.5 * lr)         # ∂L/∂(s' + eps): ∂δ/∂(s'+eps) = −δ / (2 r²)
+    add("eps", esum(d_inside))
+    d_s = d_inside if gs is None else gs + d_inside      # ∂L/∂s'
+    # first step (t == 1): s' = g² does not depend on s_old or β. Per-edit coefficients, in g's dtype:
+    # ∂s'/∂g² = 1 − [t>1]·β, ∂s'/∂s_old = [t>1]·β
+    later_beta = (~first).to(g.dtype) * beta
+    set_grad(i, torch.addcmul(u * (-lr), g, d_s * pe(2 * (1 - later_beta), g)))
+    set_slots(i, [d_s * pe(later_beta, g)])
+    if hp_needs.get("beta", False):
+        add("beta", torch.where(first, 0.0, edot(d_s, s_old - g2)))
+
+
+def _adam_bwd(hp, hp_needs, g, m_old, v_old, t1, go, gs, pe, edot, esum, add, set_grad, set_slots, i):
+    """m' = β₁m + (1−β₁)g, v' = β₂v + (1−β₂)g², m̂ = m'/(1−β₁ᵗ), v̂ = v'/(1−β₂ᵗ),
+    δ = lr·m̂ / (√v̂ + eps) with _safe_sqrt (zero derivative where v̂ = 0)."""
+    lr, beta1, beta2, eps = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"]
+    bc1, bc2 = 1 - beta1 ** t1, 1 - beta2 ** t1          # per edit
+    m = beta1 * m_old + (1 - beta1) * g
+    g2 = g * g
+    v = beta2 * v_old + (1 - beta2) * g2
+    m_hat = m * pe(1 / bc1, g)
+    v_hat = v * pe(1 / bc2, g)
+    positive = v_hat > 0
+    q_safe = torch.sqrt(torch.where(positive, v_hat, 1.0))
+    q = torch.where(positive, q_safe, 0.0)
+    inv_den = 1 / (q + eps)
+    u = go * inv_den                                     # −∂L/∂δ / den
+    um = u * m_hat
+    add("lr", -esum(um))
+    d_den = um * inv_den * lr                            # ∂L/∂den = −∂L/∂δ · δ / den; also ∂L/∂eps
+    add("eps", esum(d_den))
+    d_vhat2 = torch.where(positive, d_den / q_safe, 0.0)  # 2·∂L/∂v̂ (√ has derivative 1/(2√v̂))
+    d_m = torch.addcmul(gs[0], u, pe(-lr / bc1, g)) if gs[0] is not None else u * pe(-lr / bc1, g)
+    d_v = torch.addcmul(gs[1], d_vhat2, pe(0.5 / bc2, g)) if gs[1] is not None else d_vhat2 * pe(0.5 / bc2, g)
+    set_grad(i, torch.addcmul(d_m * (1 - beta1), g, d_v * (2 * (1 - beta2))))
+    set_slots(i, [d_m * beta1, d_v * beta2])
+    # β enters the moment update and the bias correction 1 − βᵗ (∂/∂β = −t·β^(t−1)):
+    #   Σ ∂L/∂bc1 = Σ −∂L/∂m̂ · m̂ / bc1 = lr·Σ(u·m̂)/bc1;  Σ ∂L/∂bc2 = −Σ ∂L/∂v̂ · v̂ / bc2 = −½Σ(∂L/∂den·q)/bc2
+    if hp_needs.get("beta1", False):
+        d_bc1 = lr * esum(um) / bc1
+        add("beta1", edot(d_m, m_old - g) - d_bc1 * t1 * beta1 ** (t1 - 1))
+    if hp_needs.get("beta2", False):
+        d_bc2 = -0.5 * edot(d_den, q) / bc2
+        add("beta2", edot(d_v, v_old - g2) - d_bc2 * t1 * beta2 ** (t1 - 1))
 
 
 # ------------------------------------------------------------------------------------------------
