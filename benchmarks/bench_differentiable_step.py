@@ -7,7 +7,7 @@ is a large part of the work, unlike in a real model where the suffix forward dom
 unrolled steps with the inner gradients from ``autograd.grad(create_graph=True)``, learnable
 (tensor) hyper-parameters, then the meta-gradient w.r.t. the initial parameters and the
 hyper-parameters. Per editor and method: median wall time of forward + backward over interleaved
-repetitions, and the bytes the autograd graph keeps for backward after the forward (counted exactly
+repetitions (and of the process CPU time, steadier when other jobs share the cores), and the bytes the autograd graph keeps for backward after the forward (counted exactly
 with ``saved_tensors_hooks``, each storage once): the memory the closed form is meant to save.
 
     python benchmarks/bench_differentiable_step.py --out benchmarks/results/bench_differentiable_step.json
@@ -86,20 +86,25 @@ def main():
     for name in args.editors.split(","):
         editor = EDITORS[name]
         times = {m: [] for m in methods}
+        cpu = {m: [] for m in methods}
         for rep in range(args.warmup + args.repeats):
             for m, step in methods.items():
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 unrolled(step, editor, theta0, weights, args.steps)
                 if rep >= args.warmup:
                     times[m].append(time.perf_counter() - t)
+                    cpu[m].append(time.process_time() - c)
         saved = {m: unrolled(step, editor, theta0, weights, args.steps, count_saved=True) for m, step in methods.items()}
-        row = {m: {"seconds": statistics.median(times[m]), "seconds_all": times[m], "saved_bytes": saved[m]}
-               for m in methods}
+        row = {m: {"seconds": statistics.median(times[m]), "seconds_all": times[m],
+                   "cpu_seconds": statistics.median(cpu[m]), "saved_bytes": saved[m]} for m in methods}
         row["time_ratio_closed_form_over_autograd"] = row["closed_form"]["seconds"] / row["autograd"]["seconds"]
+        row["cpu_time_ratio_closed_form_over_autograd"] = (row["closed_form"]["cpu_seconds"]
+                                                           / row["autograd"]["cpu_seconds"])
         row["saved_ratio_closed_form_over_autograd"] = saved["closed_form"] / saved["autograd"]
         results[name] = row
         print(f"{name:<10} closed form {row['closed_form']['seconds'] * 1e3:8.1f} ms  autograd "
-              f"{row['autograd']['seconds'] * 1e3:8.1f} ms  (x{row['time_ratio_closed_form_over_autograd']:.2f})   "
+              f"{row['autograd']['seconds'] * 1e3:8.1f} ms  (x{row['time_ratio_closed_form_over_autograd']:.2f}; "
+              f"CPU time x{row['cpu_time_ratio_closed_form_over_autograd']:.2f})   "
               f"saved {saved['closed_form'] / 2**20:6.1f} vs {saved['autograd'] / 2**20:6.1f} MiB "
               f"(x{row['saved_ratio_closed_form_over_autograd']:.2f})", flush=True)
     out = {

@@ -310,21 +310,32 @@ def test_torch_func_transforms_match_reference(editor):
 
 @pytest.mark.parametrize("editor", EDITORS, ids=IDS)
 def test_vmap_over_batched_edits(editor):
-    """vmap over independent problems, each itself a batched step with a mixed active mask."""
+    """vmap (and vmap(grad)) over independent problems, each a batched step with a mixed active mask."""
     gen = torch.Generator().manual_seed(6)
     P = [torch.randn((2,) + s, dtype=F64, generator=gen) for s in shapes(True)]
     G = [torch.randn((2,) + s, dtype=F64, generator=gen) for s in shapes(True)]
     active = torch.tensor([[True, False, True], [False, True, True]])
 
+    LR = torch.tensor([0.05, 0.02], dtype=F64)
+
     def run(step):
-        def one(ps, gs, a):
-            state = editor.init_state(ps, batched=True)
+        def one(ps, gs, lr, a):
+            ed = with_hp_leaves(editor, [lr] + hp_leaves(tensor_hparams(editor, requires_grad=False))[1:])
+            state = ed.init_state(ps, batched=True)
             for _ in range(2):
-                ps, state = step(editor, ps, gs, state, a, batched=True)
+                gs = [g + 0.1 * torch.tanh(p) for g, p in zip(gs, ps)]  # depends on the parameters
+                ps, state = step(ed, ps, gs, state, a, batched=True)
             return ps
-        return vmap(one)(P, G, active)
+
+        def loss(ps, gs, lr, a):
+            return sum((torch.sin(p) * (j + 1)).sum() for j, p in enumerate(one(ps, gs, lr, a)))
+        return (*vmap(one)(P, G, LR, active), *vmap(grad(loss, argnums=(0, 1, 2)))(P, G, LR, active))
     for a, b in zip(run(editor_step), run(lambda e, *x, **k: e.step(*x, **k))):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        if isinstance(a, (list, tuple)):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -104,27 +104,8 @@ def _scaled_gd_norm(g32s: list[Tensor], eps, batched: bool):
     return sq, norm, norm.clamp_min(eps).reciprocal()
 
 
-def _rmsprop_fwd(g, s, t, hp):
-    g2 = g * g
-    s = torch.where(t == 1, g2, hp["beta"] * s + (1 - hp["beta"]) * g2)
-    r = torch.sqrt(s + hp["eps"])
-    return hp["lr"] * g / r, s, r
-
-
-def _adam_fwd(g, m, v, t, hp):
-    beta1, beta2 = hp["beta1"], hp["beta2"]
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
-    bc1 = 1 - beta1 ** t
-    bc2 = 1 - beta2 ** t
-    m_hat = m / bc1
-    v_hat = v / bc2
-    den = _safe_sqrt(v_hat) + hp["eps"]
-    return hp["lr"] * m_hat / den, m, v, (bc1, bc2, m_hat, v_hat, den)
-
-
 def _rule_fwd(rule: str, g, slots, t, hp, inv_norm):
-    """``(delta, new_slots)`` for one tensor, as ``Editor._rule``."""
+    """``(delta, new_slots)`` for one tensor, as ``Editor._rule`` (``t``: this step's number)."""
     if rule == "gd":
         return hp["lr"] * g, []
     if rule == "rprop":
@@ -132,14 +113,19 @@ def _rule_fwd(rule: str, g, slots, t, hp, inv_norm):
     if rule == "scaled_gd":
         return hp["lr"] * g * inv_norm, []
     if rule == "rmsprop":
-        delta, s, _ = _rmsprop_fwd(g, slots[0], t, hp)
-        return delta, [s]
+        g2 = g * g
+        s = torch.where(t == 1, g2, hp["beta"] * slots[0] + (1 - hp["beta"]) * g2)
+        return hp["lr"] * g / torch.sqrt(s + hp["eps"]), [s]
     if rule == "momentum":
         v = hp["lr"] * g + hp["momentum"] * slots[0]
         return v, [v]
     if rule == "adam":
-        delta, m, v, _ = _adam_fwd(g, slots[0], slots[1], t, hp)
-        return delta, [m, v]
+        beta1, beta2 = hp["beta1"], hp["beta2"]
+        m = beta1 * slots[0] + (1 - beta1) * g
+        v = beta2 * slots[1] + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1 ** t)
+        v_hat = v / (1 - beta2 ** t)
+        return hp["lr"] * m_hat / (_safe_sqrt(v_hat) + hp["eps"]), [m, v]
     raise AssertionError(rule)
 
 
@@ -220,7 +206,8 @@ class _EditorStep(torch.autograd.Function):
         old_slots = [flat_slots] if rule == "momentum" else [flat_slots[j * n:(j + 1) * n] for j in range(k)]
         g_out, s_out = grad_outputs[:n], grad_outputs[n:]
         if all(x is None for x in grad_outputs):
-            return (None,) * len(ctx.needs_input_grad)
+            n_hp = sum(const is None for const in layout.hp_const)
+            return (None,) * (1 + 2 * n + k * n + 1 + layout.has_active + n_hp)
         t1 = t + 1                                   # this step's number, per edit ([E] or 0-dim)
         sums: dict = {}                              # hparam name -> per-edit partial sums
 
