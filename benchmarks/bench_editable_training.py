@@ -59,7 +59,7 @@ backward, optimizer step; and the plain step's forward / backward / optimizer st
 ``extra backward = fastedit backward − plain backward``.
 
 Options: ``--batch``, ``--steps`` (k), ``--repeats``, ``--warmup``, ``--memory-repeats``,
-``--editor-lr``, ``--threads``, ``--model resnet18`` (``fastedit.models.resnet18_cifar()``, random
+``--editor-lr``, ``--threads``, ``--methods`` (a subset, e.g. without naive and higher), ``--model resnet18`` (``fastedit.models.resnet18_cifar()``, random
 init, editable ``layer3``, suffix layer3 + layer4 + linear: ~0.56 GFLOP per image forward, ~14× a
 ResNet-20, so a default run takes far longer than the ~2 minutes of ResNet-20 on 2 cores; use a
 smaller ``--batch``/``--repeats``), ``--out JSON``.
