@@ -12,6 +12,9 @@ per repetition, on the same batch and edit), median over the repetitions after w
   1. plain:            cross_entropy(model(x), y), backward, Adam step;
   2. fastedit:         ``fe.EditableTraining(..., rematerialize=False)``;
   3. fastedit_remat:   ``fe.EditableTraining(..., rematerialize=True)``;
+  3b. fastedit_autograd_step, fastedit_remat_autograd_step: the same with ``closed_form=False``: each
+                       editor step is ``Editor.step``'s chain of elementwise ops recorded by autograd
+                       instead of one node with a closed-form backward (``fastedit.kernels.differentiable``);
   4. naive:            written here, like the official code: every inner step a full-model forward of
                        the edit image with ``torch.func.functional_call`` (eval mode), the gradient by
                        ``torch.autograd.grad(create_graph=True)``, ``.item()`` per step for early
@@ -56,7 +59,7 @@ backward, optimizer step; and the plain step's forward / backward / optimizer st
 ``extra backward = fastedit backward − plain backward``.
 
 Options: ``--batch``, ``--steps`` (k), ``--repeats``, ``--warmup``, ``--memory-repeats``,
-``--editor-lr``, ``--threads``, ``--model resnet18`` (``fastedit.models.resnet18_cifar()``, random
+``--editor-lr``, ``--threads``, ``--methods`` (a subset, e.g. without naive and higher), ``--model resnet18`` (``fastedit.models.resnet18_cifar()``, random
 init, editable ``layer3``, suffix layer3 + layer4 + linear: ~0.56 GFLOP per image forward, ~14× a
 ResNet-20, so a default run takes far longer than the ~2 minutes of ResNet-20 on 2 cores; use a
 smaller ``--batch``/``--repeats``), ``--out JSON``.
@@ -93,7 +96,8 @@ from fastedit import data as fdata
 from fastedit.edit import eval_mode
 from fastedit.models import load_pretrained_cifar_resnet, resnet18_cifar, resnet20
 
-METHODS = ("plain", "fastedit", "fastedit_remat", "naive", "higher")
+METHODS = ("plain", "fastedit", "fastedit_remat", "fastedit_autograd_step", "fastedit_remat_autograd_step",
+           "naive", "higher")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,10 +228,10 @@ class Plain:
 
 
 class FastEdit:
-    def __init__(self, model, cfg, rematerialize):
+    def __init__(self, model, cfg, rematerialize, closed_form=True):
         self.et = fe.EditableTraining(model, params=cfg["params"], editor=fe.RMSProp(cfg["lr"], beta=cfg["beta"]),
                                       max_steps=cfg["k"], c_edit=cfg["c_edit"], c_loc=cfg["c_loc"],
-                                      learn=("lr", "beta"), rematerialize=rematerialize)
+                                      learn=("lr", "beta"), rematerialize=rematerialize, closed_form=closed_form)
         self.opt = torch.optim.Adam(self.et.parameters(), lr=cfg["adam_lr"])
 
     def step(self, x, y, ex, ey):
@@ -421,6 +425,8 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=1.5,
                     help="wait (up to --max-wait seconds) for the 1-minute load average to drop below this")
     ap.add_argument("--max-wait", type=float, default=120.0)
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of the methods to run (plain and fastedit always run)")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be ≥ 1")
@@ -465,10 +471,19 @@ def main() -> None:
         "plain": lambda m: Plain(m, cfg),
         "fastedit": lambda m: FastEdit(m, cfg, rematerialize=False),
         "fastedit_remat": lambda m: FastEdit(m, cfg, rematerialize=True),
+        "fastedit_autograd_step": lambda m: FastEdit(m, cfg, rematerialize=False, closed_form=False),
+        "fastedit_remat_autograd_step": lambda m: FastEdit(m, cfg, rematerialize=True, closed_form=False),
         "naive": lambda m: Naive(m, cfg),
         "higher": lambda m: Higher(m, cfg),
     }
+    wanted = set(args.methods.split(",")) | {"plain", "fastedit", "fastedit_remat"}
+    unknown = wanted - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     for name, build in builders.items():
+        if name not in wanted:
+            errors[name] = "not selected (--methods)"
+            continue
         try:
             methods[name] = build(copy.deepcopy(base))
         except Exception as exc:  # noqa: BLE001 - recorded in the JSON (e.g. higher not installed)
@@ -671,6 +686,14 @@ def analyse(table: dict, bd: dict, plain_t: float, floor_t: float) -> list[str]:
     if remat.get("memory_ratio") is not None:
         lines.append(f"memory with rematerialisation: {remat['memory_ratio']:.2f}x plain in resident memory, "
                      f"{remat['torch_alloc_memory_ratio'] or float('nan'):.2f}x in torch tensor bytes (target 1.3x)")
+    for name, ref in (("fastedit_autograd_step", "fastedit"), ("fastedit_remat_autograd_step", "fastedit_remat")):
+        row, base = table.get(name, {}), table.get(ref, {})
+        if "time_ratio" in row and "time_ratio" in base:
+            lines.append(f"closed-form editor step ({ref}) vs autograd through Editor.step ({name}): "
+                         f"{base['seconds_per_step'] / row['seconds_per_step']:.3f}x time, "
+                         f"{base['peak_bytes'] / row['peak_bytes']:.3f}x RSS peak, "
+                         f"torch tensor peak {(base['torch_alloc_peak_bytes'] or 0) / 2**20:.1f} vs "
+                         f"{(row['torch_alloc_peak_bytes'] or 0) / 2**20:.1f} MiB")
     for name in ("naive", "higher"):
         row = table.get(name, {})
         if "time_ratio" in row and "time_ratio" in table.get("fastedit", {}):
