@@ -228,14 +228,16 @@ def editor_step_(editor: Editor, params: Tensor | Sequence[Tensor], grads: Tenso
         _editor_step(editor, params, grads, state, active, batched, mask)
 
 
-def _editor_step(editor, params, grads, state, active, batched, mask) -> None:
+def _editor_step(editor, params, grads, state, active, batched, mask, backend: str | None = None) -> None:
+    """The body of :func:`editor_step_`; ``backend`` (tests, benchmarks) bypasses the dispatcher."""
     params_l = _as_list(params, "params")
     grads_l = _as_list(grads, "grads")
     masks = _masks_from(mask, params_l, batched)
     _check(editor, params_l, grads_l, state, active, batched, masks)
 
     from .dispatch import choose_backend  # late: dispatch imports this module's siblings
-    backend = choose_backend("editor_step", params_l[0].device)
+    if backend is None:
+        backend = choose_backend("editor_step", params_l[0].device)
     rule = rule_id(editor)
     hp = _kernel_hparams(editor) if rule is not None else None
     if backend == "reference" or rule is None or hp is None:
