@@ -149,7 +149,7 @@ def extension_modules() -> tuple[list, dict]:
     optimise = ["-O0", "-g"] if _flag("FASTEDIT_DEBUG") else ["-O3"]
     cxx_flags = list(optimise)
     if not sys.platform.startswith("win"):
-        # sqrt without errno, so loops using it vectorise (editor_step.cpp). GCC ignores this
+        # sqrt without errno, so loops using it vectorise (the editor-step CPU kernel). GCC ignores this
         # flag in `#pragma GCC optimize`/attributes (builtins are declared once, at start-up),
         # so it has to be given here. NaN/Inf results are unchanged; only errno is never set.
         cxx_flags.append("-fno-math-errno")

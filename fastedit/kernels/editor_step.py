@@ -230,17 +230,32 @@ def editor_step_(editor: Editor, params: Tensor | Sequence[Tensor], grads: Tenso
 
 def _editor_step(editor, params, grads, state, active, batched, mask, backend: str | None = None) -> None:
     """The body of :func:`editor_step_`; ``backend`` (tests, benchmarks) bypasses the dispatcher."""
-    params_l = _as_list(params, "params")
-    grads_l = _as_list(grads, "grads")
+    params_l = params if type(params) is list else _as_list(params, "params")
+    grads_l = grads if type(grads) is list else _as_list(grads, "grads")
     masks = _masks_from(mask, params_l, batched)
-    _check(editor, params_l, grads_l, state, active, batched, masks)
-
-    from .dispatch import choose_backend  # late: dispatch imports this module's siblings
-    if backend is None:
-        backend = choose_backend("editor_step", params_l[0].device)
-    rule = rule_id(editor)
+    rule = RULES.get(type(editor))
     hp = _kernel_hparams(editor) if rule is not None else None
-    if backend == "reference" or rule is None or hp is None:
+    if backend is None and params_l:
+        from .dispatch import choose_backend  # late: dispatch imports this module's siblings
+        backend = choose_backend("editor_step", params_l[0].device)
+
+    if backend in ("cpu", "cuda") and hp is not None:
+        # Fast path: the compiled op checks everything itself before writing anything (C++
+        # TORCH_CHECKs; its fake kernel rejects mixed devices). Only when it refuses do the Python
+        # checks run, to turn its RuntimeError into the same clear error as on other backends.
+        try:
+            slots = [state[s] for s in editor.slots]
+            inv_norm = _inv_norm(editor, grads_l, batched, masks) if rule == RULES[ScaledGD] else None
+            torch.ops.fastedit.editor_step_(
+                params_l, grads_l, slots[0] if slots else [], slots[1] if len(slots) > 1 else [],
+                state["t"], active, inv_norm, masks or [], rule, *hp, batched)
+            return
+        except (RuntimeError, KeyError, TypeError, IndexError, AttributeError):
+            _check(editor, params_l, grads_l, state, active, batched, masks)
+            raise
+
+    _check(editor, params_l, grads_l, state, active, batched, masks)
+    if backend == "reference" or hp is None:
         _reference_(editor, params_l, grads_l, state, active, batched, masks)
         return
     lr, beta1, beta2, eps = hp
@@ -252,6 +267,5 @@ def _editor_step(editor, params, grads, state, active, batched, mask, backend: s
         from .triton.editor_step import editor_step_triton
         editor_step_triton(params_l, grads_l, slot1, slot2, state["t"], active, inv_norm, masks or [],
                            rule, lr, beta1, beta2, eps, batched)
-    else:  # cpu / cuda: the compiled op
-        torch.ops.fastedit.editor_step_(params_l, grads_l, slot1, slot2, state["t"], active, inv_norm,
-                                        masks or [], rule, lr, beta1, beta2, eps, batched)
+    else:
+        raise ValueError(f"unknown backend {backend!r} for editor_step")

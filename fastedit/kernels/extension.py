@@ -225,6 +225,11 @@ def _editor_step_fake(params, grads, slot1, slot2, t, active, inv_norm, masks, r
     torch._check(len(grads) == len(params),
                  lambda: f"fastedit::editor_step_: {len(params)} parameter tensors but {len(grads)} gradients")
     torch._check(0 <= rule < 6, lambda: f"fastedit::editor_step_: unknown rule id {rule}")
+    # All tensors on t's device: a CPU/meta mix would otherwise dispatch here (Meta) and do nothing.
+    tensors = [*params, *grads, *slot1, *slot2, *masks, *(x for x in (active, inv_norm) if x is not None)]
+    for x in tensors:
+        torch._check(x.device == t.device, lambda: f"fastedit::editor_step_: a tensor is on {x.device}, "
+                                                   f"t on {t.device}: all tensors must be on one device")
     for i, (p, g) in enumerate(zip(params, grads)):
         torch._check(g.dtype == p.dtype and g.shape == p.shape,
                      lambda: f"fastedit::editor_step_: gradient {i} does not match its parameter")
