@@ -14,12 +14,14 @@
 // matching -m flags (ATen compiles such files once per capability), which the shared build flags
 // of setup.py/CMakeLists.txt do not do; without them it is a scalar array.
 //
-// Floating point: no contraction into FMAs, set for this file only, before any header: the results
-// are then bit-identical to the PyTorch reference (fastedit/editors.py), which evaluates every
-// operation separately. sqrt vectorises because the build passes -fno-math-errno (GCC ignores that
+// Floating point, set for this file only, before any header: no contraction into FMAs (the results
+// are then bit-identical to the PyTorch reference, fastedit/editors.py, which evaluates every
+// operation separately), and no trapping math (FP exception flags are not used; without it GCC
+// will not if-convert the float16 conversions and those loops stay scalar). Neither changes a
+// result. sqrt vectorises because the build passes -fno-math-errno (GCC ignores that
 // flag in pragmas; see setup.py).
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
+#pragma GCC optimize("fp-contract=off", "no-trapping-math")
 #elif defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -27,13 +29,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "editor_step_checks.h"
@@ -54,17 +55,71 @@ constexpr int64_t kGrainElems = 65536;  // below this many elements in total: on
 #define FASTEDIT_CPU_CLONES
 #endif
 
-template <typename C>
-inline C to_c(float x) { return static_cast<C>(x); }
-template <typename C>
-inline C to_c(double x) { return static_cast<C>(x); }
-template <typename C>
-inline C to_c(c10::Half x) { return static_cast<C>(static_cast<float>(x)); }
-template <typename C>
-inline C to_c(c10::BFloat16 x) { return static_cast<C>(static_cast<float>(x)); }
+// Storage codecs: how a parameter dtype is loaded into and stored from the compute type. The
+// float16/bfloat16 conversions are written out with integer and float operations (the algorithms
+// of c10's conversions: round to nearest even, NaN -> canonical quiet NaN) so that the loops
+// vectorise; c10::Half's own conversion did not, and ran ~20x slower than float32.
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+struct CodecF32 {
+  using T = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+struct CodecF64 {
+  using T = double;
+  static double load(double x) { return x; }
+  static double store(double x) { return x; }
+};
+struct CodecF16 {  // IEEE half, as c10::detail::fp16_ieee_{to,from}_fp32_value
+  using T = uint16_t;
+  static float load(uint16_t h) {
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * f32_from_bits(0x07800000u);
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    // a bit mask instead of ?: so that GCC does not sink the float operations into branches
+    // (with -ftrapping-math it will not speculate them back, and the loop stays scalar)
+    const uint32_t denormal = 0u - static_cast<uint32_t>(two_w < (1u << 27));
+    return f32_from_bits(sign | (f32_bits(denormalized) & denormal) | (f32_bits(normalized) & ~denormal));
+  }
+  static uint16_t store(float f) {
+    const float scale_to_inf = f32_from_bits(239u << 23);
+    const float scale_to_zero = f32_from_bits(17u << 23);
+    float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+};
+struct CodecBF16 {  // bfloat16, as c10::BFloat16 (round to nearest even, NaN -> 0x7FC0)
+  using T = uint16_t;
+  static float load(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
+  static uint16_t store(float f) {
+    const uint32_t u = f32_bits(f);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+  }
+};
 
 // Dense row: every coordinate of [0, n).
-template <int RULE, typename P, typename C>
+template <int RULE, typename Codec, typename C, typename P = typename Codec::T>
 FASTEDIT_CPU_CLONES void step_dense(P* __restrict__ p, const P* __restrict__ g,
                                    C* __restrict__ s1, C* __restrict__ s2, int64_t n,
                                    Coef<C> k, EditCoef<C> e) {
@@ -73,16 +128,16 @@ FASTEDIT_CPU_CLONES void step_dense(P* __restrict__ p, const P* __restrict__ g,
   for (int64_t j = 0; j < n; ++j) {
     C a = has1 ? s1[j] : C(0);
     C b = has2 ? s2[j] : C(0);
-    const C d = step::rule_delta<RULE, C>(to_c<C>(g[j]), a, b, k, e);
+    const C d = step::rule_delta<RULE, C>(Codec::load(g[j]), a, b, k, e);
     if constexpr (has1) s1[j] = a;
     if constexpr (has2) s2[j] = b;
-    p[j] = static_cast<P>(step::op_sub(to_c<C>(p[j]), d));
+    p[j] = Codec::store(step::op_sub(Codec::load(p[j]), d));
   }
 }
 
 // Masked row: only coordinates with mask[j] are read or written (sparse surgery masks are mostly
 // false, so a branch per coordinate beats computing everything and blending).
-template <int RULE, typename P, typename C>
+template <int RULE, typename Codec, typename C, typename P = typename Codec::T>
 void step_masked(P* __restrict__ p, const P* __restrict__ g, C* __restrict__ s1,
                  C* __restrict__ s2, const bool* __restrict__ mask, int64_t n, Coef<C> k,
                  EditCoef<C> e) {
@@ -92,10 +147,10 @@ void step_masked(P* __restrict__ p, const P* __restrict__ g, C* __restrict__ s1,
     if (!mask[j]) continue;
     C a = has1 ? s1[j] : C(0);
     C b = has2 ? s2[j] : C(0);
-    const C d = step::rule_delta<RULE, C>(to_c<C>(g[j]), a, b, k, e);
+    const C d = step::rule_delta<RULE, C>(Codec::load(g[j]), a, b, k, e);
     if constexpr (has1) s1[j] = a;
     if constexpr (has2) s2[j] = b;
-    p[j] = static_cast<P>(step::op_sub(to_c<C>(p[j]), d));
+    p[j] = Codec::store(step::op_sub(Codec::load(p[j]), d));
   }
 }
 
@@ -130,9 +185,10 @@ struct Pointers {
   std::vector<at::ScalarType> dtype;
 };
 
-template <int RULE, typename P, typename C>
+template <int RULE, typename Codec, typename C>
 void run_item(const Item& it, const Pointers& ptr, const EditorStepGeometry& geo,
               const EditCoef<C>& e, const Coef<C>& k) {
+  using P = typename Codec::T;
   constexpr bool has1 = step::num_slot1(RULE) != 0;
   constexpr bool has2 = step::num_slot2(RULE) != 0;
   const auto i = static_cast<size_t>(it.tensor);
@@ -143,10 +199,10 @@ void run_item(const Item& it, const Pointers& ptr, const EditorStepGeometry& geo
   C* s1 = has1 ? static_cast<C*>(ptr.s1[i]) + off : nullptr;
   C* s2 = has2 ? static_cast<C*>(ptr.s2[i]) + off : nullptr;
   if (ptr.mask.empty()) {
-    step_dense<RULE, P, C>(p, g, s1, s2, len, k, e);
+    step_dense<RULE, Codec, C>(p, g, s1, s2, len, k, e);
   } else {
     const bool* m = ptr.mask[i] + it.edit * geo.mask_edit_stride[i] + it.begin;
-    step_masked<RULE, P, C>(p, g, s1, s2, m, len, k, e);
+    step_masked<RULE, Codec, C>(p, g, s1, s2, m, len, k, e);
   }
 }
 
@@ -158,12 +214,12 @@ void run_items(const std::vector<Item>& items, int64_t begin, int64_t end, const
     const Item& it = items[w];
     const EditCoef<C>& e = ecoef[it.edit];
     if constexpr (std::is_same_v<C, double>) {
-      run_item<RULE, double, C>(it, ptr, geo, e, k);
+      run_item<RULE, CodecF64, C>(it, ptr, geo, e, k);
     } else {
       switch (ptr.dtype[it.tensor]) {  // float32, float16 and bfloat16 parameters may be mixed
-        case at::kHalf: run_item<RULE, c10::Half, C>(it, ptr, geo, e, k); break;
-        case at::kBFloat16: run_item<RULE, c10::BFloat16, C>(it, ptr, geo, e, k); break;
-        default: run_item<RULE, float, C>(it, ptr, geo, e, k); break;
+        case at::kHalf: run_item<RULE, CodecF16, C>(it, ptr, geo, e, k); break;
+        case at::kBFloat16: run_item<RULE, CodecBF16, C>(it, ptr, geo, e, k); break;
+        default: run_item<RULE, CodecF32, C>(it, ptr, geo, e, k); break;
       }
     }
   }
