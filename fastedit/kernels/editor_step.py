@@ -194,11 +194,14 @@ def editor_step_(editor: Editor, params: Tensor | Sequence[Tensor], grads: Tenso
                  mask: Tensor | Sequence[Tensor] | None = None) -> None:
     """One step of ``editor`` over all parameters, **in place**, fused into one pass.
 
-    Contract: afterwards ``params`` and ``state`` hold exactly what
-    ``editor.step(params, grads, state, active, batched=batched)`` returns (bit-identical on the
-    CPU kernel and the reference for every rule but Adam, whose ``beta ** t`` may differ in the
-    last bit; float16/bfloat16 results are rounded once from the float32 result, like the
-    reference's ``(p.float() - delta).to(p.dtype)``).
+    Contract: afterwards ``params`` and ``state`` hold what
+    ``editor.step(params, grads, state, active, batched=batched)`` returns. Every backend evaluates
+    the reference's operations in the reference's order, in float32 (float64 for float64
+    parameters), without fused multiply-adds, and rounds float16/bfloat16 results once, like the
+    reference's ``(p.float() - delta).to(p.dtype)``. GD, Scaled GD, sign (RProp) and Momentum are
+    therefore bit-identical to the reference; RMSProp and Adam may differ in the last bit, because
+    the kernels use a correctly rounded sqrt and torch's CPU sqrt (MKL VML) is not correctly
+    rounded, and Adam's ``beta ** t`` goes through ``pow``.
 
     Arguments
         editor: ``GD``, ``ScaledGD``, ``RProp``/``SignGD``, ``RMSProp``, ``Momentum`` or ``Adam``. A
