@@ -484,6 +484,28 @@ def test_torch_compile_fullgraph():
         assert torch.equal(x, y)
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="fastedit._C not built")
+def test_torch_compile_fullgraph_public_api(monkeypatch):
+    monkeypatch.delenv("FASTEDIT_BACKEND", raising=False)
+    torch._dynamo.reset()
+    editor = fe.RMSProp(0.01, beta=0.5)
+
+    def f(params, grads, state, active):
+        editor_step_(editor, params, grads, state, active, batched=True)
+        return params[0] * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(3, 11, generator=gen), torch.randn(3, 4, 5, generator=gen)]
+    a, b = [p.clone() for p in params], [p.clone() for p in params]
+    sa, sb = editor.init_state(a, batched=True), editor.init_state(b, batched=True)
+    for active in (torch.tensor([True, False, True]), torch.tensor([False, True, True])):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        assert torch.equal(compiled(a, grads, sa, active), f(b, grads, sb, active))
+    for x, y in zip(a + sa["square_avg"] + [sa["t"]], b + sb["square_avg"] + [sb["t"]]):
+        assert torch.equal(x, y)
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA (needs a GPU and a CUDA build of the extension)
 

@@ -47,6 +47,14 @@ def _kernel_hparams(editor: Editor) -> tuple[float, float, float, float] | None:
     return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
+@torch.compiler.assume_constant_result
+def _backend_for(device_type: str) -> str:
+    """The dispatcher's choice, taken as a constant by torch.compile (it reads the environment and
+    the extension's build description, which dynamo cannot trace)."""
+    from .dispatch import choose_backend  # late: dispatch imports this module's siblings
+    return choose_backend("editor_step", torch.device(device_type))
+
+
 def _as_list(x, name: str) -> list[Tensor]:
     if isinstance(x, Tensor):
         return [x]
@@ -239,8 +247,7 @@ def _editor_step(editor, params, grads, state, active, batched, mask, backend: s
     rule = RULES.get(type(editor))
     hp = _kernel_hparams(editor) if rule is not None else None
     if backend is None and params_l:
-        from .dispatch import choose_backend  # late: dispatch imports this module's siblings
-        backend = choose_backend("editor_step", params_l[0].device)
+        backend = _backend_for(params_l[0].device.type)
 
     if backend in ("cpu", "cuda") and hp is not None:
         # Fast path: the compiled op checks everything itself before writing anything (C++
