@@ -22,7 +22,7 @@ Environment switches, read at build time:
 By default the CUDA sources are compiled exactly when torch is a CUDA build (torch.version.cuda
 is set) and torch finds a CUDA toolkit (torch.utils.cpp_extension.CUDA_HOME).
 
-C++ flags: -O3, C++20 (what torch 2.13 requires), and -fopenmp when torch's intra-op parallel
+C++ flags: -O3, C++20 (what torch 2.13 requires), -fno-math-errno (vectorisable sqrt), and -fopenmp when torch's intra-op parallel
 backend is OpenMP: at::parallel_for is inlined from torch's headers and runs serially unless the
 extension itself is compiled with OpenMP. -fopenmp is given to the compiler only, not to the
 linker: the GOMP_*/omp_* symbols then resolve to the OpenMP runtime that libtorch_cpu already
@@ -148,6 +148,11 @@ def extension_modules() -> tuple[list, dict]:
 
     optimise = ["-O0", "-g"] if _flag("FASTEDIT_DEBUG") else ["-O3"]
     cxx_flags = list(optimise)
+    if not sys.platform.startswith("win"):
+        # sqrt without errno, so loops using it vectorise (the editor-step CPU kernel). GCC ignores this
+        # flag in `#pragma GCC optimize`/attributes (builtins are declared once, at start-up),
+        # so it has to be given here. NaN/Inf results are unchanged; only errno is never set.
+        cxx_flags.append("-fno-math-errno")
     openmp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
     if openmp and sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")  # compile only: see the top of this file

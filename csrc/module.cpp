@@ -99,6 +99,7 @@ py::dict build_info() {
 
   py::list ops;
   ops.append("edit_constraint");
+  ops.append("editor_step_");
   info["ops"] = ops;
   return info;
 }

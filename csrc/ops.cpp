@@ -15,4 +15,22 @@ TORCH_LIBRARY(fastedit, m) {
   // logits [B, C] float32/float64/float16/bfloat16, target [B] int64; out [B], dtype of logits;
   // half types accumulate in float. A NaN anywhere in a row gives NaN for that row.
   m.def("edit_constraint(Tensor logits, Tensor target) -> Tensor");
+
+  // One step of an editor of fastedit/editors.py over all editable parameters, in place
+  // (fastedit/kernels/editor_step.py documents the contract; csrc/editor_step_math.h the math).
+  //   params[i], grads[i]: contiguous, same shape and dtype (float32/float16/bfloat16 with
+  //     float32 state and t, or float64 with float64 state and t); batched: leading edit dim E.
+  //   slot1/slot2: the rule's state tensors (RMSProp: square_avg; Momentum: velocity; Adam:
+  //     exp_avg, exp_avg_sq; others: empty lists), shape of the parameter.
+  //   t: step count, [E] (batched) or 0-dim; updated to t + active.
+  //   active: optional bool, shape of t; inactive edits leave params and state bit-identical.
+  //   inv_norm: Scaled GD's per-edit 1 / max(||g||, eps) (shape of t), None for other rules.
+  //   masks: empty, or one bool mask per parameter (its shape, or without the edit dim when
+  //     batched): coordinates outside the mask are never read or written.
+  //   rule: 0 GD, 1 ScaledGD, 2 sign (RProp), 3 RMSProp, 4 Momentum, 5 Adam;
+  //   beta1 = RMSProp beta | momentum | Adam beta1, beta2 = Adam beta2, eps = RMSProp/Adam eps.
+  m.def(
+      "editor_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] slot1, Tensor(c!)[] slot2, "
+      "Tensor(d!) t, Tensor? active, Tensor? inv_norm, Tensor[] masks, int rule, float lr, "
+      "float beta1, float beta2, float eps, bool batched) -> ()");
 }

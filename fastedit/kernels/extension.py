@@ -36,7 +36,7 @@ __all__ = [
 #: Environment variables that disable the extension at run time when set to 1/true/yes/on.
 DISABLE_ENV_VARS = ("FASTEDIT_NO_EXTENSION", "FASTEDIT_SKIP_EXTENSION")
 
-_OPS = ("edit_constraint",)
+_OPS = ("edit_constraint", "editor_step_")
 
 _lock = threading.Lock()
 _loaded = False
@@ -218,10 +218,30 @@ class _EditConstraint(torch.autograd.Function):
     backward = staticmethod(_edit_constraint_backward)
 
 
+def _editor_step_fake(params, grads, slot1, slot2, t, active, inv_norm, masks, rule, lr, beta1, beta2,
+                      eps, batched) -> None:
+    # In place, no outputs: nothing to allocate. The checks that need no data (lengths, dtypes)
+    # run here too, so torch.compile rejects what the kernels would reject.
+    torch._check(len(grads) == len(params),
+                 lambda: f"fastedit::editor_step_: {len(params)} parameter tensors but {len(grads)} gradients")
+    torch._check(0 <= rule < 6, lambda: f"fastedit::editor_step_: unknown rule id {rule}")
+    # All tensors on t's device: a CPU/meta mix would otherwise dispatch here (Meta) and do nothing.
+    tensors = [*params, *grads, *slot1, *slot2, *masks, *(x for x in (active, inv_norm) if x is not None)]
+    for x in tensors:
+        torch._check(x.device == t.device, lambda: f"fastedit::editor_step_: a tensor is on {x.device}, "
+                                                   f"t on {t.device}: all tensors must be on one device")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        torch._check(g.dtype == p.dtype and g.shape == p.shape,
+                     lambda: f"fastedit::editor_step_: gradient {i} does not match its parameter")
+    return None
+
+
 def _register_python_parts() -> None:
     global _python_parts_registered
     if _python_parts_registered or not _op_exists("edit_constraint"):
         return
+    if _op_exists("editor_step_"):
+        torch.library.register_fake("fastedit::editor_step_", _editor_step_fake)
     torch.library.register_fake("fastedit::edit_constraint", _edit_constraint_fake)
     torch.library.register_autograd("fastedit::edit_constraint", _edit_constraint_backward,
                                     setup_context=_edit_constraint_setup_context)

@@ -1,0 +1,81 @@
+// Torch binding of the CUDA kernel of fastedit::editor_step_ (compiled only in CUDA builds; the
+// kernel itself is plain CUDA in editor_step.cu). Checks the inputs exactly like the CPU kernel
+// (csrc/editor_step_checks.h), groups the tensors by parameter dtype (one multi-tensor launch
+// per dtype, usually one), launches on the current stream, then advances t with a tiny kernel
+// (after the step kernels, which read it). No host synchronisation: active, t and inv_norm are
+// read by the kernels on the device; CUDA-graph capturable.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/editor_step.h"
+#include "editor_step_checks.h"
+
+namespace fastedit {
+namespace {
+
+cuda::StepDType to_step_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::StepDType::Float32;
+    case at::kDouble:
+      return cuda::StepDType::Float64;
+    case at::kHalf:
+      return cuda::StepDType::Float16;
+    case at::kBFloat16:
+      return cuda::StepDType::BFloat16;
+    default:
+      TORCH_CHECK(false, "fastedit::editor_step_ (CUDA): unsupported dtype ", t);
+  }
+}
+
+void editor_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList slot1,
+                      at::TensorList slot2, at::Tensor t, const std::optional<at::Tensor>& active,
+                      const std::optional<at::Tensor>& inv_norm, at::TensorList masks,
+                      int64_t rule, double lr, double beta1, double beta2, double eps,
+                      bool batched) {
+  const EditorStepGeometry geo =
+      check_editor_step_inputs(params, grads, slot1, slot2, t, active, inv_norm, masks, rule,
+                               batched, c10::DeviceType::CUDA, "CUDA");
+  const c10::cuda::CUDAGuard device_guard(t.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const double hyper[4] = {lr, beta1, beta2, eps};
+  const bool* act = active.has_value() ? active->const_data_ptr<bool>() : nullptr;
+  const void* inv = inv_norm.has_value() ? inv_norm->const_data_ptr() : nullptr;
+
+  for (const at::ScalarType dtype : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
+    std::vector<cuda::StepTensor> group;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].scalar_type() != dtype || geo.row[i] == 0) continue;  // empty: nothing to do
+      cuda::StepTensor s;
+      s.p = params[i].data_ptr();
+      s.g = grads[i].const_data_ptr();
+      s.s1 = slot1.empty() ? nullptr : slot1[i].data_ptr();
+      s.s2 = slot2.empty() ? nullptr : slot2[i].data_ptr();
+      s.mask = masks.empty() ? nullptr : masks[i].const_data_ptr<bool>();
+      s.row = geo.row[i];
+      s.mask_edit_stride = geo.mask_edit_stride[i];
+      group.push_back(s);
+    }
+    if (group.empty()) continue;
+    C10_CUDA_CHECK(cuda::editor_step_launch(group.data(), static_cast<int>(group.size()),
+                                            geo.edits, to_step_dtype(dtype),
+                                            static_cast<int>(rule), hyper, t.const_data_ptr(),
+                                            act, inv, stream));
+  }
+  C10_CUDA_CHECK(cuda::editor_step_advance_t(t.data_ptr(), act, geo.edits, geo.fp64, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastedit, CUDA, m) {
+  m.impl("editor_step_", &editor_step_cuda);
+}
+
+}  // namespace fastedit
