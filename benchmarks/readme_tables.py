@@ -77,12 +77,68 @@ def editable_training_digits_table() -> str:
     return "\n".join(lines + ["", "Commands: " + "; ".join(commands) + "."])
 
 
+def _hp(chosen: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k in ("lr", "beta"))
+
+
+def evaluation_table(table: str) -> str:
+    data = json.loads((RESULTS / "evaluation" / "tables.json").read_text())
+    proto = data["protocol"]
+    if table == "1":
+        rows = [r for r in data["rows"] if r["stage"] == "layer3"]
+        head = ["| model | editor | tuned (lr, β) | drawdown | success | mean steps | flip rate | edits |",
+                "|---|---|---|---|---|---|---|---|"]
+        fmt = lambda r: (f"| {r['model']} | {r['editor']} | {_hp(r['chosen'])}{'' if r['feasible'] else ' (<95%)'}"  # noqa: E731
+                         f"{' (grid edge)' if r['chosen_at_grid_edge'] else ''} | {100 * r['drawdown']:.2f}% | "
+                         f"{100 * r['success_rate']:.1f}% | {r['mean_steps']:.2f} | {100 * r['flip_rate']:.2f}% | {r['num_edits']} |")
+    else:
+        order = {"layer1": 0, "layer2": 1, "layer3": 2, "all": 3}
+        rows = sorted((r for r in data["rows"] if r["editor"] in ("gd", "rmsprop") and r["model"] == "resnet20"),
+                      key=lambda r: (order[r["stage"]], r["editor"]))
+        if len({r["stage"] for r in rows}) < 2:
+            return "(Table 2 not run yet)"
+        head = ["| stage edited | editor | tuned (lr, β) | drawdown | success | mean steps | flip rate | edits |",
+                "|---|---|---|---|---|---|---|---|"]
+        fmt = lambda r: (f"| {r['stage']} | {r['editor']} | {_hp(r['chosen'])}{'' if r['feasible'] else ' (<95%)'}"  # noqa: E731
+                         f"{' (grid edge)' if r['chosen_at_grid_edge'] else ''} | {100 * r['drawdown']:.2f}% | "
+                         f"{100 * r['success_rate']:.1f}% | {r['mean_steps']:.2f} | {100 * r['flip_rate']:.2f}% | {r['num_edits']} |")
+    base = {r["model"]: r["base_error"] for r in rows}
+    note = (f"Base error on the {proto['control']}: " + ", ".join(f"{m} {100 * e:.2f}%" for m, e in sorted(base.items()))
+            + f"; k = {proto['max_steps']}; each editor tuned by `fastedit.tune` on {proto['tune_edits']} tuning edits "
+            f"(training images, random labels); lr grid ×√10 from {proto['lr_grid'][0]:g} to {proto['lr_grid'][-1]:g} "
+            f"(Scaled GD: {proto['scaled_gd_lr_grid'][0]:g}–{proto['scaled_gd_lr_grid'][-1]:g}), RMSProp β ∈ {{0.5, 0.9}}.")
+    return "\n".join(head + [fmt(r) for r in rows] + ["", note])
+
+
+def bench_evaluate_table() -> str:
+    data = json.loads((RESULTS / "bench_evaluate.json").read_text())
+    res, s = data["results"], data["summary"]
+    names = {"fastedit_loop": "`fastedit.evaluate` (loop)", "naive": "naive loop (deepcopy, full forwards)",
+             "official": "official protocol (full forwards, `.item()` per step)"}
+    lines = [f"`{data['command']}` ({data['control_images']} control images, RMSProp on `layer3`, "
+             f"{data['machine']['threads']} threads):", "",
+             "| method | edits/s | ms per edit | × official | identical steps & errors |", "|---|---|---|---|---|"]
+    off = res["official"]["seconds_per_edit"]
+    for key, r in res.items():
+        name = names.get(key, f"`fastedit.evaluate(strategy=\"vmap\", edits_per_group={key[len('fastedit_vmap'):]})`"
+                         if key.startswith("fastedit_vmap") else key)
+        same = "reference" if key == "fastedit_loop" else ("yes" if s["identical_steps_and_errors"].get(key) else "NO")
+        lines.append(f"| {name} | {r['edits_per_s']:.2f} | {1e3 * r['seconds_per_edit']:.0f} | "
+                     f"{off / r['seconds_per_edit']:.1f} | {same} |")
+    lines += ["", f"Floor (one suffix forward over the control set per edit): {1e3 * s['floor_seconds_per_edit']:.0f} ms; "
+              f"`fastedit.evaluate` reaches {100 * s['fraction_of_floor']:.0f}% of it (mean {s['mean_steps']:.2f} edit steps)."]
+    return "\n".join(lines)
+
+
 TABLES = {
     "demo_digits": lambda: demo_table("demo_digits"),
     "demo_resnet20": lambda: demo_table("demo_resnet20"),
     "bench_edit": bench_table,
     "editable_training_bench": editable_training_bench_table,
     "editable_training_digits": editable_training_digits_table,
+    "evaluation_table1": lambda: evaluation_table("1"),
+    "evaluation_table2": lambda: evaluation_table("2"),
+    "bench_evaluate": bench_evaluate_table,
 }
 
 

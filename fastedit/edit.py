@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from .constraint import REDUCTIONS, constraint_per_sample, reduce_constraint
 from .editors import Editor, make_editor
+from .kernels.editor_step import editor_step_
 from .prefix import PrefixSplit, split_prefix, whole_model_split
 from .selection import ParamSpec, select_parameters
 
@@ -63,14 +64,16 @@ def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Te
     """Run up to ``max_steps`` steps of ``editor`` on ``loss_fn(params)`` (a 0-dim constraint value).
 
     A step is taken only while ``loss > 0`` (the active mask); a step with a non-finite loss or
-    gradient is not taken and is recorded in ``bad_step``. ``params`` are not modified.
+    gradient is not taken and is recorded in ``bad_step``. ``params`` are not modified: the loop
+    updates copies in place with the fused :func:`fastedit.ops.editor_step_` (through the kernel
+    dispatcher).
 
     Each iteration runs the forward first and the backward only if it is needed, so with
     ``early_exit`` (one host read of the active flag per step) an edit satisfied after ``s`` steps
     costs ``s + 1`` forwards and ``s`` backwards. Without it the loop always runs ``max_steps``
     masked steps (no host synchronisation), with the same result.
     """
-    theta = [p.detach() for p in params]
+    theta = [p.detach().clone() for p in params]  # updated in place by the fused step
     state = editor.init_state(theta)
     device = theta[0].device
     steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -94,7 +97,7 @@ def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Te
             bad_grad = active & ~_all_finite(grads)
             bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
             active = active & ~bad_grad
-            theta, state = editor.step(theta, grads, state, active)
+            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active)
             steps = steps + active
     return EditLoopOutput(theta, loss, initial, steps, bad_step)
 
@@ -144,7 +147,7 @@ def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], param
             bad_grad = active & ~finite
             bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
             active = active & ~bad_grad
-            theta, state = editor.step(theta, grads, state, active, batched=True)
+            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active, batched=True)
             steps = steps + active
     return EditLoopOutput(theta, loss, initial, steps, bad_step)
 
