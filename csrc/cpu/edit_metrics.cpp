@@ -21,15 +21,17 @@
 // (sum in double): the result does not depend on the number of threads.
 //
 // Identical ref and edited rows give KL = 0 exactly (the two rows run through the same arithmetic).
-// A non-finite logit (NaN, +-inf) in either row makes that row's KL NaN; the predictions still
-// follow torch.argmax.
+// A non-finite logit (NaN, +-inf) in either row makes that row's KL NaN (the ref row is checked
+// once per sample; a non-finite edited logit always shows in the result, see row_edit); the
+// predictions still follow torch.argmax.
 //
 // Vectorisation: the inner loops are fixed-width lane loops over plain arrays that GCC/Clang
 // vectorise; exp and log are branch-free polynomials (below) so that they vectorise too (libm's do
 // not). at::vec::Vectorized is not used: this extension is compiled once, without -mavx2, where
 // Vectorized falls back to scalar code; the row loops are instead compiled for AVX-512, AVX2 and
-// baseline x86-64 (target_clones) and the best one is picked at load time. No FMA contraction is
-// used (ISO C++ mode), so every clone computes bit-identical results.
+// baseline x86-64 (target_clones) and the best one is picked at load time. The compiler may
+// contract a * b + c into FMAs in the AVX-512 clone, so the last bits may differ between machines;
+// they never depend on the number of threads.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -60,7 +62,7 @@ namespace {
 
 constexpr int64_t kGrainSize = 32768;  // logits per task, as at::internal::GRAIN_SIZE
 constexpr int64_t kBlock = 256;        // classes per block of the online pass (large C)
-constexpr int64_t kSmallC = 32;        // up to this C, samples go side by side in vector lanes
+constexpr int64_t kSmallC = 64;        // up to this C, samples go side by side in vector lanes
 
 template <typename acc_t>
 struct Lanes;
@@ -76,12 +78,12 @@ struct Lanes<double> {
 // ---------------------------------------------------------------------------------------------
 // exp(x) for x <= 0 and log(s) for s >= 1, branch-free so that the lane loops vectorise.
 
-// e^x for x <= 0, about 1 ulp (Cephes' expf polynomial); results below the smallest normal
-// float (x < -87.3) are flushed to 0, as are NaN and -inf. Rounding of x*log2(e) to an integer n
-// with the 1.5 * 2^23 trick, 2^n built in the exponent bits.
+// e^x for x <= 0, about 1 ulp (Cephes' expf polynomial). x is clamped at -87.3 (NaN and -inf
+// too), where e^x ~ 1e-38 is the smallest normal float: a sum of such terms that holds a 1 does
+// not see them. Rounding of x*log2(e) to an integer n with the 1.5 * 2^23 trick, 2^n built in the
+// exponent bits.
 inline float exp_nonpos(float x) {
-  const bool ok = x >= -87.3f;
-  x = ok ? x : 0.0f;
+  x = x > -87.3f ? x : -87.3f;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const float t = x * 1.44269504088896341f + kMagic;
   const float n = t - kMagic;
@@ -96,13 +98,13 @@ inline float exp_nonpos(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t biased = std::bit_cast<int32_t>(t) - 0x4B400000 + 127;  // n + 127, in [1, 127]
   const float scale = std::bit_cast<float>(biased << 23);
-  return ok ? p * scale : 0.0f;
+  return p * scale;
 }
 
-// e^x for x <= 0 in double, a few ulp (Taylor series to degree 13 on |r| <= ln2 / 2).
+// e^x for x <= 0 in double, a few ulp (Taylor series to degree 13 on |r| <= ln2 / 2); x clamped
+// at -708 like the float version.
 inline double exp_nonpos(double x) {
-  const bool ok = x >= -708.0;
-  x = ok ? x : 0.0;
+  x = x > -708.0 ? x : -708.0;
   constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
   const double t = x * 1.4426950408889634 + kMagic;
   const double n = t - kMagic;
@@ -123,7 +125,7 @@ inline double exp_nonpos(double x) {
   p = p * r * r + r + 1.0;
   const int64_t biased = std::bit_cast<int64_t>(t) - 0x4338000000000000LL + 1023;
   const double scale = std::bit_cast<double>(biased << 52);
-  return ok ? p * scale : 0.0;
+  return p * scale;
 }
 
 // log(s) for finite s >= 1 (a sum of exp(z - max), which holds a 1): s = 2^e m with m in
@@ -167,6 +169,11 @@ inline double log_ge1(double s) {
   p = p * u2 + 1.0 / 3.0;
   p = p * u2 + 1.0;
   return ef * 6.93147180369123816490e-01 + (2.0 * u * p + ef * 1.90821492927058770002e-10);
+}
+
+template <typename acc_t>
+inline acc_t nan_if_not_finite(acc_t x) {  // an infinite KL only comes from a -inf logit
+  return x - x == 0 ? x : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 template <typename acc_t>
@@ -254,7 +261,7 @@ template <typename acc_t>
 FASTEDIT_CPU_CLONES void lanes_edit(const acc_t* z, int64_t C, const LaneRef<acc_t>& R,
                                     int32_t* arg, float* kl) {
   constexpr int W = Lanes<acc_t>::W;
-  acc_t M[W], s[W] = {}, t[W] = {}, poison[W] = {};
+  acc_t M[W], s[W] = {}, t[W] = {};
   lanes_argmax(z, C, M, arg);
   const acc_t* dr = R.d.data();
   const acc_t* wr = R.w.data();
@@ -265,13 +272,12 @@ FASTEDIT_CPU_CLONES void lanes_edit(const acc_t* z, int64_t C, const LaneRef<acc
       const acc_t dv = v - M[k];
       s[k] += exp_nonpos(dv);  // the same arithmetic as lanes_ref: identical rows give KL = 0
       t[k] += wr[c * W + k] * (dr[c * W + k] - dv);
-      poison[k] += v - v;
     }
   }
 #pragma omp simd
   for (int k = 0; k < W; ++k) {
-    const acc_t value = t[k] / R.s[k] + (log_ge1(s[k]) - R.log_s[k]) + R.poison[k] + poison[k];
-    kl[k] = static_cast<float>(value);
+    const acc_t value = t[k] / R.s[k] + (log_ge1(s[k]) - R.log_s[k]) + R.poison[k];
+    kl[k] = static_cast<float>(nan_if_not_finite(value));
   }
 }
 
@@ -379,7 +385,7 @@ template <typename acc_t>
 FASTEDIT_CPU_CLONES void row_edit(const acc_t* z, int64_t C, const RowRef<acc_t>& R, int32_t* arg_out,
                                   float* kl_out) {
   constexpr int W = Lanes<acc_t>::W;
-  acc_t M = 0, s = 0, t = 0, poison = 0;
+  acc_t M = 0, s = 0, t = 0;
   int64_t arg = 0;
   for (int64_t b0 = 0, b = 0; b0 < C; b0 += kBlock, ++b) {
     const int64_t len = std::min(kBlock, C - b0);
@@ -397,7 +403,7 @@ FASTEDIT_CPU_CLONES void row_edit(const acc_t* z, int64_t C, const RowRef<acc_t>
       s = s * exp_nonpos(-delta);
       M = newM;
     }
-    acc_t sl[W] = {}, tl[W] = {}, pl[W] = {};
+    acc_t sl[W] = {}, tl[W] = {};
     const acc_t* db = R.d.data() + b0;
     const acc_t* wb = R.w.data() + b0;
     int64_t i = 0;
@@ -408,22 +414,23 @@ FASTEDIT_CPU_CLONES void row_edit(const acc_t* z, int64_t C, const RowRef<acc_t>
         const acc_t dv = v - M;
         sl[k] += exp_nonpos(dv);
         tl[k] += wb[i + k] * (db[i + k] - dv);
-        pl[k] += v - v;
       }
     }
     for (int k = 0; i < len; ++i, ++k) {
-      const acc_t v = zb[i];
-      const acc_t dv = v - M;
+      const acc_t dv = zb[i] - M;
       sl[k] += exp_nonpos(dv);
       tl[k] += wb[i] * (db[i] - dv);
-      pl[k] += v - v;
     }
     s += lane_sum(sl);
     t += lane_sum(tl);
-    poison += lane_sum(pl);
   }
-  *arg_out = poison == 0 ? static_cast<int32_t>(arg) : argmax_like_torch(z, C);
-  *kl_out = static_cast<float>(t / R.s + (log_ge1(s) - R.log_s) + R.poison + poison);
+  const acc_t value = t / R.s + (log_ge1(s) - R.log_s) + R.poison;
+  // A non-finite edited logit always reaches t as NaN or inf (a NaN or +inf makes z - M NaN,
+  // a -inf makes d_ref - (z - M) infinite); only then can the block maxima have missed
+  // torch.argmax's NaN rule, so only then is the row re-scanned.
+  const bool finite = value - value == 0;
+  *arg_out = finite ? static_cast<int32_t>(arg) : argmax_like_torch(z, C);
+  *kl_out = static_cast<float>(finite ? value : std::numeric_limits<acc_t>::quiet_NaN());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,8 +470,14 @@ void rows_task(const scalar_t* ref, const scalar_t* edited, int64_t E, int64_t N
 }
 
 template <typename scalar_t, typename acc_t>
-void transpose_rows(const scalar_t* rows, int64_t count, int64_t C, acc_t* out) {
+FASTEDIT_CPU_CLONES void transpose_rows(const scalar_t* rows, int64_t count, int64_t C, acc_t* out) {
   constexpr int W = Lanes<acc_t>::W;
+  if (count == W) {  // full group: fixed trip count, vectorised as gathers
+    for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
+      for (int k = 0; k < W; ++k) out[c * W + k] = static_cast<acc_t>(rows[k * C + c]);
+    return;
+  }
   for (int64_t k = 0; k < count; ++k)
     for (int64_t c = 0; c < C; ++c) out[c * W + k] = static_cast<acc_t>(rows[k * C + c]);
   for (int64_t k = count; k < W; ++k)  // padding lanes: any finite values, results dropped
