@@ -18,10 +18,10 @@ ENV_BACKEND = "FASTEDIT_BACKEND"
 
 # ops each backend implements in this version (the fused editor kernels come with the kernels issue)
 _OPS = {
-    "cuda": ("edit_constraint",),
-    "triton": (),
-    "cpu": ("edit_constraint",),
-    "reference": ("edit_constraint",),
+    "cuda": ("edit_constraint", "edit_metrics"),
+    "triton": ("edit_metrics",),
+    "cpu": ("edit_constraint", "edit_metrics"),
+    "reference": ("edit_constraint", "edit_metrics"),
 }
 
 
