@@ -1,5 +1,9 @@
 """Shared fixtures: where the real data and pretrained models are (if this machine has them)."""
 import os
+
+# Triton kernels run on the CPU through the interpreter in tests; it must be chosen before any
+# @triton.jit function is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import pathlib
 
 import pytest

@@ -29,9 +29,8 @@
 // vectorise; exp and log are branch-free polynomials (below) so that they vectorise too (libm's do
 // not). at::vec::Vectorized is not used: this extension is compiled once, without -mavx2, where
 // Vectorized falls back to scalar code; the row loops are instead compiled for AVX-512, AVX2 and
-// baseline x86-64 (target_clones) and the best one is picked at load time. The compiler may
-// contract a * b + c into FMAs in the AVX-512 clone, so the last bits may differ between machines;
-// they never depend on the number of threads.
+// baseline x86-64 (target_clones) and the best one is picked at load time. No FMA contraction
+// (see the pragma below): every clone computes bit-identical results.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -51,6 +50,15 @@
 
 #include "edit_metrics_checks.h"
 
+// No a * b + c -> fma contraction in this file's own functions (torch's headers, included above,
+// keep their settings): identical ref and edited rows must run through bit-identical arithmetic,
+// which contraction breaks when the same product is kept in one place and fused in another.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 namespace fastedit {
 namespace {
 
@@ -58,6 +66,14 @@ namespace {
 #define FASTEDIT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FASTEDIT_CPU_CLONES
+#endif
+
+// The helpers below must inline into the target_clones row functions (a call per element or per
+// row would stop the vectorisation); with the optimize pragma GCC no longer does so by itself.
+#if defined(__GNUC__)
+#define FASTEDIT_INLINE inline __attribute__((always_inline))
+#else
+#define FASTEDIT_INLINE inline
 #endif
 
 constexpr int64_t kGrainSize = 32768;  // logits per task, as at::internal::GRAIN_SIZE
@@ -82,7 +98,7 @@ struct Lanes<double> {
 // too), where e^x ~ 1e-38 is the smallest normal float: a sum of such terms that holds a 1 does
 // not see them. Rounding of x*log2(e) to an integer n with the 1.5 * 2^23 trick, 2^n built in the
 // exponent bits.
-inline float exp_nonpos(float x) {
+FASTEDIT_INLINE float exp_nonpos(float x) {
   x = x > -87.3f ? x : -87.3f;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const float t = x * 1.44269504088896341f + kMagic;
@@ -103,7 +119,7 @@ inline float exp_nonpos(float x) {
 
 // e^x for x <= 0 in double, a few ulp (Taylor series to degree 13 on |r| <= ln2 / 2); x clamped
 // at -708 like the float version.
-inline double exp_nonpos(double x) {
+FASTEDIT_INLINE double exp_nonpos(double x) {
   x = x > -708.0 ? x : -708.0;
   constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
   const double t = x * 1.4426950408889634 + kMagic;
@@ -130,7 +146,7 @@ inline double exp_nonpos(double x) {
 
 // log(s) for finite s >= 1 (a sum of exp(z - max), which holds a 1): s = 2^e m with m in
 // [sqrt(1/2), sqrt(2)), log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.172.
-inline float log_ge1(float s) {
+FASTEDIT_INLINE float log_ge1(float s) {
   const int32_t bits = std::bit_cast<int32_t>(s);
   const int32_t e = ((bits >> 23) & 0xff) - 127;
   float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);
@@ -148,7 +164,7 @@ inline float log_ge1(float s) {
   return ef * 0.693145751953125f + (2.0f * u * p + ef * 1.428606820309417e-06f);
 }
 
-inline double log_ge1(double s) {
+FASTEDIT_INLINE double log_ge1(double s) {
   const int64_t bits = std::bit_cast<int64_t>(s);
   const int64_t e = ((bits >> 52) & 0x7ff) - 1023;
   double m = std::bit_cast<double>((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
@@ -172,12 +188,12 @@ inline double log_ge1(double s) {
 }
 
 template <typename acc_t>
-inline acc_t nan_if_not_finite(acc_t x) {  // an infinite KL only comes from a -inf logit
+FASTEDIT_INLINE acc_t nan_if_not_finite(acc_t x) {  // an infinite KL only comes from a -inf logit
   return x - x == 0 ? x : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 template <typename acc_t>
-inline acc_t lane_sum(const acc_t* x) {  // fixed order: the same in every call
+FASTEDIT_INLINE acc_t lane_sum(const acc_t* x) {  // fixed order: the same in every call
   acc_t r = x[0];
   for (int k = 1; k < Lanes<acc_t>::W; ++k) r += x[k];
   return r;
@@ -185,7 +201,7 @@ inline acc_t lane_sum(const acc_t* x) {  // fixed order: the same in every call
 
 // torch.argmax of one row: first maximal index, the first NaN if there is one.
 template <typename acc_t>
-inline int32_t argmax_like_torch(const acc_t* z, int64_t C) {
+FASTEDIT_INLINE int32_t argmax_like_torch(const acc_t* z, int64_t C) {
   acc_t best = z[0];
   int64_t arg = 0;
   for (int64_t c = 1; c < C; ++c) {
@@ -203,7 +219,7 @@ inline int32_t argmax_like_torch(const acc_t* z, int64_t C) {
 
 // Lane-wise max and torch.argmax (first maximal index; a NaN wins, the first NaN).
 template <typename acc_t>
-inline void lanes_argmax(const acc_t* z, int64_t C, acc_t* M, int32_t* arg) {
+FASTEDIT_INLINE void lanes_argmax(const acc_t* z, int64_t C, acc_t* M, int32_t* arg) {
   constexpr int W = Lanes<acc_t>::W;
   for (int k = 0; k < W; ++k) {
     M[k] = z[k];
@@ -230,14 +246,24 @@ struct LaneRef {  // the ref rows of W samples, prepared once for the E edits
   explicit LaneRef(int64_t C) : d(C * Lanes<acc_t>::W), w(C * Lanes<acc_t>::W) {}
 };
 
+// The sums over c run in kSplit interleaved partial sums (c mod kSplit), added pairwise at the
+// end: a single running sum over up to 64 classes lost a few float32 ulp to the reference.
+constexpr int kSplit = 4;
+
+template <typename acc_t>
+FASTEDIT_INLINE acc_t split_sum(const acc_t (&x)[kSplit][Lanes<acc_t>::W], int k) {
+  return (x[0][k] + x[1][k]) + (x[2][k] + x[3][k]);
+}
+
 template <typename acc_t>
 FASTEDIT_CPU_CLONES void lanes_ref(const acc_t* z, int64_t C, LaneRef<acc_t>& R) {
   constexpr int W = Lanes<acc_t>::W;
-  acc_t M[W], s[W] = {}, poison[W] = {};
+  acc_t M[W], s[kSplit][W] = {}, poison[W] = {};
   lanes_argmax(z, C, M, R.arg);
   acc_t* d = R.d.data();
   acc_t* w = R.w.data();
   for (int64_t c = 0; c < C; ++c) {
+    acc_t* sj = s[c % kSplit];
 #pragma omp simd
     for (int k = 0; k < W; ++k) {
       const acc_t v = z[c * W + k];
@@ -245,14 +271,15 @@ FASTEDIT_CPU_CLONES void lanes_ref(const acc_t* z, int64_t C, LaneRef<acc_t>& R)
       const acc_t wv = exp_nonpos(dv);
       d[c * W + k] = dv;
       w[c * W + k] = wv;
-      s[k] += wv;
+      sj[k] += wv;
       poison[k] += v - v;  // +0 for finite v, NaN otherwise
     }
   }
 #pragma omp simd
   for (int k = 0; k < W; ++k) {
-    R.s[k] = s[k];
-    R.log_s[k] = log_ge1(s[k]);
+    const acc_t total = split_sum(s, k);
+    R.s[k] = total;
+    R.log_s[k] = log_ge1(total);
     R.poison[k] = poison[k];
   }
 }
@@ -261,22 +288,23 @@ template <typename acc_t>
 FASTEDIT_CPU_CLONES void lanes_edit(const acc_t* z, int64_t C, const LaneRef<acc_t>& R,
                                     int32_t* arg, float* kl) {
   constexpr int W = Lanes<acc_t>::W;
-  acc_t M[W], s[W] = {}, t[W] = {};
+  acc_t M[W], s[kSplit][W] = {}, t[kSplit][W] = {};
   lanes_argmax(z, C, M, arg);
   const acc_t* dr = R.d.data();
   const acc_t* wr = R.w.data();
   for (int64_t c = 0; c < C; ++c) {
+    acc_t* sj = s[c % kSplit];
+    acc_t* tj = t[c % kSplit];
 #pragma omp simd
     for (int k = 0; k < W; ++k) {
-      const acc_t v = z[c * W + k];
-      const acc_t dv = v - M[k];
-      s[k] += exp_nonpos(dv);  // the same arithmetic as lanes_ref: identical rows give KL = 0
-      t[k] += wr[c * W + k] * (dr[c * W + k] - dv);
+      const acc_t dv = z[c * W + k] - M[k];
+      sj[k] += exp_nonpos(dv);  // the same arithmetic as lanes_ref: identical rows give KL = 0
+      tj[k] += wr[c * W + k] * (dr[c * W + k] - dv);
     }
   }
 #pragma omp simd
   for (int k = 0; k < W; ++k) {
-    const acc_t value = t[k] / R.s[k] + (log_ge1(s[k]) - R.log_s[k]) + R.poison[k];
+    const acc_t value = split_sum(t, k) / R.s[k] + (log_ge1(split_sum(s, k)) - R.log_s[k]) + R.poison[k];
     kl[k] = static_cast<float>(nan_if_not_finite(value));
   }
 }
@@ -285,7 +313,7 @@ FASTEDIT_CPU_CLONES void lanes_edit(const acc_t* z, int64_t C, const LaneRef<acc
 // Large C: one row at a time, blocks of kBlock classes, online across blocks.
 
 template <typename acc_t>
-inline acc_t block_max(const acc_t* z, int64_t len) {  // `>` max: exact for rows without NaN
+FASTEDIT_INLINE acc_t block_max(const acc_t* z, int64_t len) {  // `>` max: exact for rows without NaN
   constexpr int W = Lanes<acc_t>::W;
   acc_t m[W];
   for (int k = 0; k < W; ++k) m[k] = z[0];
@@ -301,7 +329,7 @@ inline acc_t block_max(const acc_t* z, int64_t len) {  // `>` max: exact for row
 }
 
 template <typename acc_t>
-inline int64_t first_equal(const acc_t* z, int64_t len, acc_t value) {
+FASTEDIT_INLINE int64_t first_equal(const acc_t* z, int64_t len, acc_t value) {
   constexpr int W = Lanes<acc_t>::W;
   int64_t i = 0;
   for (; i + W <= len; i += W) {
