@@ -14,6 +14,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+# numpy, under the Triton interpreter, warns about -inf - -inf in masked lanes (their values are
+# never stored)
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 KEYS = metrics.METRIC_KEYS
 COUNT_KEYS = ("errors", "flips", "correct_to_wrong", "wrong_to_correct", "errors_per_class")
@@ -266,7 +270,7 @@ def test_deterministic_across_thread_counts(C):
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="fastedit._C not built")
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(E=st.integers(0, 4), N=st.integers(0, 40), C=st.integers(1, 80), dtype=st.sampled_from(DTYPES),
        scale=st.sampled_from([0.0, 0.01, 1.0, 30.0]), change=st.sampled_from([0.0, 1e-3, 1.0]),
        seed=st.integers(0, 2**16))
