@@ -6,10 +6,11 @@ or CUDA), the Triton kernel (GPU only), the PyTorch reference (``fastedit.kernel
 formulation ``fastedit.evaluate`` used: it materialises [E, N, C] log-softmaxes) and
 ``torch.compile`` of that reference. Reported per method: time, bytes read by a one-pass method
 (ref + edited + labels) and the achieved GB/s against a ``copy_`` bandwidth measured in the same
-run (read + write of the edited tensor), the speed-up over the fastest PyTorch path, and the peak
+run (read + write of the edited tensor), the speed-up over the fastest PyTorch path (by wall time, and by
+process CPU time, which a machine shared with other jobs distorts less), and the peak
 extra memory of a call (CPU: growth of the process's peak RSS, reset before each call through
-/proc/self/clear_refs, measured after all timings with glibc's mmap threshold set to 64 KiB so that
-freed blocks leave the RSS at once; GPU: torch.cuda.max_memory_allocated above the inputs).
+/proc/self/clear_refs, measured after all timings with glibc's mmap threshold set to 64 KiB and the
+heap trimmed before each call, so that the call's allocations show in the RSS; GPU: torch.cuda.max_memory_allocated above the inputs).
 
     python benchmarks/bench_edit_metrics.py --out benchmarks/results/bench_edit_metrics.json
 """
@@ -59,15 +60,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int) -> list[float]:
+def _time(fn, device: torch.device, repeats: int, cpu_times: list | None = None) -> list[float]:
+    """Wall times of `repeats` calls after a warm-up; their process CPU times go to `cpu_times`."""
     fn()  # warm-up (and compilation)
     _sync(device)
     times = []
     for _ in range(repeats):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return times
 
 
@@ -91,6 +96,7 @@ def _peak_extra_bytes(fn, device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _trim_heap()  # free heap blocks reused by fn would otherwise be resident already
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
@@ -100,6 +106,15 @@ def _peak_extra_bytes(fn, device: torch.device) -> int | None:
     fn()
     peak = _rss_kib("VmHWM")
     return None if before is None or peak is None else max(0, peak - before) * 1024
+
+
+def _trim_heap() -> None:
+    """glibc: give free heap memory back to the system (malloc_trim), so that reusing it shows in RSS."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _mmap_big_allocations() -> bool:
@@ -158,19 +173,25 @@ def run(args) -> dict:
 
         rows = {}
         for name, fn in methods.items():
-            times = _time(fn, device, args.repeats)
+            cpu_times: list[float] = []
+            times = _time(fn, device, args.repeats, cpu_times)
             median = statistics.median(times)
             rows[name] = {
                 "median_s": median, "times_s": times,
+                "cpu_time_median_s": statistics.median(cpu_times),
                 "gb_per_s": bytes_read / median / 1e9,
                 "fraction_of_copy_bandwidth": bytes_read / median / 1e9 / copy_gbs,
             }
             print(f"C={C:5d} {name:18s} {median * 1e3:10.2f} ms  {rows[name]['gb_per_s']:7.2f} GB/s  "
-                  f"({rows[name]['fraction_of_copy_bandwidth']:.2f} of copy_)", flush=True)
+                  f"({rows[name]['fraction_of_copy_bandwidth']:.2f} of copy_)  "
+                  f"cpu {rows[name]['cpu_time_median_s'] * 1e3:.1f} ms", flush=True)
         torch_paths = [rows[k]["median_s"] for k in ("pytorch_reference", "pytorch_compiled") if k in rows]
         fastest_torch = min(torch_paths)
+        fastest_torch_cpu = min(rows[k]["cpu_time_median_s"] for k in ("pytorch_reference", "pytorch_compiled")
+                                if k in rows)
         for row in rows.values():
             row["speedup_vs_fastest_pytorch"] = fastest_torch / row["median_s"]
+            row["cpu_time_speedup_vs_fastest_pytorch"] = fastest_torch_cpu / row["cpu_time_median_s"]
         # what the fused op allocates besides its outputs: predictions (int32) and per-row KL
         # (float32) of every (edit, sample) pair, and the original predictions
         fused_temporaries = 8 * E * N + 4 * N

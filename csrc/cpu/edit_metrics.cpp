@@ -3,7 +3,7 @@
 // (both directions), the errors per true class and the mean KL(softmax(ref) || softmax(edited)),
 // in one pass over the edited logits and nothing of size [E, N, C] written.
 //
-// Phase 1 (at::parallel_for over the N samples): each task prepares the ref row of a sample once
+// Phase 1 (chunks of samples, handed out dynamically to at::parallel_for's threads): each task prepares the ref row of a sample once
 // (max, argmax, z - max, exp(z - max), its sum) and then streams the E edited rows of that sample,
 // so the ref row stays in L1 while the edited rows are read once each. Per edited row:
 //   * argmax like torch.argmax (first maximal index, a NaN counting as the maximum);
@@ -41,6 +41,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <limits>
@@ -580,13 +581,21 @@ edit_metrics_cpu(const at::Tensor& ref_in, const at::Tensor& labels_in, const at
           const int64_t unit = lanes ? Lanes<acc_t>::W : 1;  // samples per unit of work
           const int64_t units = (N + unit - 1) / unit;
           const int64_t grain = std::max<int64_t>(1, kGrainSize / (C * (E + 1) * unit));
-          at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-            const int64_t n0 = u0 * unit;
-            const int64_t n1 = std::min(N, u1 * unit);
-            if (lanes) {
-              lanes_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
-            } else {
-              rows_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
+          const int64_t chunks = (units + grain - 1) / grain;
+          // Dynamic scheduling: each thread takes the next chunk of `grain` units until none is
+          // left (at::parallel_for's static halves leave one thread idle while another is
+          // descheduled on a shared machine). Results do not depend on who computes which row.
+          std::atomic<int64_t> next{0};
+          const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+          at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+            for (int64_t chunk = next.fetch_add(1); chunk < chunks; chunk = next.fetch_add(1)) {
+              const int64_t n0 = chunk * grain * unit;
+              const int64_t n1 = std::min(N, (chunk + 1) * grain * unit);
+              if (lanes) {
+                lanes_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
+              } else {
+                rows_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
+              }
             }
           });
         });
