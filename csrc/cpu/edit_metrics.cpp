@@ -79,6 +79,9 @@ namespace {
 
 constexpr int64_t kGrainSize = 32768;  // logits per task, as at::internal::GRAIN_SIZE
 constexpr int64_t kBlock = 256;        // classes per block of the online pass (large C)
+constexpr int64_t kTile = 16;           // samples per tile of the row path
+constexpr int64_t kTileBytes = 256 * 1024;  // at most this much prepared ref data per tile
+constexpr int64_t kLaneGroups = 4;     // groups of W samples per tile of the lanes path
 constexpr int64_t kSmallC = 64;        // up to this C, samples go side by side in vector lanes
 
 template <typename acc_t>
@@ -485,15 +488,26 @@ template <typename scalar_t>
 void rows_task(const scalar_t* ref, const scalar_t* edited, int64_t E, int64_t N, int64_t C,
                int64_t n0, int64_t n1, const Outputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  RowRef<acc_t> R(C);
+  // kTile samples at a time: their ref rows are prepared first, then each edit's kTile edited
+  // rows are read as one contiguous stretch (rather than E scattered rows of C values, which the
+  // hardware prefetchers follow badly: at C = 1000, N = 10,000 this halved the time per logit).
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(kTile, kTileBytes / (C * 2 * sizeof(acc_t))));
+  std::vector<RowRef<acc_t>> R;
+  R.reserve(tile);
+  for (int64_t j = 0; j < tile; ++j) R.emplace_back(C);
   std::vector<acc_t> ref_buf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
   std::vector<acc_t> edit_buf(ref_buf.size());
-  for (int64_t n = n0; n < n1; ++n) {
-    row_ref(as_acc_row(ref + n * C, C, ref_buf), C, R);
-    out.pred_ref[n] = R.arg;
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t count = std::min(tile, n1 - t0);
+    for (int64_t j = 0; j < count; ++j) {
+      row_ref(as_acc_row(ref + (t0 + j) * C, C, ref_buf), C, R[j]);
+      out.pred_ref[t0 + j] = R[j].arg;
+    }
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t row = e * N + n;
-      row_edit(as_acc_row(edited + row * C, C, edit_buf), C, R, out.pred + row, out.kl_rows + row);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = e * N + t0 + j;
+        row_edit(as_acc_row(edited + row * C, C, edit_buf), C, R[j], out.pred + row, out.kl_rows + row);
+      }
     }
   }
 }
@@ -518,22 +532,32 @@ void lanes_task(const scalar_t* ref, const scalar_t* edited, int64_t E, int64_t 
                 int64_t n0, int64_t n1, const Outputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int W = Lanes<acc_t>::W;
-  LaneRef<acc_t> R(C);
+  // kLaneGroups groups of W samples at a time, so each edit's rows are read in stretches of
+  // kLaneGroups * W rows (as the tiles of rows_task)
+  std::vector<LaneRef<acc_t>> R;
+  R.reserve(kLaneGroups);
+  for (int64_t j = 0; j < kLaneGroups; ++j) R.emplace_back(C);
   std::vector<acc_t> z(C * W);
   int32_t arg[W];
   float kl[W];
-  for (int64_t g = n0; g < n1; g += W) {
-    const int64_t count = std::min<int64_t>(W, n1 - g);
-    transpose_rows(ref + g * C, count, C, z.data());
-    lanes_ref(z.data(), C, R);
-    for (int64_t k = 0; k < count; ++k) out.pred_ref[g + k] = R.arg[k];
+  for (int64_t t0 = n0; t0 < n1; t0 += kLaneGroups * W) {
+    const int64_t t1 = std::min(n1, t0 + kLaneGroups * W);
+    for (int64_t g = t0, j = 0; g < t1; g += W, ++j) {
+      const int64_t count = std::min<int64_t>(W, t1 - g);
+      transpose_rows(ref + g * C, count, C, z.data());
+      lanes_ref(z.data(), C, R[j]);
+      for (int64_t k = 0; k < count; ++k) out.pred_ref[g + k] = R[j].arg[k];
+    }
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t row = e * N + g;
-      transpose_rows(edited + row * C, count, C, z.data());
-      lanes_edit(z.data(), C, R, arg, kl);
-      for (int64_t k = 0; k < count; ++k) {
-        out.pred[row + k] = arg[k];
-        out.kl_rows[row + k] = kl[k];
+      for (int64_t g = t0, j = 0; g < t1; g += W, ++j) {
+        const int64_t count = std::min<int64_t>(W, t1 - g);
+        const int64_t row = e * N + g;
+        transpose_rows(edited + row * C, count, C, z.data());
+        lanes_edit(z.data(), C, R[j], arg, kl);
+        for (int64_t k = 0; k < count; ++k) {
+          out.pred[row + k] = arg[k];
+          out.kl_rows[row + k] = kl[k];
+        }
       }
     }
   }
@@ -578,7 +602,7 @@ edit_metrics_cpu(const at::Tensor& ref_in, const at::Tensor& labels_in, const at
           const scalar_t* ref_ptr = ref.const_data_ptr<scalar_t>();
           const scalar_t* edited_ptr = edited.const_data_ptr<scalar_t>();
           const bool lanes = C <= kSmallC;
-          const int64_t unit = lanes ? Lanes<acc_t>::W : 1;  // samples per unit of work
+          const int64_t unit = lanes ? Lanes<acc_t>::W * kLaneGroups : kTile;  // samples per unit
           const int64_t units = (N + unit - 1) / unit;
           const int64_t grain = std::max<int64_t>(1, kGrainSize / (C * (E + 1) * unit));
           const int64_t chunks = (units + grain - 1) / grain;
