@@ -100,6 +100,7 @@ py::dict build_info() {
   py::list ops;
   ops.append("edit_constraint");
   ops.append("editor_step_");
+  ops.append("edit_metrics");
   info["ops"] = ops;
   return info;
 }

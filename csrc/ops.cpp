@@ -33,4 +33,16 @@ TORCH_LIBRARY(fastedit, m) {
       "editor_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] slot1, Tensor(c!)[] slot2, "
       "Tensor(d!) t, Tensor? active, Tensor? inv_norm, Tensor[] masks, int rule, float lr, "
       "float beta1, float beta2, float eps, bool batched) -> ()");
+
+  // Per-edit metrics of edited predictions against the original model (DESIGN.md §1, evaluation):
+  // ref_logits [N, C], labels [N] int64 in [0, C), edited_logits [E, N, C] (float32/float64/
+  // float16/bfloat16, one dtype for both logits). Returns, per edit e:
+  //   errors [E], flips [E], correct_to_wrong [E], wrong_to_correct [E]   (int64)
+  //   kl [E] float32: mean over N of KL(softmax(ref_n) || softmax(edited_e,n))
+  //   errors_per_class [E, C] int64: errors counted by true label
+  //   kl_rows [E, N] float32 (the per-sample KL) when return_kl_rows, else [E, 0]
+  // Predictions are torch.argmax's (first maximal index, NaN counts as the maximum); a
+  // non-finite logit in a ref or edited row makes that sample's KL NaN. Not differentiable.
+  m.def("edit_metrics(Tensor ref_logits, Tensor labels, Tensor edited_logits, bool return_kl_rows) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

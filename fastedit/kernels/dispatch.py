@@ -18,10 +18,10 @@ ENV_BACKEND = "FASTEDIT_BACKEND"
 
 # ops each backend implements in this version (the fused editor kernels come with the kernels issue)
 _OPS = {
-    "cuda": ("edit_constraint", "editor_step"),
-    "triton": ("editor_step",),
-    "cpu": ("edit_constraint", "editor_step"),
-    "reference": ("edit_constraint", "editor_step"),
+    "cuda": ("edit_constraint", "editor_step", "edit_metrics"),
+    "triton": ("editor_step", "edit_metrics"),
+    "cpu": ("edit_constraint", "editor_step", "edit_metrics"),
+    "reference": ("edit_constraint", "editor_step", "edit_metrics"),
 }
 
 

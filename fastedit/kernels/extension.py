@@ -30,13 +30,14 @@ __all__ = [
     "has_cpu_ops",
     "has_cuda_ops",
     "edit_constraint",
+    "edit_metrics",
     "DISABLE_ENV_VARS",
 ]
 
 #: Environment variables that disable the extension at run time when set to 1/true/yes/on.
 DISABLE_ENV_VARS = ("FASTEDIT_NO_EXTENSION", "FASTEDIT_SKIP_EXTENSION")
 
-_OPS = ("edit_constraint", "editor_step_")
+_OPS = ("edit_constraint", "editor_step_", "edit_metrics")
 
 _lock = threading.Lock()
 _loaded = False
@@ -236,12 +237,63 @@ def _editor_step_fake(params, grads, slot1, slot2, t, active, inv_norm, masks, r
     return None
 
 
+def edit_metrics(ref_logits: torch.Tensor, labels: torch.Tensor, edited_logits: torch.Tensor,
+                 return_kl_rows: bool = False) -> tuple[torch.Tensor, ...]:
+    """``torch.ops.fastedit.edit_metrics``: the 7-tuple ``(errors, flips, correct_to_wrong,
+    wrong_to_correct, kl, errors_per_class, kl_rows)``; see :func:`fastedit.kernels.metrics.edit_metrics`
+    for the contract. Raises RuntimeError when the extension is unavailable."""
+    if load() is None:
+        raise RuntimeError(f"fastedit._C is unavailable: {_reason}")
+    return torch.ops.fastedit.edit_metrics(ref_logits, labels, edited_logits, return_kl_rows)
+
+
+def _edit_metrics_fake(ref_logits: torch.Tensor, labels: torch.Tensor, edited_logits: torch.Tensor,
+                       return_kl_rows: bool):
+    name = "fastedit::edit_metrics"
+    torch._check(ref_logits.dim() == 2, lambda: f"{name}: ref_logits must be 2-D [N, C], got {ref_logits.dim()}-D")
+    torch._check(labels.dim() == 1, lambda: f"{name}: labels must be 1-D [N], got {labels.dim()}-D")
+    torch._check(edited_logits.dim() == 3,
+                 lambda: f"{name}: edited_logits must be 3-D [E, N, C], got {edited_logits.dim()}-D")
+    torch._check(ref_logits.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"{name}: ref_logits must be float32, float64, float16 or bfloat16, got {ref_logits.dtype}")
+    torch._check(edited_logits.dtype == ref_logits.dtype,
+                 lambda: f"{name}: edited_logits must have the dtype of ref_logits ({ref_logits.dtype}), "
+                         f"got {edited_logits.dtype}")
+    torch._check(labels.dtype == torch.int64, lambda: f"{name}: labels must be int64 (torch.long), got {labels.dtype}")
+    n, c = ref_logits.shape
+    e = edited_logits.shape[0]
+    torch._check(labels.shape[0] == n and edited_logits.shape[1] == n and edited_logits.shape[2] == c,
+                 lambda: f"{name}: shape mismatch: ref_logits {tuple(ref_logits.shape)} [N, C], labels "
+                         f"{tuple(labels.shape)} [N], edited_logits {tuple(edited_logits.shape)} [E, N, C]")
+    torch._check(c >= 1, lambda: f"{name}: logits must have at least one class (C >= 1)")
+    counts = [edited_logits.new_empty((e,), dtype=torch.int64) for _ in range(4)]
+    kl = edited_logits.new_empty((e,), dtype=torch.float32)
+    per_class = edited_logits.new_empty((e, c), dtype=torch.int64)
+    kl_rows = edited_logits.new_empty((e, n if return_kl_rows else 0), dtype=torch.float32)
+    return (*counts, kl, per_class, kl_rows)
+
+
+def _edit_metrics_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _edit_metrics_backward(ctx, *grads):
+    raise RuntimeError("fastedit::edit_metrics is not differentiable (counts, argmax-based flips and a "
+                       "reporting KL); compute a differentiable KL with torch.log_softmax instead")
+
+
 def _register_python_parts() -> None:
     global _python_parts_registered
     if _python_parts_registered or not _op_exists("edit_constraint"):
         return
     if _op_exists("editor_step_"):
         torch.library.register_fake("fastedit::editor_step_", _editor_step_fake)
+    if _op_exists("edit_metrics"):
+        torch.library.register_fake("fastedit::edit_metrics", _edit_metrics_fake)
+        # Not differentiable: an autograd kernel whose backward says so (rather than torch's
+        # generic "no autograd kernel" warning, or silently zero gradients).
+        torch.library.register_autograd("fastedit::edit_metrics", _edit_metrics_backward,
+                                        setup_context=_edit_metrics_setup_context)
     torch.library.register_fake("fastedit::edit_constraint", _edit_constraint_fake)
     torch.library.register_autograd("fastedit::edit_constraint", _edit_constraint_backward,
                                     setup_context=_edit_constraint_setup_context)
