@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .constraint import constraint_per_sample, reduce_constraint
 from .edit import EditTarget, check_common, eval_mode, resolve_early_exit, run_edit_loop, run_edit_loop_batched
 from .editors import Editor, make_editor
-from .kernels.reference import edit_metrics
+from .kernels.metrics import edit_metrics
 from .selection import ParamSpec
 
 __all__ = ["evaluate", "EvalReport"]
@@ -376,18 +376,17 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _chunk_metrics(ref: Tensor, y: Tensor, logits: Tensor, num_classes: int, keep_kl: bool) -> dict[str, Tensor]:
-    """Per-edit metrics of one control chunk: ``ref [B, C]``, ``y [B]``, ``logits [G, B, C]``."""
-    m = edit_metrics(ref, y, logits)
+    """Per-edit metrics of one control chunk (``ref [B, C]``, ``y [B]``, ``logits [G, B, C]``) from the
+    fused :func:`fastedit.ops.edit_metrics` (one pass per row, no ``[G, B, C]`` softmax)."""
+    if logits.dtype != ref.dtype:  # the op takes one dtype; the wider one loses nothing
+        common = torch.promote_types(ref.dtype, logits.dtype)
+        ref, logits = ref.to(common), logits.to(common)
+    m = edit_metrics(ref, y, logits, return_kl_rows=keep_kl)
     out = {k: m[k] for k in _METRIC_KEYS}
-    wrong = logits.float().argmax(-1) != y  # [G, B], as edit_metrics counts errors
-    g = logits.shape[0]
-    flat = (torch.arange(g, device=y.device).unsqueeze(1) * num_classes + y).masked_select(wrong)
-    out["errors_per_class"] = torch.bincount(flat, minlength=g * num_classes).reshape(g, num_classes)
-    logp_ref = torch.log_softmax(ref.float(), -1)
-    kl_rows = (logp_ref.exp() * (logp_ref - torch.log_softmax(logits.float(), -1))).sum(-1)  # [G, B]
-    out["kl"] = kl_rows.double().sum(-1)
+    out["errors_per_class"] = m["errors_per_class"]
+    out["kl"] = m["kl"].double() * y.shape[0]  # chunk mean → sum, so chunks of any size add up
     if keep_kl:
-        out["kl_rows"] = kl_rows
+        out["kl_rows"] = m["kl_rows"]
     return out
 
 

@@ -12,5 +12,6 @@ PyTorch reference; ``FASTEDIT_BACKEND`` forces one, :func:`fastedit.backends` sa
 from .kernels.differentiable import editor_step
 from .kernels.dispatch import edit_constraint
 from .kernels.editor_step import editor_step_
+from .kernels.metrics import edit_metrics
 
-__all__ = ["editor_step_", "editor_step", "edit_constraint"]
+__all__ = ["editor_step_", "editor_step", "edit_metrics", "edit_constraint"]

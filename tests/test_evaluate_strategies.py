@@ -85,16 +85,14 @@ def test_batched_edit_loop_matches_single_loops():
 
 
 def test_measure_strategy_picks_one_and_keeps_loop_results():
-    model = make_model()
-    edits, control = _data()
+    # float64: whichever strategy the timing picks, the counts agree (vmap rounds differently)
+    model = make_model(torch.float64)
+    edits, control = _data(torch.float64)
     ref = fe.evaluate(model, edits, control, editor=fe.GD(0.3), params="block", max_steps=4, progress=False)
     rep = fe.evaluate(model, edits, control, editor=fe.GD(0.3), params="block", max_steps=4, progress=False,
                       strategy="measure", edits_per_group=3)
     assert rep.strategy in ("loop", "vmap")
-    if rep.strategy == "loop":
-        _assert_same(ref, rep)
-    else:
-        _assert_same(ref, rep, kl_rtol=1e-4)
+    _assert_same(ref, rep, kl_rtol=1e-9)
 
 
 @pytest.mark.parametrize("budget", [0, 3000, float("inf")])
