@@ -85,7 +85,9 @@ def evaluation_table(table: str) -> str:
     data = json.loads((RESULTS / "evaluation" / "tables.json").read_text())
     proto = data["protocol"]
     if table == "1":
-        rows = [r for r in data["rows"] if r["stage"] == "layer3"]
+        editors = ["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"]
+        rows = sorted((r for r in data["rows"] if r["stage"] == "layer3"),
+                      key=lambda r: (int(r["model"][6:]), editors.index(r["editor"])))
         head = ["| model | editor | tuned (lr, β) | drawdown | success | mean steps | flip rate | edits |",
                 "|---|---|---|---|---|---|---|---|"]
         fmt = lambda r: (f"| {r['model']} | {r['editor']} | {_hp(r['chosen'])}{'' if r['feasible'] else ' (<95%)'}"  # noqa: E731
@@ -130,6 +132,38 @@ def bench_evaluate_table() -> str:
     return "\n".join(lines)
 
 
+def editor_step_table() -> str:
+    data = json.loads((RESULTS / "bench_editor_step.json").read_text())
+    lines = [f"`{data['command']}` ({data['settings']['threads']} threads, {data['machine'].get('cpu_model', '')}; "
+             "ms = median):", "",
+             "| case | editor | fastedit (C++ CPU) | loop | foreach | torch.compile (in place) | fastest PyTorch | "
+             "fastedit speed-up | fastedit GB/s | of copy_ |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        res = r["results"]
+        f = res["fastedit_cpu"]
+        ms = lambda k: f"{res[k]['median_ms']:.3f}" if k in res else "–"  # noqa: E731
+        lines.append(f"| {r['case']} ({r['numel'] / 1e6:.2g} M) | {r['editor']} | {ms('fastedit_cpu')} | {ms('torch_loop')} | "
+                     f"{ms('torch_foreach')} | {ms('torch_compile')} | {r['fastest_torch']} | "
+                     f"{f['speedup_vs_fastest_torch']:.2f}× | {f['gb_per_s']:.0f} | {f['fraction_of_copy']:.2f} |")
+    return "\n".join(lines)
+
+
+def edit_metrics_table() -> str:
+    data = json.loads((RESULTS / "bench_edit_metrics.json").read_text())
+    lines = [f"`{data['command']}` ({data['machine']['torch_threads']} threads; median of the repeats):", "",
+             "| E × N × C | fused (C++ CPU) | torch.compile(reference) | PyTorch reference | speed-up vs fastest PyTorch | "
+             "fused GB/s | extra memory: fused / compiled / reference |", "|---|---|---|---|---|---|---|"]
+    mib = lambda b: f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
+    for r in data["results"]:
+        m = r["methods"]
+        f, c, ref = m["fused_cpu"], m.get("pytorch_compiled", {}), m["pytorch_reference"]
+        lines.append(f"| {r['E']} × {r['N']} × {r['C']} | {1e3 * f['median_s']:.1f} ms | "
+                     f"{1e3 * c['median_s']:.1f} ms | {1e3 * ref['median_s']:.1f} ms | {f['speedup_vs_fastest_pytorch']:.2f}× | "
+                     f"{f['gb_per_s']:.1f} | {mib(f['peak_extra_bytes'])} / {mib(c.get('peak_extra_bytes', 0))} / "
+                     f"{mib(ref['peak_extra_bytes'])} |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "demo_digits": lambda: demo_table("demo_digits"),
     "demo_resnet20": lambda: demo_table("demo_resnet20"),
@@ -139,6 +173,8 @@ TABLES = {
     "evaluation_table1": lambda: evaluation_table("1"),
     "evaluation_table2": lambda: evaluation_table("2"),
     "bench_evaluate": bench_evaluate_table,
+    "kernels_editor_step": editor_step_table,
+    "kernels_edit_metrics": edit_metrics_table,
 }
 
 

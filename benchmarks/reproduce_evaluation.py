@@ -83,12 +83,14 @@ def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, e
     report = fe.evaluate(model, report_edits, control, editor=tuned.editor, params=params,
                          max_steps=args.max_steps, edit_labels=edit_classes, keep_kl_vectors=keep_kl,
                          progress=not args.quiet)
-    cell = {"stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
+    cell = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
             "chosen_at_grid_edge": _at_edge(tuned, editor), "tune_table": tuned.table,
             "tune_seconds": tune_seconds, "report": report.to_dict()}
     path.write_text(json.dumps(cell, indent=1, allow_nan=False))
-    if keep_kl:
-        report.to_json(path.with_suffix(".per_edit.json"))
+    if keep_kl:  # the figures' data; KL vectors in float16 keep the file small (E × N values)
+        torch.save({"per_class_drawdown": report.per_class_drawdown, "edit_class": report.per_edit["edit_class"],
+                    "kl_vector": report.per_edit["kl_vector"].half()}, path.with_suffix(".figure.pt"))
     return cell
 
 
@@ -107,7 +109,7 @@ def assemble(out_dir: pathlib.Path, cells: dict, meta: dict) -> dict:
                      "base_error": r["base_error"], "drawdown": r["drawdown"], "success_rate": r["success_rate"],
                      "mean_steps": r["mean_steps"], "flip_rate": r["flip_rate"], "mean_kl": r["mean_kl"],
                      "num_edits": r["num_edits"], "eval_seconds": r["seconds"],
-                     "tune_seconds": cell["tune_seconds"]})
+                     "tune_seconds": cell["tune_seconds"], "command": cell.get("command")})
     out = {**meta, "rows": rows}
     (out_dir / "tables.json").write_text(json.dumps(out, indent=1, allow_nan=False))
     return out
@@ -119,20 +121,16 @@ def draw_figures(out_dir: pathlib.Path, cells: dict) -> None:
     from fastedit import plots
     classes = fdata.CIFAR10_CLASSES
     for model_name in sorted({m for m, _, _ in cells}):
-        layer3 = {e: SimpleNamespace(**c["report"]) for (m, s, e), c in sorted(cells.items())
-                  if m == model_name and s == "layer3"}
+        layer3 = {e: SimpleNamespace(**cells[(model_name, "layer3", e)]["report"]) for e in EDITOR_ORDER
+                  if (model_name, "layer3", e) in cells}
         if layer3:
             plots.plot_editor_comparison(layer3, out_dir / f"editor_comparison_{model_name}.png",
                                          title=f"{model_name}, editing layer3 (tuned editors)")
-    per_edit = out_dir / "cells" / "resnet20_layer3_rmsprop.per_edit.json"
-    if per_edit.exists():
-        data = json.loads(per_edit.read_text())
-        nan = float("nan")
-        report = SimpleNamespace(
-            per_class_drawdown=torch.tensor([[nan if v is None else v for v in row]
-                                             for row in data["per_class_drawdown"]]),
-            per_edit={k: torch.tensor(data["per_edit"][k]) for k in ("kl_vector", "edit_class")},
-            num_classes=len(classes))
+    figure_data = out_dir / "cells" / "resnet20_layer3_rmsprop.figure.pt"
+    if figure_data.exists():
+        data = torch.load(figure_data)
+        report = SimpleNamespace(per_class_drawdown=data["per_class_drawdown"], num_classes=len(classes),
+                                 per_edit={"kl_vector": data["kl_vector"].float(), "edit_class": data["edit_class"]})
         plots.plot_per_class_drawdown(report, out_dir / "per_class_drawdown_resnet20_rmsprop.png", classes,
                                       title="ResNet-20, RMSProp on layer3: drawdown (%) by class")
         plots.plot_edit_tsne(report, out_dir / "tsne_edits_resnet20_rmsprop.png", classes)
@@ -167,8 +165,6 @@ def main() -> None:
             todo += [(m, s, e) for s in args.stages for e in ("gd", "rmsprop") if (m, s, e) not in todo]
     cells: dict = {}
     for path in (out_dir / "cells").glob("*.json"):  # earlier runs, also of other tables
-        if path.name.endswith(".per_edit.json"):
-            continue
         cell = json.loads(path.read_text())
         cells[(path.stem.split("_")[0], cell["stage"], cell["editor"])] = cell
     loaded = {}
