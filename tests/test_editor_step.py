@@ -566,3 +566,172 @@ def test_every_half_bit_pattern(backend, dtype):
             assert_matches(mine, ref, params, "rmsprop", backend, "bit patterns")
         else:
             torch.testing.assert_close(mine, ref, rtol=0, atol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: one launch per dtype group over the whole tensor list (apex multi-tensor style)
+
+triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton missing or TRITON_INTERPRET!=1")
+
+
+class _LaunchCounter:
+    """Stands in for the jitted kernel: records each launch's grid, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids, self.dtypes = kernel, [], []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append(grid)
+            self.dtypes.append(kwargs["DT"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _count_launches(monkeypatch):
+    from fastedit.kernels.triton import editor_step as tes
+    counter = _LaunchCounter(tes._editor_step_kernel)
+    monkeypatch.setattr(tes, "_editor_step_kernel", counter)
+    return counter
+
+
+# odd per-edit lengths around the block size (1024), a 0-size tensor, and enough tensors that the
+# per-dtype groups are not powers of two (the program -> tensor search pads its table)
+MT_SIZES = [1, 7, 1023, 2053, 0, 5, 1024, 1025, 3, 2048, 17, 130]
+
+
+def _mt_inputs(editor, dtypes, batched, E, seed, masked):
+    gen = torch.Generator().manual_seed(seed)
+    lead = (E,) if batched else ()
+    params = [torch.randn(lead + (n,), generator=gen, dtype=torch.float64).to(dtypes[i % len(dtypes)])
+              for i, n in enumerate(MT_SIZES)]
+    state = editor.init_state(params, batched=batched)
+    for s in editor.slots:
+        for x in state[s]:
+            x.uniform_(0, 1, generator=gen)
+    if batched:
+        state["t"] += torch.arange(E, dtype=state["t"].dtype) % 3  # per-edit t (Adam bias, RMSProp first step)
+    grads = random_grads(params, gen)
+    for g in grads[::2]:
+        g.view(-1)[::3] = 0  # exact zeros: sign(0) = 0
+    masks = None
+    if masked:  # shared masks, and per-edit (full-shape) masks on every third tensor
+        masks = [torch.rand((p.shape if (batched and i % 3 == 0) else p.shape[1:] if batched else p.shape),
+                            generator=gen) < 0.3 for i, p in enumerate(params)]
+    return params, grads, state, masks
+
+
+@triton_only
+def test_triton_one_launch_per_dtype_group(monkeypatch):
+    counter = _count_launches(monkeypatch)
+    BLOCK = 1024
+    for dtypes, E in (([torch.float32], 3), ([torch.float64], 2), ([torch.float32, torch.float16, torch.bfloat16], 2)):
+        editor = fe.Adam(0.01)
+        params, grads, state, masks = _mt_inputs(editor, dtypes, True, E, seed=0, masked=True)
+        counter.grids.clear(), counter.dtypes.clear()
+        step("triton", editor, params, grads, state, torch.tensor([True, False] * (E // 2) + [True] * (E % 2)),
+             batched=True, mask=masks)
+        assert len(counter.grids) == len(dtypes), f"{len(params)} tensors of {dtypes}: {len(counter.grids)} launches"
+        assert len(set(map(str, counter.dtypes))) == len(dtypes)
+        # the grid covers every block of every tensor of its group, for every edit, once
+        want = sorted(E * sum(-(-p.shape[1] // BLOCK) for p in params if p.dtype == d) for d in dtypes)
+        assert sorted(g[0] for g in counter.grids) == want
+    # single edit, flat tensors; and an all-empty list launches nothing
+    counter.grids.clear(), counter.dtypes.clear()
+    params = [torch.randn(n) for n in (3, 4000, 1)]
+    step("triton", fe.GD(0.1), params, [torch.randn_like(p) for p in params], fe.GD(0.1).init_state(params))
+    assert counter.grids == [(1 + 4 + 1,)]
+    counter.grids.clear()
+    empty = [torch.zeros(0), torch.zeros(2, 0)]
+    state = fe.GD(0.1).init_state(empty)
+    step("triton", fe.GD(0.1), empty, [torch.zeros(0), torch.zeros(2, 0)], state)
+    assert counter.grids == [] and float(state["t"]) == 1.0
+
+
+def _per_tensor(editor, params, grads, state, active, batched, masks):
+    """The same kernel, one call (and launch) per tensor: what the multi-tensor launch must equal bit
+    for bit. Scaled GD's inv_norm is the whole call's, as in the multi-tensor call."""
+    from fastedit.kernels.triton.editor_step import editor_step_triton
+    rule, hp = es.RULES[type(editor)], es._kernel_hparams(editor)
+    inv = es._inv_norm(editor, grads, batched, masks) if rule == 1 else None
+    t = state["t"]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        slots = [[state[s][i]] for s in editor.slots] + [[], []]
+        editor_step_triton([p], [g], slots[0], slots[1], t.clone(), active, inv,
+                           [masks[i]] if masks is not None else [], rule, *hp, batched)
+    t.add_(1 if active is None else active.to(t.dtype))
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("case", ["single_mixed", "batched_mixed_masked", "batched_fp64_masked", "single_fp64"])
+@pytest.mark.parametrize("editor", editors(), ids=EDITOR_IDS)
+def test_triton_multi_tensor_equals_per_tensor_and_reference(monkeypatch, editor, case):
+    batched = case.startswith("batched")
+    masked = case.endswith("masked")
+    dtypes = [torch.float64] if "fp64" in case else [torch.float32, torch.float16, torch.bfloat16]
+    E = 4
+    active = torch.tensor([True, False, True, True]) if batched else torch.tensor(True)
+    params, grads, state, masks = _mt_inputs(editor, dtypes, batched, E, seed=len(case), masked=masked)
+    before_p, before_s = [p.clone() for p in params], clone_state(state)
+
+    counter = _count_launches(monkeypatch)
+    mt_p, mt_s = [p.clone() for p in params], clone_state(state)
+    step("triton", editor, mt_p, grads, mt_s, active, batched=batched, mask=masks)
+    assert len(counter.grids) == len(dtypes)
+
+    pt_p, pt_s = [p.clone() for p in params], clone_state(state)
+    _per_tensor(editor, pt_p, grads, pt_s, active, batched, masks)
+    assert len(counter.grids) == len(dtypes) + sum(p.numel() > 0 for p in params)  # really one per tensor
+    for i, (a, b) in enumerate(zip(mt_p, pt_p)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"param {i}: {m}")
+    for s in editor.slots:
+        for a, b in zip(mt_s[s], pt_s[s]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(mt_s["t"], pt_s["t"])
+
+    # and the reference (dense step on the masked gradient; outside the mask nothing is written)
+    g_ref = grads if masks is None else [torch.where(m, g, torch.zeros((), dtype=g.dtype)) for g, m in zip(grads, masks)]
+    ref_p, ref_s = editor.step(before_p, g_ref, before_s, active, batched=batched)
+    assert torch.equal(mt_s["t"], ref_s["t"])
+    full = [torch.ones_like(p, dtype=torch.bool) for p in params] if masks is None else \
+        [m.expand_as(p) for m, p in zip(masks, params)]
+    for i, (m, got, ref, old) in enumerate(zip(full, mt_p, ref_p, before_p)):
+        assert torch.equal(got[~m], old[~m]), f"param {i}: a coordinate outside the mask was written"
+        assert_matches(got[m], ref[m], old[m], editor.name, "triton", f"{case} param {i}")
+    for s in editor.slots:
+        for i, (m, got, ref, old) in enumerate(zip(full, mt_s[s], ref_s[s], before_s[s])):
+            assert torch.equal(got[~m], old[~m])
+            assert_matches(got[m], ref[m], old[m], editor.name, "triton", f"{case} {s}[{i}]")
+
+
+@triton_only
+def test_triton_tables_are_cached_by_content(monkeypatch):
+    from fastedit.kernels.triton import editor_step as tes
+    monkeypatch.setattr(tes, "_TABLES", type(tes._TABLES)())
+    editor = fe.Momentum(0.1, momentum=0.9)
+    params = [torch.randn(2, n) for n in (5, 1030)]
+    grads = [torch.randn_like(p) for p in params]
+    state = editor.init_state(params, batched=True)
+    ref_p, ref_s = [p.clone() for p in params], clone_state(state)
+    for k in range(3):  # the same lists again: one table, reused
+        step("triton", editor, params, grads, state, batched=True)
+        ref_p, ref_s = editor.step(ref_p, grads, ref_s, batched=True)
+        assert len(tes._TABLES) == 1
+    for a, b in zip(params, ref_p):
+        assert torch.equal(a, b)
+    # other tensors (other addresses or rows) get their own table, even at a reused address
+    params2 = [p[:1].clone() for p in params]
+    step("triton", editor, params2, [g[:1].clone() for g in grads], editor.init_state(params2, batched=True),
+         batched=True)
+    assert len(tes._TABLES) == 2
+    tab = next(iter(tes._TABLES.values()))
+    assert tab.dtype == torch.int64 and tab.numel() == 2 * 8  # 2 tensors x 8 words
+
+
+@triton_only
+def test_triton_interpreter_rejects_device_tensors():
+    from fastedit.kernels.triton.editor_step import editor_step_triton
+    p = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        editor_step_triton([p], [p], [], [], torch.zeros((), device="meta"), None, None, [], 0, 0.1, 0, 0, 0, False)

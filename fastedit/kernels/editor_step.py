@@ -2,7 +2,7 @@
 
 Backends (``fastedit.kernels.dispatch.choose_backend("editor_step", device)``): the CUDA extension
 (``csrc/cuda/editor_step.cu``), Triton (``fastedit/kernels/triton/editor_step.py``, on GPUs when the
-CUDA extension is absent), the C++ CPU kernel (``csrc/cpu/editor_step.cpp``) and the reference, which
+CUDA extension is absent; one launch per parameter dtype over the whole tensor list), the C++ CPU kernel (``csrc/cpu/editor_step.cpp``) and the reference, which
 runs :meth:`fastedit.editors.Editor.step` and copies its results in place.
 """
 from __future__ import annotations

@@ -18,10 +18,14 @@ search needs no bounds check) and turns the addresses into typed pointers with
 a bit-cast in the interpreter). The alternative trick (one base tensor plus element offsets
 ``(data_ptr - base_ptr) / element_size``) was not needed: Triton 3.9's interpreter supports the
 cast (``create_int_to_ptr`` is its bitcast, and CPU tensors are read and written in place), and the
-compiled path was checked offline (``triton.compile`` for sm_90: the cast lowers to plain
-``ld.global`` from the loaded address). Under the interpreter only CPU tensors can be used (it
-copies *arguments* to the host, not memory reached through table addresses), which the wrapper
-checks. The table is cached per (device, addresses, rows, strides) key: its content is a pure
+compiled path was checked offline, without a GPU (``triton.compile`` for sm_90, all 6 rules × 4
+dtypes × mask on/off compile with fp fusion off; ptxas for sm_90a, Adam + mask + active: 86 / 92 /
+116 registers for float32 / bfloat16 / float64, 0 spills, 0 stack). Loads are one element per
+instruction (coalesced, not vectorised), as in the former per-tensor kernel whose row length was not
+specialised either. Under the interpreter only CPU tensors can be used (it copies *arguments* to
+the host, not memory reached through table addresses), which the wrapper checks. The wrapper reads
+``data_ptr()``, so torch.compile does not trace this path (the compiled extension op is the
+traceable one). The table is cached per (device, addresses, rows, strides) key: its content is a pure
 function of that key, so a hit is always correct even if a tensor was freed and another allocated
 at the same address; it is never written after creation, so a running launch can still read it.
 On a GPU it is copied from pinned memory with ``non_blocking`` (no host synchronisation).
