@@ -254,6 +254,8 @@ def editor_step_triton(params, grads, slot1, slot2, t, active, inv_norm, masks, 
     a = active.view(torch.uint8) if active is not None else t
     inv = inv_norm if inv_norm is not None else t
     for dtype, (words, total, log_t) in _groups(params, grads, slot1, slot2, masks, edits, batched).items():
+        if edits * total > 2**31 - 1:  # CUDA's grid.x limit (not split here: ~2e12 elements)
+            raise ValueError(f"editor_step_ (Triton): {edits} edits x {total} blocks exceed one launch's grid")
         tab = _table(words, device)
         _editor_step_kernel[(edits * total,)](
             tab, t, a, inv, bc1, bc2, total, *hyper,
