@@ -105,10 +105,13 @@ def evaluation_table(table: str) -> str:
                          f"{' (grid edge)' if r['chosen_at_grid_edge'] else ''} | {100 * r['drawdown']:.2f}% | "
                          f"{100 * r['success_rate']:.1f}% | {r['mean_steps']:.2f} | {100 * r['flip_rate']:.2f}% | {r['num_edits']} |")
     base = {r["model"]: r["base_error"] for r in rows}
+    commands = sorted({f"`{r['command']}`" for r in rows if r.get("command")})
     note = (f"Base error on the {proto['control']}: " + ", ".join(f"{m} {100 * e:.2f}%" for m, e in sorted(base.items()))
-            + f"; k = {proto['max_steps']}; each editor tuned by `fastedit.tune` on {proto['tune_edits']} tuning edits "
-            f"(training images, random labels); lr grid ×√10 from {proto['lr_grid'][0]:g} to {proto['lr_grid'][-1]:g} "
-            f"(Scaled GD: {proto['scaled_gd_lr_grid'][0]:g}–{proto['scaled_gd_lr_grid'][-1]:g}), RMSProp β ∈ {{0.5, 0.9}}.")
+            + f"; k = {proto['max_steps']}; editors tuned by `fastedit.tune` (least drawdown with ≥ 95% success on "
+            f"tuning edits from training images, random labels) over lr ×√10 from {proto['lr_grid'][0]:g} to "
+            f"{proto['lr_grid'][-1]:g} (Scaled GD: {proto['scaled_gd_lr_grid'][0]:g}–{proto['scaled_gd_lr_grid'][-1]:g}) "
+            "and RMSProp β ∈ {0.5, 0.9}; \"(<95%)\": no grid point reached 95% on the tuning edits. Commands: "
+            + "; ".join(commands) + ".")
     return "\n".join(head + [fmt(r) for r in rows] + ["", note])
 
 

@@ -18,7 +18,7 @@ into ``<out-dir>/tables.json`` and the figures drawn (per-class drawdown heatmap
 editor comparison bars) from the ResNet-20 / layer3 cells.
 
     python benchmarks/reproduce_evaluation.py --table 1 --models resnet20 resnet56
-    python benchmarks/reproduce_evaluation.py --table 2 --models resnet20 --edits 500
+    python benchmarks/reproduce_evaluation.py --table 2 --models resnet20 --edits 200 --tune-edits 30
 """
 from __future__ import annotations
 
