@@ -106,7 +106,7 @@ def evaluation_table(table: str) -> str:
                          f"{100 * r['success_rate']:.1f}% | {r['mean_steps']:.2f} | {100 * r['flip_rate']:.2f}% | {r['num_edits']} |")
     base = {r["model"]: r["base_error"] for r in rows}
     commands = sorted({f"`{r['command']}`" for r in rows if r.get("command")})
-    note = (f"Base error on the {proto['control']}: " + ", ".join(f"{m} {100 * e:.2f}%" for m, e in sorted(base.items()))
+    note = (f"Base error on {proto['control']}: " + ", ".join(f"{m} {100 * e:.2f}%" for m, e in sorted(base.items()))
             + f"; k = {proto['max_steps']}; editors tuned by `fastedit.tune` (least drawdown with ≥ 95% success on "
             f"tuning edits from training images, random labels) over lr ×√10 from {proto['lr_grid'][0]:g} to "
             f"{proto['lr_grid'][-1]:g} (Scaled GD: {proto['scaled_gd_lr_grid'][0]:g}–{proto['scaled_gd_lr_grid'][-1]:g}) "
