@@ -32,9 +32,9 @@ from fastedit.edit import EditTarget
 from fastedit.models import load_pretrained_cifar_resnet
 
 
-def official_style_edit(model, x, y, editor, names, max_steps):
-    params = [p for n, p in model.named_parameters() if n in names]
-    backup = [p.detach().clone() for p in params]
+def official_style_steps(model, x, y, editor, params, max_steps) -> int:
+    """The official code's edit loop on the live module (full forwards, ``.item()`` per step); the
+    parameters stay edited. Returns the number of steps taken."""
     state = editor.init_state([p.detach() for p in params])
     steps = 0
     for _ in range(max_steps):
@@ -48,6 +48,13 @@ def official_style_edit(model, x, y, editor, names, max_steps):
             for p, v in zip(params, new):
                 p.copy_(v)
         steps += 1
+    return steps
+
+
+def official_style_edit(model, x, y, editor, names, max_steps):
+    params = [p for n, p in model.named_parameters() if n in names]
+    backup = [p.detach().clone() for p in params]
+    steps = official_style_steps(model, x, y, editor, params, max_steps)
     with torch.no_grad():  # roll back, as the protocol applies every edit to the original model
         for p, b in zip(params, backup):
             p.copy_(b)

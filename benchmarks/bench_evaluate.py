@@ -43,6 +43,8 @@ from fastedit import data as fdata
 from fastedit.edit import EditTarget
 from fastedit.models import load_pretrained_cifar_resnet
 
+from bench_edit import official_style_steps  # the official loop, shared with the edit-latency benchmark
+
 
 def official_protocol(model, x_e, y_e, x_c, y_c, editor, names, max_steps, control_batch):
     """Per edit: steps, errors on the control set (the official code's structure)."""
@@ -50,19 +52,7 @@ def official_protocol(model, x_e, y_e, x_c, y_c, editor, names, max_steps, contr
     rows = []
     for i in range(x_e.shape[0]):
         backup = [p.detach().clone() for p in params]
-        state = editor.init_state([p.detach() for p in params])
-        steps = 0
-        for _ in range(max_steps):
-            z = model(x_e[i:i + 1])
-            loss = z.max(-1).values[0] - z[0, y_e[i]]
-            if loss.item() <= 0:
-                break
-            grads = torch.autograd.grad(loss, params)
-            new, state = editor.step([p.detach() for p in params], list(grads), state)
-            with torch.no_grad():
-                for p, v in zip(params, new):
-                    p.copy_(v)
-            steps += 1
+        steps = official_style_steps(model, x_e[i:i + 1], int(y_e[i]), editor, params, max_steps)
         with torch.no_grad():
             pred = torch.cat([model(x_c[lo:lo + control_batch]).argmax(-1) for lo in range(0, x_c.shape[0], control_batch)])
             for p, b in zip(params, backup):

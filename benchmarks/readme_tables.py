@@ -47,7 +47,9 @@ def editable_training_bench_table() -> str:
     data = json.loads((RESULTS / "bench_editable_training.json").read_text())
     names = {"plain": "plain training step", "fastedit": "`fe.EditableTraining`",
              "fastedit_remat": "`fe.EditableTraining(rematerialize=True)`",
-             "naive": "naive unrolled autograd (official-code style)", "higher": "`higher` (innerloop_ctx)"}
+             "naive": "naive unrolled autograd (official-code style)", "higher": "`higher` (innerloop_ctx)",
+             "fastedit_autograd_step": "`fe.EditableTraining(closed_form=False)`",
+             "fastedit_remat_autograd_step": "`fe.EditableTraining(closed_form=False, rematerialize=True)`"}
     cfg = data["config"]
     lines = [f"`{data['command']}`: {cfg['model']}, batch {cfg['batch']}, `{cfg['params']}`, RMSProp, k = {cfg['k']}, "
              f"{data['machine']['threads']} threads; floor (plain + suffix forward/backward) = "

@@ -55,8 +55,48 @@ class EditLoopOutput:
         return self.loss <= 0
 
 
-def _all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+def _finite_per_edit(grads: Sequence[Tensor], batched: bool) -> Tensor:
+    """Whether every gradient entry is finite: per edit (``[E]``) when batched, else 0-dim."""
+    if batched:
+        e = grads[0].shape[0]
+        return torch.stack([g.reshape(e, -1).isfinite().all(1) for g in grads]).all(0)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
+               max_steps: int, early_exit: bool, batched: bool) -> EditLoopOutput:
+    """The loop shared by :func:`run_edit_loop` (0-dim loss) and :func:`run_edit_loop_batched`
+    (``[E]`` losses, a leading edit dimension on ``params``, per-edit masks)."""
+    theta = [p.detach().clone() for p in params]  # updated in place by the fused step
+    state = editor.init_state(theta, batched=batched)
+    shape = (theta[0].shape[0],) if batched else ()
+    steps = torch.zeros(shape, dtype=torch.int64, device=theta[0].device)
+    bad_step = torch.full(shape, -1, dtype=torch.int64, device=theta[0].device)
+    initial = loss = None
+    with torch.no_grad():  # the editor update and the bookkeeping record no graph
+        for k in range(max_steps + 1):
+            leaves = [t.detach().requires_grad_() for t in theta]
+            with torch.enable_grad():
+                loss_graph = forward(leaves)
+                # each edit's loss depends on its own slice only, so the gradient of the sum is the
+                # stack of the per-edit gradients (a non-finite loss stays in its own slice)
+                loss_total = loss_graph.sum() if batched else loss_graph
+            loss = loss_graph.detach()
+            if initial is None:
+                initial = loss
+            bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), k, bad_step)
+            if k == max_steps:
+                break
+            active = (loss > 0) & (bad_step < 0)
+            if early_exit and not bool(active.any()):
+                break  # satisfied (or failed): every further step would be the identity
+            grads = torch.autograd.grad(loss_total, leaves)
+            bad_grad = active & ~_finite_per_edit(grads, batched)
+            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
+            active = active & ~bad_grad
+            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active, batched=batched)
+            steps = steps + active
+    return EditLoopOutput(theta, loss, initial, steps, bad_step)
 
 
 def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
@@ -73,33 +113,7 @@ def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Te
     costs ``s + 1`` forwards and ``s`` backwards. Without it the loop always runs ``max_steps``
     masked steps (no host synchronisation), with the same result.
     """
-    theta = [p.detach().clone() for p in params]  # updated in place by the fused step
-    state = editor.init_state(theta)
-    device = theta[0].device
-    steps = torch.zeros((), dtype=torch.int64, device=device)
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    initial = loss = None
-    with torch.no_grad():  # the editor update and the bookkeeping record no graph
-        for k in range(max_steps + 1):
-            leaves = [t.detach().requires_grad_() for t in theta]
-            with torch.enable_grad():
-                loss_graph = loss_fn(leaves)
-            loss = loss_graph.detach()
-            if initial is None:
-                initial = loss
-            bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), k, bad_step)
-            if k == max_steps:
-                break
-            active = (loss > 0) & (bad_step < 0)
-            if early_exit and not bool(active):
-                break  # satisfied (or failed): every further step would be the identity
-            grads = torch.autograd.grad(loss_graph, leaves)
-            bad_grad = active & ~_all_finite(grads)
-            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
-            active = active & ~bad_grad
-            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active)
-            steps = steps + active
-    return EditLoopOutput(theta, loss, initial, steps, bad_step)
+    return _edit_loop(loss_fn, params, editor, max_steps, early_exit, batched=False)
 
 
 def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], params: Sequence[Tensor], inputs: Any,
@@ -118,38 +132,10 @@ def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], param
     from torch.func import vmap
 
     g = next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)).shape[0]
-    theta = [p.detach().unsqueeze(0).expand(g, *p.shape).clone() for p in params]
-    state = editor.init_state(theta, batched=True)
-    device = theta[0].device
-    steps = torch.zeros(g, dtype=torch.int64, device=device)
-    bad_step = torch.full((g,), -1, dtype=torch.int64, device=device)
     batched_loss = vmap(loss_one)
-    initial = loss = None
-    with torch.no_grad():
-        for k in range(max_steps + 1):
-            leaves = [t.detach().requires_grad_() for t in theta]
-            with torch.enable_grad():
-                loss_graph = batched_loss(leaves, inputs)
-                # each edit's loss depends on its own slice only, so the gradient of the sum is the
-                # stack of the per-edit gradients (a non-finite loss stays in its own slice)
-                loss_total = loss_graph.sum()
-            loss = loss_graph.detach()
-            if initial is None:
-                initial = loss
-            bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), k, bad_step)
-            if k == max_steps:
-                break
-            active = (loss > 0) & (bad_step < 0)
-            if early_exit and not bool(active.any()):
-                break
-            grads = torch.autograd.grad(loss_total, leaves)
-            finite = torch.stack([gr.reshape(g, -1).isfinite().all(1) for gr in grads]).all(0)
-            bad_grad = active & ~finite
-            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
-            active = active & ~bad_grad
-            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active, batched=True)
-            steps = steps + active
-    return EditLoopOutput(theta, loss, initial, steps, bad_step)
+    expanded = [p.detach().unsqueeze(0).expand(g, *p.shape) for p in params]  # cloned by the loop
+    return _edit_loop(lambda leaves: batched_loss(leaves, inputs), expanded, editor, max_steps, early_exit,
+                      batched=True)
 
 
 # ------------------------------------------------------------------------------------------------

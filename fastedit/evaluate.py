@@ -203,7 +203,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
                 edit_class_source = "labels"
         num_classes = control_set.num_classes
         target.check_labels(num_classes, torch.cat([y_e, y_c, edit_labels]))
-        base_per_class = control_set.base_errors_per_class(num_classes)
+        base_per_class = control_set.base_errors_per_class().cpu()
 
         runner = _GroupRunner(target, control_set, editor, max_steps, reduction, early, keep_kl_vectors,
                               num_classes, base_per_class)
@@ -226,12 +226,12 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     pe = {k: torch.cat([r[k] for r in rows]) if rows else torch.empty(0) for k in (rows[0] if rows else {})}
     if world > 1:
         pe = _gather_per_edit(pe, world)
-    base_error = control_set.base_errors / control_set.n
+    base_error = int(base_per_class.sum()) / control_set.n
     n_control = control_set.n
     error = pe["errors"].double() / n_control
     pe["error"] = error
     pe["edit_class"] = edit_labels.cpu().to(torch.int64)
-    per_class = _per_class_drawdown(pe["errors_per_class"], base_per_class.cpu(), y_c.cpu(), pe["edit_class"],
+    per_class = _per_class_drawdown(pe["errors_per_class"], base_per_class, y_c.cpu(), pe["edit_class"],
                                     num_classes)
     return EvalReport(
         base_error=base_error,
@@ -265,11 +265,11 @@ class _ControlSet:
             self.cached_bytes += size if keep else 0
             self.chunks.append([lo, hi, acts if keep else None, y[lo:hi], target.logits(acts)])
         self.num_classes = int(self.chunks[0][4].shape[-1])
-        self.base_errors = sum(int((ref.float().argmax(-1) != yc).sum()) for *_, yc, ref in self.chunks)
 
-    def base_errors_per_class(self, num_classes: int) -> Tensor:
-        return sum(torch.bincount(yc[ref.float().argmax(-1) != yc], minlength=num_classes)
-                   for *_, yc, ref in self.chunks)
+    def base_errors_per_class(self) -> Tensor:
+        """``[C]`` int64: the original model's control errors by true class, counted by the same op
+        (same argmax, same dtype) that counts the edited models' errors."""
+        return sum(edit_metrics(ref, yc, ref.unsqueeze(0))["errors_per_class"][0] for *_, yc, ref in self.chunks)
 
     def __iter__(self):
         for lo, hi, acts, yc, ref in self.chunks:
@@ -341,9 +341,9 @@ class _GroupRunner:
         untouched = ((steps == 0) & (bad_step < 0)).cpu() if self.early else torch.zeros(g, dtype=torch.bool)
         need = (~untouched).nonzero().flatten().tolist()
         row = {k: torch.zeros(g, dtype=torch.int64) for k in _METRIC_KEYS}
-        row["errors"] += self.control.base_errors
+        row["errors"] += int(self.base_per_class.sum())
         row["kl"] = torch.zeros(g)
-        row["errors_per_class"] = self.base_per_class.cpu().to(torch.int64).repeat(g, 1)
+        row["errors_per_class"] = self.base_per_class.repeat(g, 1)
         if self.keep_kl:
             row["kl_vector"] = torch.zeros(g, self.control.n)
         if need:
