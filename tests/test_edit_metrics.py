@@ -10,7 +10,7 @@ import torch
 
 from fastedit.kernels import dispatch, extension, metrics, reference
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # noqa: E402,F401  (a test dependency: missing, the module must fail, not skip)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

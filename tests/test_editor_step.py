@@ -256,7 +256,7 @@ def test_index_masks_equal_bool_masks(backend):
 # Property tests: shapes and extreme values
 
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # noqa: E402,F401  (a test dependency: missing, the module must fail, not skip)
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
