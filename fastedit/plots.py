@@ -12,7 +12,8 @@ import torch
 
 from .evaluate import EvalReport
 
-__all__ = ["plot_per_class_drawdown", "plot_edit_tsne", "plot_editor_comparison"]
+__all__ = ["plot_per_class_drawdown", "plot_edit_tsne", "plot_editor_comparison", "plot_drawdown_vs_error",
+           "plot_per_class_drawdowns"]
 
 
 def _pyplot():
@@ -137,6 +138,91 @@ def plot_editor_comparison(reports: dict[str, EvalReport], path, title=None):
         axes[1].set_ylim(0, 105)
         fig.suptitle(title if title is not None else "Editor comparison")
         fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_drawdown_vs_error(points: dict[str, list[tuple[float, float]]], path, title=None):
+    """Drawdown against test error (both in percent), one colour per configuration.
+
+    ``points`` maps a configuration name to its ``(test_error, drawdown)`` pairs (fractions), e.g. one
+    per seed: each pair is drawn as a small dot and, for two or more, their mean with ±1 std bars on
+    both axes.
+    """
+    if not points or not any(points.values()):
+        raise ValueError("points is empty")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    try:
+        cmap = plt.get_cmap("tab10")
+        for i, (name, pairs) in enumerate(points.items()):
+            if not pairs:
+                continue
+            err = torch.tensor([100.0 * p[0] for p in pairs], dtype=torch.float64)
+            dd = torch.tensor([100.0 * p[1] for p in pairs], dtype=torch.float64)
+            color = cmap(i % cmap.N)
+            ax.scatter(err.numpy(), dd.numpy(), s=14, color=color, alpha=0.55)
+            if len(pairs) > 1:
+                ax.errorbar(float(err.mean()), float(dd.mean()), xerr=float(err.std()), yerr=float(dd.std()),
+                            fmt="o", ms=7, color=color, capsize=3, label=f"{name} (n={len(pairs)})")
+            else:
+                ax.scatter([float(err[0])], [float(dd[0])], s=50, marker="D", color=color, label=name)
+        ax.set_xlabel("test error (%)")
+        ax.set_ylabel("drawdown (percentage points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title if title is not None else "Drawdown vs test error")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_per_class_drawdowns(matrices: dict[str, torch.Tensor], path, class_names=None, title=None):
+    """Per-class drawdown heatmaps (percent) side by side, on one shared colour scale.
+
+    ``matrices`` maps a name to a ``[C, C]`` per-class drawdown matrix (fractions, as
+    ``EvalReport.per_class_drawdown``; NaN cells blank), e.g. plain vs Editable Training.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+    if not matrices:
+        raise ValueError("matrices is empty")
+    mats = {k: v.double() * 100.0 for k, v in matrices.items()}
+    shapes = {tuple(m.shape) for m in mats.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != next(iter(shapes))[1]:
+        raise ValueError(f"matrices must all be [C, C] of one size, got shapes {sorted(shapes)}")
+    c = next(iter(shapes))[0]
+    names = _names(class_names, c)
+    finite = torch.cat([m[torch.isfinite(m)] for m in mats.values()])
+    vmax = float(finite.abs().max()) if finite.numel() else 0.0
+    vmax = vmax if vmax > 0 else 1.0
+    plt = _pyplot()
+    k = len(mats)
+    fig, axes = plt.subplots(1, k, figsize=(0.5 * c * k + 2.5, 0.5 * c + 1.6), squeeze=False, layout="constrained")
+    try:
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+        norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
+        rotate = class_names is not None
+        for ax, (label, m) in zip(axes[0], mats.items()):
+            img = ax.imshow(m.numpy(), cmap=cmap, norm=norm)
+            ax.set_xticks(range(c), names, rotation=60 if rotate else 0, ha="right" if rotate else "center",
+                          fontsize=7)
+            ax.set_yticks(range(c), names, fontsize=7)
+            ax.set_xlabel("class of affected sample", fontsize=8)
+            ax.set_title(label, fontsize=9)
+            if c <= 12:
+                for r in range(c):
+                    for q in range(c):
+                        v = float(m[r, q])
+                        if math.isfinite(v):
+                            ax.text(q, r, f"{v:.1f}", ha="center", va="center", fontsize=5.5,
+                                    color="white" if abs(v) > 0.6 * vmax else "black")
+        axes[0][0].set_ylabel("class of edited input", fontsize=8)
+        fig.colorbar(img, ax=list(axes[0]), label="drawdown (percentage points)", shrink=0.8)
+        fig.suptitle(title if title is not None else "Per-class drawdown (%)")
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)

@@ -55,3 +55,20 @@ def test_editor_comparison(reports, tmp_path):
     assert _is_png(path)
     with pytest.raises(ValueError, match="empty"):
         plots.plot_editor_comparison({}, tmp_path / "none.png")
+
+
+def test_drawdown_vs_error(tmp_path):
+    points = {"plain": [(0.1, 0.02), (0.11, 0.025), (0.105, 0.022)], "editable": [(0.1, 0.01)], "empty": []}
+    assert _is_png(plots.plot_drawdown_vs_error(points, tmp_path / "dd.png", title="t"))
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_drawdown_vs_error({"a": []}, tmp_path / "none.png")
+
+
+def test_per_class_drawdowns_side_by_side(reports, tmp_path):
+    mats = {name: r.per_class_drawdown for name, r in reports.items()}  # with NaN rows
+    path = plots.plot_per_class_drawdowns(mats, tmp_path / "grid.png", [f"c{i}" for i in range(10)])
+    assert _is_png(path)
+    with pytest.raises(ValueError, match="one size"):
+        plots.plot_per_class_drawdowns({"a": torch.zeros(3, 3), "b": torch.zeros(4, 4)}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_per_class_drawdowns({}, tmp_path / "bad.png")
