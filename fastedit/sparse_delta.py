@@ -13,6 +13,7 @@ Both save to a single safetensors file (tensors plus string metadata).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -400,7 +401,6 @@ class SparseDelta:
 def _read_safetensors(path) -> tuple[dict[str, Tensor], dict]:
     from safetensors import safe_open
 
-    import os
     if not os.path.exists(str(path)):
         raise FileNotFoundError(f"no such file: {path}")
     try:

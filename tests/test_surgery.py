@@ -5,7 +5,6 @@ can be done", plain autograd for the gradient-selected mask, and replaying NEW v
 journal.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -658,3 +657,30 @@ def test_journal_on_module_and_save_load(trained, tmp_path):
     loaded.undo()
     assert_identical(model, snap)
     assert loaded.apply(r1.delta) == 2  # ids keep counting after a load
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_surgery_keeps_dtype(trained, dtype):
+    model = fresh(trained).to(dtype)
+    x, _ = data(1, 7)
+    x = x.to(dtype)
+    with torch.no_grad():
+        y = (model(x).argmax(1) + 1) % C
+    snap = snapshot(model)
+    r = surgery(model, x, y, 20, method="dynamic", on_failure="keep")
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(r.delta.entry(n)["dtype"] == dtype for n in r.delta.names)
+    assert_sparse(model, snap, r, 20)
+    if dtype == torch.float64:
+        assert r.success
+    r.revert()
+    assert_identical(model, snap)
+
+
+def test_mixed_float64_selection_rejected(trained):
+    model = fresh(trained)
+    model.classifier.double()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match="float64"):
+        surgery(model, data(1, 7)[0], 1, 5)
+    assert_identical(model, snap)
