@@ -401,16 +401,14 @@ def train_cnp(wrapped: ConditionedModel, train_data, *, steps: int, batch_size: 
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-            with torch.no_grad():
-                succ = (z_e.argmax(-1) == y_e).double().mean()
-            stats["loss"].append(float(loss))
-            stats["edit_loss"].append(float(l_edit))
-            stats["loc_loss"].append(float(l_loc))
-            stats["base_loss"].append(float(base))
-            stats["edit_success"].append(float(succ))
+            succ = float((z_e.detach().argmax(-1) == y_e).double().mean())
+            values = {"loss": loss, "edit_loss": l_edit, "loc_loss": l_loc, "base_loss": base}
+            for key, v in values.items():
+                stats[key].append(float(v.detach()))
+            stats["edit_success"].append(succ)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}", succ=f"{float(succ):.2f}")
+                bar.set_postfix(loss=f"{stats['loss'][-1]:.4f}", succ=f"{succ:.2f}")
     finally:
         for p in params:
             p.grad = None

@@ -271,7 +271,7 @@ class DeepKNN:
         self._calib_y = y.to(self.labels.device)
 
     def p_values(self, x: Tensor) -> Tensor:
-        """DkNN p-values ``[B, C]``: share of calibration samples at least as nonconforming."""
+        """DkNN p-values ``[B, C]`` (float64): share of calibration samples at least as nonconforming."""
         if self._calib_nbrs is None:
             raise ValueError("p-values need a calibration set: pass calib=(x, y) or call calibrate()")
         lk = len(self.embeddings) * self.k
@@ -279,7 +279,7 @@ class DeepKNN:
         alpha_cal = lk - cal_counts.gather(1, self._calib_y[:, None]).squeeze(1)  # [N_cal]
         alpha = lk - self.counts(x)                                                # [B, C]
         ge = (alpha_cal[None, None, :] >= alpha[:, :, None]).sum(-1)
-        return ge.to(torch.get_default_dtype()) / alpha_cal.shape[0]
+        return ge.to(torch.float64) / alpha_cal.shape[0]
 
     def credibility(self, x: Tensor) -> Tensor:
         """The p-value of the predicted class, ``[B]``."""

@@ -121,7 +121,7 @@ def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_s
 
     def log_lik(theta: dict, xi: Tensor, yi: Tensor) -> Tensor:
         logits = functional_call(model, theta, (xi.unsqueeze(0),))
-        return torch.log_softmax(logits, dim=-1)[0, yi]
+        return torch.log_softmax(logits, dim=-1)[0].gather(0, yi.reshape(1)).squeeze(0)
 
     per_sample_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
     sums = {name: torch.zeros(p.shape, dtype=_compute_dtype(p.dtype), device=device) for name, p in chosen}
