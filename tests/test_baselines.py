@@ -128,6 +128,10 @@ def test_fisher_rejects_bad_input():
         fisher_diagonal(model, (x, y[:3]))
     with pytest.raises(ValueError, match="no parameter"):
         fisher_diagonal(model, (x, y), "nope")
+    with pytest.raises(ValueError, match="dtype"):
+        fisher_diagonal(model, (x.double(), y))
+    with pytest.raises(ValueError, match="num_samples"):
+        fisher_diagonal(model, (x, y), num_samples=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,10 +112,14 @@ def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_s
     device = chosen[0][1].device
     if x.device != device:
         raise ValueError(f"data is on {x.device} but the parameters are on {device}")
+    if x.is_floating_point() and x.dtype != chosen[0][1].dtype:
+        raise ValueError(f"data has dtype {x.dtype} but the model's parameters are {chosen[0][1].dtype}")
     n = x.shape[0]
     u = None
     if mode == "true":
-        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        # drawn on the generator's device (the CPU by default), then moved: the same labels on any device
+        u = torch.rand(n, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu").to(device)
 
     frozen = {name: p.detach() for name, p in chosen}
 
