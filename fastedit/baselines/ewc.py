@@ -1,0 +1,318 @@
+"""EWC-regularised editing: the "GD+EWC" / "RMSProp+EWC" baselines of Editable Neural Networks.
+
+An edit minimises, with any editor, the constraint plus an elastic penalty that holds each
+editable coordinate near its value before the edit, weighted by the diagonal Fisher information
+estimated on training data (Kirkpatrick et al., 2017)::
+
+    J(θ) = l_e(θ) + λ Σ_i F_i (θ_i − θ⁰_i)²
+
+The editor steps on ``∇J`` but the edit stops, and is judged, on the constraint alone: a step is
+taken only while ``l_e > 0`` (the penalty is ≥ 0 and would otherwise keep every edit "active").
+:func:`fastedit.edit.run_edit_loop` judges activity on the loss it differentiates, so this module
+runs its own copy of that loop (:func:`run_penalised_loop`) that differentiates ``J`` and judges
+``l_e``. With ``λ = 0`` it performs exactly :func:`fastedit.edit`'s floating-point operations
+(the penalty's gradient is an exact zero added to the constraint's), so the results are bit-identical.
+
+Fisher diagonal (:func:`fisher_diagonal`), per editable coordinate::
+
+    F_i = 1/N Σ_n ( ∂/∂θ_i log p(ŷ_n | x_n, θ) )²
+
+with ``ŷ_n = y_n`` ("empirical" Fisher) or ``ŷ_n`` drawn from the model's predictive distribution
+``p(· | x_n, θ)`` ("true" Fisher), in eval mode (BatchNorm on running statistics, dropout off).
+Per-sample gradients come from ``torch.func.vmap(grad(...))`` over chunks of the data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from ..edit import (EditError, EditLoopOutput, EditResult, EditTarget, _finite_per_edit, check_common, eval_mode,
+                    resolve_early_exit)
+from ..editors import Editor, _compute_dtype, make_editor
+from ..kernels.editor_step import editor_step_
+from ..selection import ParamSpec, select_parameters
+
+__all__ = ["fisher_diagonal", "ewc_edit", "EWCEditResult", "run_penalised_loop", "ewc_penalty"]
+
+FISHER_MODES = ("empirical", "true")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fisher diagonal
+# ------------------------------------------------------------------------------------------------
+def _check_data(data, what: str = "data") -> tuple[Tensor, Tensor]:
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{what} must be a pair (x, y) of tensors, got {type(data).__name__}")
+    x, y = data
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"{what} must be a pair (x, y) of tensors")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{what}: y must hold integer class labels, got dtype {y.dtype}")
+    if x.dim() == 0 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} and y {tuple(y.shape)} must hold the same number of samples "
+                         "(y one label per sample)")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} is empty")
+    if x.device != y.device:
+        raise ValueError(f"{what}: x is on {x.device} but y on {y.device}")
+    return x, y.to(torch.int64)
+
+
+def _sample_labels(logits: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling from ``softmax(logits)`` with uniforms ``u`` (one per row).
+
+    The label is the first class whose cumulative probability exceeds ``u`` (computed in float64),
+    so the draw is a deterministic function of ``u`` that a per-sample loop reproduces exactly.
+    """
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
+    idx = torch.searchsorted(cdf, u.double().unsqueeze(-1), right=True).squeeze(-1)
+    return idx.clamp_(max=logits.shape[-1] - 1)  # u above a rounded-down total → the last class
+
+
+def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_size: int = 128,
+                    num_samples: int | None = None, mode: str = "empirical",
+                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """The diagonal Fisher information of the selected parameters, estimated on ``data``.
+
+    Args:
+        model: a classifier returning logits ``[B, C]``; run in eval mode (its modes are restored),
+            never modified (the gradients are functional: no ``.grad`` is touched).
+        data: ``(x, y)``: training inputs ``[N, ...]`` and integer labels ``[N]``, on the model's device.
+        params: the parameters to estimate it for (as in :func:`fastedit.edit`); ``None``: all.
+        batch_size: samples per vectorised chunk (memory: ``batch_size`` copies of the gradients).
+        num_samples: use only the first ``num_samples`` samples (shuffle ``data`` for a random subset).
+        mode: ``"empirical"``: gradients of ``log p(y_n | x_n)`` at the true labels; ``"true"``:
+            of ``log p(ŷ_n | x_n)`` with ``ŷ_n`` sampled from the model's predictive distribution,
+            by inverse CDF from ``u = torch.rand(n, generator=generator)`` drawn once for all samples.
+        generator: the random generator for ``"true"`` (default: torch's global one).
+
+    Returns:
+        ``{name: F}``, ``F`` with the parameter's shape, dtype and device: the mean over samples of
+        the squared per-sample gradient (accumulated in float32, float64 for float64 parameters).
+
+    Raises:
+        ValueError / TypeError: a bad mode, batch size, sample count, selection or data.
+    """
+    if mode not in FISHER_MODES:
+        raise ValueError(f"mode must be one of {FISHER_MODES}, got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    x, y = _check_data(data)
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
+        x, y = x[:num_samples], y[:num_samples]
+    chosen = select_parameters(model, params)
+    names = [n for n, _ in chosen]
+    device = chosen[0][1].device
+    if x.device != device:
+        raise ValueError(f"data is on {x.device} but the parameters are on {device}")
+    if x.is_floating_point() and x.dtype != chosen[0][1].dtype:
+        raise ValueError(f"data has dtype {x.dtype} but the model's parameters are {chosen[0][1].dtype}")
+    n = x.shape[0]
+    u = None
+    if mode == "true":
+        # drawn on the generator's device (the CPU by default), then moved: the same labels on any device
+        u = torch.rand(n, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu").to(device)
+
+    frozen = {name: p.detach() for name, p in chosen}
+
+    def log_lik(theta: dict, xi: Tensor, yi: Tensor) -> Tensor:
+        logits = functional_call(model, theta, (xi.unsqueeze(0),))
+        return torch.log_softmax(logits, dim=-1)[0].gather(0, yi.reshape(1)).squeeze(0)
+
+    per_sample_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    sums = {name: torch.zeros(p.shape, dtype=_compute_dtype(p.dtype), device=device) for name, p in chosen}
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, n, batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            if mode == "true":
+                with torch.no_grad():
+                    logits = model(xb)
+                if not isinstance(logits, Tensor) or logits.dim() != 2:
+                    raise ValueError("the model must return logits [batch, classes]")
+                yb = _sample_labels(logits, u[start:start + batch_size])
+            with torch.enable_grad():
+                grads = per_sample_grad(frozen, xb, yb)
+            for name in names:
+                g = grads[name].to(sums[name].dtype)
+                sums[name].add_((g * g).sum(0))
+    return {name: (sums[name] / n).to(p.dtype) for name, p in chosen}
+
+
+# ------------------------------------------------------------------------------------------------
+# the penalised loop
+# ------------------------------------------------------------------------------------------------
+def run_penalised_loop(objective_fn: Callable[[list[Tensor]], tuple[Tensor, Tensor]], params: Sequence[Tensor],
+                       editor: Editor, max_steps: int, *, early_exit: bool = False) -> EditLoopOutput:
+    """:func:`fastedit.edit.run_edit_loop` for an objective that differs from the constraint.
+
+    ``objective_fn(theta)`` returns ``(objective, constraint)`` (0-dim each). The editor steps on
+    the gradient of ``objective``; a step is taken only while ``constraint > 0`` (and every value so
+    far is finite). The returned ``loss`` / ``initial_loss`` / ``success`` refer to the constraint.
+    ``params`` are not modified. Same operations, in the same order, as ``run_edit_loop``, so an
+    objective equal to the constraint gives its result bit for bit.
+    """
+    theta = [p.detach().clone() for p in params]
+    state = editor.init_state(theta)
+    device = theta[0].device
+    steps = torch.zeros((), dtype=torch.int64, device=device)
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    initial = loss = None
+    with torch.no_grad():
+        for k in range(max_steps + 1):
+            leaves = [t.detach().requires_grad_() for t in theta]
+            with torch.enable_grad():
+                objective, constraint = objective_fn(leaves)
+            loss = constraint.detach()
+            if initial is None:
+                initial = loss
+            finite = torch.isfinite(loss) & torch.isfinite(objective.detach())
+            bad_step = torch.where(~finite & (bad_step < 0), k, bad_step)
+            if k == max_steps:
+                break
+            active = (loss > 0) & (bad_step < 0)
+            if early_exit and not bool(active.any()):
+                break
+            grads = torch.autograd.grad(objective, leaves)
+            bad_grad = active & ~_finite_per_edit(grads, False)
+            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
+            active = active & ~bad_grad
+            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active)
+            steps = steps + active
+    return EditLoopOutput(theta, loss, initial, steps, bad_step)
+
+
+def ewc_penalty(theta: Sequence[Tensor], anchor: Sequence[Tensor], fisher: Sequence[Tensor]) -> Tensor:
+    """``Σ_i F_i (θ_i − θ⁰_i)²`` over every tensor (0-dim, in the parameters' dtype)."""
+    total = None
+    for t, a, f in zip(theta, anchor, fisher):
+        d = t - a
+        term = (f * d * d).sum()
+        total = term if total is None else total + term
+    return total
+
+
+@dataclass
+class EWCEditResult(EditResult):
+    """:class:`fastedit.edit.EditResult` plus the final EWC penalty ``Σ F (θ − θ⁰)²`` (without λ)."""
+
+    penalty: float = 0.0
+    ewc_lambda: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "penalty": self.penalty, "ewc_lambda": self.ewc_lambda}
+
+
+def _check_fisher(fisher, names: list[str], params: list[nn.Parameter], what: str) -> list[Tensor]:
+    if not isinstance(fisher, Mapping):
+        raise TypeError(f"{what} must be a dict name → tensor (e.g. from fisher_diagonal), got {type(fisher).__name__}")
+    out = []
+    for name, p in zip(names, params):
+        if name not in fisher:
+            raise ValueError(f"{what} has no entry for the editable parameter {name!r}")
+        f = fisher[name]
+        if not isinstance(f, Tensor):
+            raise TypeError(f"{what}[{name!r}] must be a tensor, got {type(f).__name__}")
+        if f.shape != p.shape:
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(f.shape)} but the parameter {tuple(p.shape)}")
+        if f.device != p.device:
+            raise ValueError(f"{what}[{name!r}] is on {f.device} but the parameter on {p.device}")
+        if not f.is_floating_point():
+            raise TypeError(f"{what}[{name!r}] must be floating point, got {f.dtype}")
+        out.append(f.detach().to(p.dtype))
+    return out
+
+
+def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ewc_lambda: float,
+             editor: Editor | str = "rmsprop", params: ParamSpec = None, max_steps: int = 10,
+             on_failure: str = "revert", reduction: str = "max", anchor: Mapping[str, Tensor] | None = None,
+             use_prefix: bool = True, early_exit: bool | str = "auto") -> EWCEditResult:
+    """Edit ``model`` in place, like :func:`fastedit.edit`, with an EWC penalty in the editor's loss.
+
+    The editor minimises ``l_e(θ) + ewc_lambda · Σ_i F_i (θ_i − θ⁰_i)²`` over the editable
+    parameters; the edit stops, and succeeds, when the constraint ``l_e ≤ 0`` (the prediction on
+    ``x`` is ``y``), whatever the penalty.
+
+    Args:
+        model, x, y, editor, params, max_steps, on_failure, reduction, use_prefix, early_exit: as
+            in :func:`fastedit.edit`.
+        fisher: ``{name: F}`` with a non-negative tensor per editable parameter (its shape/device),
+            e.g. from :func:`fisher_diagonal`; extra entries are ignored.
+        ewc_lambda: the penalty weight ``λ ≥ 0`` (``0``: exactly :func:`fastedit.edit`).
+        anchor: ``{name: θ⁰}``; default: the parameters' values before the edit.
+
+    Returns:
+        :class:`EWCEditResult` (``success``, ``steps``, ``loss`` = final ``l_e``, ``penalty``,
+        ``applied``, ``revert()``).
+
+    Raises:
+        ValueError / TypeError for bad input (as :func:`fastedit.edit`, plus a Fisher or anchor
+        that is missing an editable parameter, has the wrong shape/device, or is negative/non-finite;
+        a negative or non-finite ``ewc_lambda``); :class:`~fastedit.edit.EditError` for a non-finite
+        loss or gradient. In every such case the model is left bit-identical to before.
+    """
+    check_common(max_steps, reduction, on_failure)
+    if isinstance(ewc_lambda, bool) or not isinstance(ewc_lambda, (int, float)) or not math.isfinite(ewc_lambda) \
+            or ewc_lambda < 0:
+        raise ValueError(f"ewc_lambda must be a finite number ≥ 0, got {ewc_lambda!r}")
+    editor = make_editor(editor)
+    with eval_mode(model):
+        target = EditTarget.build(model, params, use_prefix)
+        f_list = _check_fisher(fisher, target.names, target.params, "fisher")
+        if any(bool(((f < 0) | ~torch.isfinite(f)).any()) for f in f_list):
+            raise ValueError("fisher must be finite and non-negative")
+        if anchor is None:
+            a_list = [p.detach().clone() for p in target.params]
+        else:
+            a_list = _check_fisher(anchor, target.names, target.params, "anchor")
+        y = target.check_inputs(x, y)
+        try:
+            acts = target.prefix(x)
+            num_classes = target.num_classes(acts)
+        except (TypeError, ValueError):
+            raise
+        except Exception as exc:
+            raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
+        target.check_labels(num_classes, y)
+        constraint = target.loss_fn(acts, y, reduction)
+        lam = float(ewc_lambda)
+
+        def objective(theta: list[Tensor]) -> tuple[Tensor, Tensor]:
+            c = constraint(theta)
+            # the penalty is computed even for λ = 0: its gradient is then an exact zero, so the
+            # steps are fe.edit's bit for bit (tested)
+            return c + lam * ewc_penalty(theta, a_list, f_list), c
+
+        out = run_penalised_loop(objective, target.params, editor, max_steps,
+                                 early_exit=resolve_early_exit(early_exit, target.device))
+
+    bad_step = int(out.bad_step)
+    if bad_step >= 0:
+        raise EditError(f"non-finite constraint, penalty or gradient at step {bad_step} of the EWC edit "
+                        f"(editor {editor!r}); the model is unchanged")
+    success = bool(out.success)
+    with torch.no_grad():
+        penalty = float(ewc_penalty(out.params, a_list, f_list))
+    result = EWCEditResult(success=success, steps=int(out.steps), loss=float(out.loss),
+                           initial_loss=float(out.initial_loss), applied=False, param_names=list(target.names),
+                           _params=list(target.params), penalty=penalty, ewc_lambda=lam)
+    if success or on_failure == "keep":
+        result._backup = [p.detach().clone() for p in target.params]
+        try:
+            with torch.no_grad():
+                for p, new in zip(target.params, out.params):
+                    p.copy_(new)
+        except BaseException:
+            with torch.no_grad():
+                for p, saved in zip(target.params, result._backup):
+                    p.copy_(saved)
+            raise
+        result.applied = True
+    return result
