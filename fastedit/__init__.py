@@ -10,13 +10,17 @@ from .editors import EDITORS, GD, Adam, Editor, Momentum, RMSProp, RProp, Scaled
 from .evaluate import EvalReport, evaluate
 from .kernels import backends
 from .selection import select_parameters
+from .sparse_delta import EditJournal, SparseDelta
+from .surgery import SurgeryResult, surgery
 from .training import EditableTraining, LearnableEditor
 from .tuning import TuneResult, tune
+from . import baselines  # noqa: E402  (EWC editing, Deep k-NN, Editable+CNP)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "edit", "EditResult", "EditError", "evaluate", "EvalReport", "tune", "TuneResult", "backends", "EditableTraining", "LearnableEditor",
     "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam", "EDITORS", "make_editor",
-    "edit_constraint", "constraint_per_sample", "select_parameters", "__version__",
+    "edit_constraint", "constraint_per_sample", "select_parameters", "surgery", "SurgeryResult", "SparseDelta",
+    "EditJournal", "baselines", "__version__",
 ]
