@@ -64,9 +64,11 @@ def _finite_per_edit(grads: Sequence[Tensor], batched: bool) -> Tensor:
 
 
 def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
-               max_steps: int, early_exit: bool, batched: bool) -> EditLoopOutput:
+               max_steps: int, early_exit: bool, batched: bool, penalised: bool = False) -> EditLoopOutput:
     """The loop shared by :func:`run_edit_loop` (0-dim loss) and :func:`run_edit_loop_batched`
-    (``[E]`` losses, a leading edit dimension on ``params``, per-edit masks)."""
+    (``[E]`` losses, a leading edit dimension on ``params``, per-edit masks). With ``penalised``,
+    ``forward`` returns ``(objective, constraint)``: the steps follow the objective's gradient, while
+    activity, success and the reported losses are the constraint's (EWC editing)."""
     theta = [p.detach().clone() for p in params]  # updated in place by the fused step
     state = editor.init_state(theta, batched=batched)
     shape = (theta[0].shape[0],) if batched else ()
@@ -77,14 +79,16 @@ def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tenso
         for k in range(max_steps + 1):
             leaves = [t.detach().requires_grad_() for t in theta]
             with torch.enable_grad():
-                loss_graph = forward(leaves)
+                out = forward(leaves)
+                objective, loss_graph = out if penalised else (out, out)
                 # each edit's loss depends on its own slice only, so the gradient of the sum is the
                 # stack of the per-edit gradients (a non-finite loss stays in its own slice)
-                loss_total = loss_graph.sum() if batched else loss_graph
+                loss_total = objective.sum() if batched else objective
             loss = loss_graph.detach()
             if initial is None:
                 initial = loss
-            bad_step = torch.where(~torch.isfinite(loss) & (bad_step < 0), k, bad_step)
+            finite = torch.isfinite(loss) & torch.isfinite(objective.detach()) if penalised else torch.isfinite(loss)
+            bad_step = torch.where(~finite & (bad_step < 0), k, bad_step)
             if k == max_steps:
                 break
             active = (loss > 0) & (bad_step < 0)
@@ -367,15 +371,21 @@ def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", param
                         initial_loss=float(out.initial_loss), applied=False, param_names=list(target.names),
                         _params=list(target.params))
     if success or on_failure == "keep":
-        result._backup = [p.detach().clone() for p in target.params]
-        try:
-            with torch.no_grad():
-                for p, new in zip(target.params, out.params):
-                    p.copy_(new)
-        except BaseException:
-            with torch.no_grad():
-                for p, saved in zip(target.params, result._backup):
-                    p.copy_(saved)
-            raise
-        result.applied = True
+        commit_params(result, target.params, out.params)
     return result
+
+
+def commit_params(result: EditResult, params: Sequence[Tensor], new_values: Sequence[Tensor]) -> None:
+    """Copy ``new_values`` into ``params`` atomically (restored if a copy fails), keeping a backup in
+    ``result`` for :meth:`EditResult.revert`."""
+    result._backup = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, new in zip(params, new_values):
+                p.copy_(new)
+    except BaseException:
+        with torch.no_grad():
+            for p, saved in zip(params, result._backup):
+                p.copy_(saved)
+        raise
+    result.applied = True

@@ -9,6 +9,7 @@ import fastedit as fe
 from fastedit.baselines import (ConditionedModel, ConditionEncoder, DeepKNN, cnp_edit, cnp_evaluate, dknn_evaluate,
                                 ewc_edit, fisher_diagonal, train_cnp)
 from fastedit.edit import EditError
+from test_edit import assert_identical, snapshot
 
 
 # ------------------------------------------------------------------------------------------------
@@ -38,17 +39,6 @@ def make_convnet(dtype=torch.float32, seed=0, classes=5):
         for _ in range(3):
             model(torch.randn(32, 1, 6, 6, dtype=dtype))
     return model.eval()
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model, snap):
-    now = model.state_dict()
-    assert now.keys() == snap.keys()
-    for k, v in snap.items():
-        assert torch.equal(now[k], v), f"{k} changed"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -109,3 +109,12 @@ def test_help_explains_itself(script, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--preset" in text and "--time-limit" in text and "resume" in text
+
+
+def test_time_limit_stops_cleanly_and_resumes(script, tiny_zip, tmp_path):
+    out = tmp_path / "limited"
+    # a budget already spent: nothing is trained or written, exit code 3 says "run me again"
+    assert script.main(_args(tiny_zip, out, "--time-limit", "1e-3", "--eval-reserve", "0")) == script.EXIT_TIME_LIMIT
+    assert not list((out / "cells").glob("*.json")) and not list((out / "ckpt").glob("*.pt"))
+    assert script.main(_args(tiny_zip, out, "--time-limit", "3600")) == 0
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == ["et-c0.1_seed0.json", "plain_seed0.json"]

@@ -31,10 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from ..edit import (EditError, EditLoopOutput, EditResult, EditTarget, _finite_per_edit, check_common, eval_mode,
-                    resolve_early_exit)
+from ..edit import (EditError, EditLoopOutput, EditResult, EditTarget, _edit_loop, check_common, commit_params,
+                    eval_mode, resolve_early_exit)
 from ..editors import Editor, _compute_dtype, make_editor
-from ..kernels.editor_step import editor_step_
 from ..selection import ParamSpec, select_parameters
 
 __all__ = ["fisher_diagonal", "ewc_edit", "EWCEditResult", "run_penalised_loop", "ewc_penalty"]
@@ -156,37 +155,10 @@ def run_penalised_loop(objective_fn: Callable[[list[Tensor]], tuple[Tensor, Tens
     ``objective_fn(theta)`` returns ``(objective, constraint)`` (0-dim each). The editor steps on
     the gradient of ``objective``; a step is taken only while ``constraint > 0`` (and every value so
     far is finite). The returned ``loss`` / ``initial_loss`` / ``success`` refer to the constraint.
-    ``params`` are not modified. Same operations, in the same order, as ``run_edit_loop``, so an
-    objective equal to the constraint gives its result bit for bit.
+    ``params`` are not modified. It is fe.edit's loop itself, so an objective equal to the
+    constraint gives its result bit for bit.
     """
-    theta = [p.detach().clone() for p in params]
-    state = editor.init_state(theta)
-    device = theta[0].device
-    steps = torch.zeros((), dtype=torch.int64, device=device)
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    initial = loss = None
-    with torch.no_grad():
-        for k in range(max_steps + 1):
-            leaves = [t.detach().requires_grad_() for t in theta]
-            with torch.enable_grad():
-                objective, constraint = objective_fn(leaves)
-            loss = constraint.detach()
-            if initial is None:
-                initial = loss
-            finite = torch.isfinite(loss) & torch.isfinite(objective.detach())
-            bad_step = torch.where(~finite & (bad_step < 0), k, bad_step)
-            if k == max_steps:
-                break
-            active = (loss > 0) & (bad_step < 0)
-            if early_exit and not bool(active.any()):
-                break
-            grads = torch.autograd.grad(objective, leaves)
-            bad_grad = active & ~_finite_per_edit(grads, False)
-            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
-            active = active & ~bad_grad
-            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active)
-            steps = steps + active
-    return EditLoopOutput(theta, loss, initial, steps, bad_step)
+    return _edit_loop(objective_fn, params, editor, max_steps, early_exit, batched=False, penalised=True)
 
 
 def ewc_penalty(theta: Sequence[Tensor], anchor: Sequence[Tensor], fisher: Sequence[Tensor]) -> Tensor:
@@ -304,15 +276,5 @@ def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ew
                            initial_loss=float(out.initial_loss), applied=False, param_names=list(target.names),
                            _params=list(target.params), penalty=penalty, ewc_lambda=lam)
     if success or on_failure == "keep":
-        result._backup = [p.detach().clone() for p in target.params]
-        try:
-            with torch.no_grad():
-                for p, new in zip(target.params, out.params):
-                    p.copy_(new)
-        except BaseException:
-            with torch.no_grad():
-                for p, saved in zip(target.params, result._backup):
-                    p.copy_(saved)
-            raise
-        result.applied = True
+        commit_params(result, target.params, out.params)
     return result
