@@ -63,7 +63,9 @@ PRESETS = {
                 editor_lr=1e-3, edits=1000, control=8000, tune_edits=100, tune_control=1000,
                 lr_grid=[10.0 ** (-5 + i / 2) for i in range(9)]),      # 1e-5 … 1e-1
 }
-CONFIGS = {"plain": None, "et-c0.01": 0.01, "et-c0.1": 0.1}  # name -> c_loc (None: plain training)
+# name -> c_loc (None: plain training); et-c1 is a diagnostic beyond the paper's values (--configs et-c1)
+CONFIGS = {"plain": None, "et-c0.01": 0.01, "et-c0.1": 0.1, "et-c1": 1.0}
+DEFAULT_CONFIGS = ["plain", "et-c0.01", "et-c0.1"]
 C_EDIT = 0.01
 EVAL_SEED = 1234  # edits, labels and control split: the same for every model
 EXIT_TIME_LIMIT = 3
@@ -314,7 +316,8 @@ def parse_args(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: fine-tune ResNet-20 (default); "
                     "gpu: ResNet-18 from scratch")
     ap.add_argument("--out-dir", required=True, type=pathlib.Path)
-    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
+                    help=f"default: {' '.join(DEFAULT_CONFIGS)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--data", help="the CIFAR-10 JPEG zip (default: $FASTEDIT_DATA/cifar10 or ../shared/data/cifar10)")
     ap.add_argument("--weights", help="pretrained weights for the cpu preset (default: ../shared/models/resnet20-*.th)")

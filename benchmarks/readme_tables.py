@@ -79,6 +79,34 @@ def editable_training_digits_table() -> str:
     return "\n".join(lines + ["", "Commands: " + "; ".join(commands) + "."])
 
 
+def editable_training_cifar_table(folder: str = "editable_training_cifar") -> str:
+    data = json.loads((RESULTS / folder / "summary.json").read_text())
+    pc, vs = data["per_config"], data["vs_plain"]
+    lines = ["| training | seeds | test error | drawdown | Δ drawdown vs plain (paired) | success | steps | flip rate "
+             "| tuned lr | s/step | × plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = data.get("reference")
+    if ref:
+        lines.append(f"| starting model (no training) | – | {100 * ref['test_error']:.2f}% | {100 * ref['drawdown']:.2f}% "
+                     f"| | {100 * ref['success_rate']:.1f}% | {ref['mean_steps']:.2f} | {100 * ref['flip_rate']:.2f}% "
+                     "| | | |")
+    cells = {}
+    for path in (RESULTS / folder / "cells").glob("*_seed*.json"):
+        c = json.loads(path.read_text())
+        cells.setdefault(c["config"], []).append(c["tuned_editor"]["lr"])
+    for name, s in pc.items():
+        pm = lambda k, scale=100, d=2: f"{scale * s[k]['mean']:.{d}f} ± {scale * s[k]['std']:.{d}f}"  # noqa: E731
+        delta = vs.get(name, {}).get("drawdown_minus_plain")
+        ratio = vs.get(name, {}).get("step_time_ratio")
+        lrs = ", ".join(sorted({f"{v:.0e}" for v in cells.get(name, [])}))
+        delta_text = "" if delta is None else f"{100 * delta['mean']:+.2f} ± {100 * delta['std']:.2f}"
+        ratio_text = "1.00" if ratio is None else f"{ratio['mean']:.2f}"
+        lines.append(f"| {name} | {s['test_error']['n']} | {pm('test_error')}% | {pm('drawdown')}% | {delta_text} | "
+                     f"{pm('success_rate', d=1)}% | {s['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {lrs} | "
+                     f"{s['step_seconds']['mean']:.3f} | {ratio_text} |")
+    return "\n".join(lines + ["", f"Command: `{data['command']}` ({data['machine']['device']}, "
+                              f"{data['machine']['threads']} thread(s) per process)."])
+
+
 def _hp(chosen: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k in ("lr", "beta"))
 
@@ -175,6 +203,7 @@ TABLES = {
     "bench_edit": bench_table,
     "editable_training_bench": editable_training_bench_table,
     "editable_training_digits": editable_training_digits_table,
+    "editable_training_cifar": editable_training_cifar_table,
     "evaluation_table1": lambda: evaluation_table("1"),
     "evaluation_table2": lambda: evaluation_table("2"),
     "bench_evaluate": bench_evaluate_table,

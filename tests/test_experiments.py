@@ -70,6 +70,21 @@ def test_runs_and_resumes_bit_identically(script, tiny_zip, tmp_path):
     for png in ("drawdown_vs_test_error.png", "per_class_drawdown.png"):
         assert (straight / png).read_bytes().startswith(b"\x89PNG")
 
+    # the diagnosis reads the same cells and checkpoints and leaves them as they were
+    spec = importlib.util.spec_from_file_location("diagnose", SCRIPT.with_name("editable_training_cifar_diagnose.py"))
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    before = (straight / "ckpt" / "plain_seed0.pt").read_bytes()
+    assert diagnose.main(["--out-dir", str(straight), "--data", str(tiny_zip), "--edits", "3", "--control", "8",
+                          "--batches", "2", "--batch-size", "4", "--quiet"]) == 0
+    assert (straight / "ckpt" / "plain_seed0.pt").read_bytes() == before
+    rows = json.loads((straight / "diagnose.json").read_text())["rows"]
+    assert [(r["config"], r["seed"]) for r in rows] == [("et-c0.1", 0), ("plain", 0)]
+    for r in rows:
+        for key in ("eval on train images", "eval on test images"):
+            assert 0.0 <= r[key]["flip_rate"] <= 1.0 and r[key]["mean_kl"] >= 0.0
+        assert r["training L_loc (shared)"]["loss_loc"] >= 0.0
+
 
 def test_summary_matches_cells(script, tiny_zip, tmp_path):
     out = tmp_path / "two_seeds"
