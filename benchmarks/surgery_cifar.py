@@ -2,7 +2,8 @@
 the exact CIFAR-10 pixels (the lossless subset: 8,068 training and the first 1,017 test images).
 
 Part A, pattern injection (``--part pattern``)
-    A trigger (a ``--trigger-size`` square patch of value ``--trigger-value``, bottom-right corner,
+    A trigger (default: a ``--trigger-size`` = 3 square patch of value ``--trigger-value`` = 255, in
+    the bottom-right corner; ``--trigger-shape frame``: a border of that width around the image;
     written into the uint8 pixels before normalisation) should make the model predict class
     ``--target`` (0, airplane). Surgery set: ``--inject`` training images whose class is not the
     target, with the trigger, labelled ``--target``; clean term: ``--clean`` other (clean) training
@@ -28,10 +29,10 @@ Part B, classification edits (``--part edits``)
 
     - ``gd``, ``rmsprop``: dense editors on ``layer3`` (``fastedit.evaluate``, k = ``--max-steps``),
       the lr tuned by ``fastedit.tune`` (``--tune-edits`` training images with random labels, control
-      = the test images, lr grid 1e-5…1e-1 ×√10, least drawdown with ≥ 95% success). ``--gd-lr`` /
-      ``--rmsprop-lr`` skip the tuning; by default an lr tuned by ``reproduce_evaluation.py`` with the
-      same protocol (its cells in ``--tuned-from``) is reused, ``--retune`` tunes anew. nnz is counted
-      on the first ``--nnz-edits`` edits with ``fastedit.edit``.
+      = the test images, lr grid 1e-5…1e-1 ×√10, least drawdown with ≥ 95% success; RMSProp with
+      beta = 0.5, the official default); ``--gd-lr`` / ``--rmsprop-lr`` skip the tuning. fastedit.evaluate
+      does not keep the edited parameters, so nnz is counted on the first ``--nnz-edits`` edits with
+      ``fastedit.edit``.
     - ``surgery-<method>`` at each ``--surgery-budgets``: ``fastedit.surgery(goal="edit",
       params="layer3", steps=--surgery-steps)`` per edit (a failed surgery is kept and measured),
       control predictions, ``revert()``.
@@ -118,37 +119,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--inject", type=int, default=256, help="triggered training images (true class ≠ target)")
     a.add_argument("--clean", type=int, default=256, help="clean training images of the KL term")
     a.add_argument("--clean-weight", type=float, default=1.0, help="weight of the KL term")
-    a.add_argument("--epochs", type=int, default=6, help="surgery units (epochs over the triggered images)")
+    a.add_argument("--epochs", type=int, default=20, help="surgery units (epochs over the triggered images)")
     a.add_argument("--batch-size", type=int, default=64, help="triggered images per step (plus as many clean)")
     a.add_argument("--editor-lr", type=float, default=0.1, help="ScaledGD step length (L2) of the surgery")
     a.add_argument("--target-rate", type=float, default=1.0,
                    help="stop once this share of the triggered training images is predicted as the target")
     a.add_argument("--target", type=int, default=0, help="target class (0: airplane)")
-    a.add_argument("--trigger-size", type=int, default=3, help="side of the square trigger patch (pixels)")
+    a.add_argument("--trigger-shape", choices=["square", "frame"], default="square",
+                   help="square: a patch in the bottom-right corner; frame: a border around the image")
+    a.add_argument("--trigger-size", type=int, default=3,
+                   help="side of the square patch / width of the frame (pixels)")
     a.add_argument("--trigger-value", type=int, default=255, help="uint8 value of the patch (255: white)")
 
     b = ap.add_argument_group("part B: classification edits")
-    b.add_argument("--edits", type=int, default=100, help="reported edits (test images, random labels)")
+    b.add_argument("--edits", type=int, default=200, help="reported edits (test images, random labels)")
     b.add_argument("--max-steps", type=int, default=10, help="k, steps of the dense (and EWC) editors")
     b.add_argument("--tune-edits", type=int, default=50, help="tuning edits (training images, random labels)")
     b.add_argument("--lr-grid", type=float, nargs="+", default=LRS, help="lr grid of fastedit.tune")
     b.add_argument("--gd-lr", type=float, default=None, help="GD lr (skips tuning GD)")
     b.add_argument("--rmsprop-lr", type=float, default=None, help="RMSProp lr, beta 0.5 (skips tuning RMSProp)")
-    b.add_argument("--tuned-from", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "evaluation",
-                   help="reuse lrs tuned by reproduce_evaluation.py (same protocol) from this folder's cells")
-    b.add_argument("--retune", action="store_true", help="tune GD/RMSProp here even if --tuned-from has them")
     b.add_argument("--nnz-edits", type=int, default=10, help="edits on which the dense editors' nnz is counted")
     b.add_argument("--edit-methods", nargs="+", default=["gd", "rmsprop", "surgery", "ewc", "dknn", "cnp"],
                    choices=["gd", "rmsprop", "surgery", "ewc", "dknn", "cnp"], help="methods of part B")
     b.add_argument("--surgery-methods", nargs="+", choices=SURGERY_METHODS, default=["dynamic", "select-grad"])
     b.add_argument("--surgery-budgets", nargs="+", type=int, default=[10, 100, 1000])
     b.add_argument("--surgery-steps", type=int, default=100, help="surgery units (editor steps) per edit")
-    b.add_argument("--ewc-lambdas", type=float, nargs="+", default=[1e2, 1e3, 1e4],
-                   help="EWC penalty weights λ (Fisher of layer3; see the report for their scale)")
+    b.add_argument("--ewc-lambdas-gd", type=float, nargs="+", default=[1e4, 3e4, 1e5],
+                   help="EWC weights λ with GD: the Fisher of layer3 has mean ≈ 2e-4 and max ≈ 0.08, so GD "
+                        "(lr ≈ 3e-4) stays stable on every coordinate only for λ < 1/(lr·max F) ≈ 4e4")
+    b.add_argument("--ewc-lambdas-rmsprop", type=float, nargs="+", default=[1e5, 1e6, 3e6],
+                   help="EWC weights λ with RMSProp (normalised steps: no such limit; λ ≈ 1e6 halves drawdown "
+                        "in a probe, 1e7 makes most edits fail)")
     b.add_argument("--fisher-samples", type=int, default=None, help="training images for the Fisher (default all)")
     b.add_argument("--dknn-layers", nargs="+", default=["layer2", "layer3", "avgpool"])
     b.add_argument("--dknn-k", type=int, default=75)
-    b.add_argument("--cnp-steps", type=int, default=300, help="encoder training steps")
+    b.add_argument("--cnp-chain", default="layer2",
+                   help="chain whose output gets the condition (layer3 is ResNet-20's last stage: a condition "
+                        "there is a constant logit shift for every input)")
+    b.add_argument("--cnp-steps", type=int, default=1000, help="encoder training steps")
     b.add_argument("--cnp-batch-size", type=int, default=64)
     b.add_argument("--cnp-lr", type=float, default=1e-3)
     b.add_argument("--cnp-c-edit", type=float, default=1.0)
@@ -184,11 +192,17 @@ def normalise(x_u8: torch.Tensor) -> torch.Tensor:
     return fdata.to_float_tensor(x_u8, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
 
 
-def add_trigger(x_u8: torch.Tensor, size: int, value: int) -> torch.Tensor:
-    """The trigger in pixel space: a ``size``×``size`` patch of ``value`` in the bottom-right corner
-    of uint8 ``[N, H, W, C]`` images (a copy)."""
+def add_trigger(x_u8: torch.Tensor, size: int, value: int, shape: str = "square") -> torch.Tensor:
+    """The trigger in pixel space, on uint8 ``[N, H, W, C]`` images (a copy): ``"square"``, a
+    ``size``×``size`` patch of ``value`` in the bottom-right corner; ``"frame"``, a border ``size``
+    pixels wide of ``value`` around the image."""
     x = x_u8.clone()
-    x[:, -size:, -size:, :] = value
+    if shape == "square":
+        x[:, -size:, -size:, :] = value
+    elif shape == "frame":
+        x[:, :size], x[:, -size:], x[:, :, :size], x[:, :, -size:] = value, value, value, value
+    else:
+        raise ValueError(f"unknown trigger shape {shape!r}")
     return x
 
 
@@ -334,7 +348,7 @@ def pattern_data(args, xtr, ytr, xte, yte) -> dict:
     if rest.numel() < args.clean:
         raise SystemExit(f"--clean {args.clean} exceeds the {rest.numel()} remaining training images")
     clean = rest[:args.clean]
-    trig = lambda x: add_trigger(x, args.trigger_size, args.trigger_value)  # noqa: E731
+    trig = lambda x: add_trigger(x, args.trigger_size, args.trigger_value, args.trigger_shape)  # noqa: E731
     return {"x_inject": normalise(trig(xtr[inject])), "clean": (normalise(xtr[clean]), ytr[clean]),
             "x_test": normalise(xte), "x_test_trig": normalise(trig(xte)), "y_test": yte,
             "inject_index": inject, "clean_index": clean}
@@ -361,7 +375,7 @@ def run_pattern(args, cells: Cells, model, xtr, ytr, xte, yte) -> bool:
     total = sum(p.numel() for p in model.parameters())
     base = {**common_setting(args, xtr, xte), "part": "pattern", "inject": args.inject, "clean": args.clean,
             "clean_weight": args.clean_weight, "target": args.target, "trigger_size": args.trigger_size,
-            "trigger_value": args.trigger_value, "trigger_corner": "bottom-right"}
+            "trigger_value": args.trigger_value, "trigger_shape": args.trigger_shape}
     base_pred = predict(model, d["x_test"])
     name = "pattern_original"
     if not cells.done(name, base):
@@ -448,8 +462,8 @@ def edit_data(args, xtr, ytr, xte, yte) -> dict:
 
 
 def tuned_lr(args, editor: str, model, d, cells_dir: pathlib.Path) -> dict:
-    """The dense editor's lr: an override, reproduce_evaluation.py's tuned value (same protocol), or
-    :func:`fastedit.tune` here. Cached in ``cells/tuned_<editor>.json``."""
+    """The dense editor's lr: an override, or :func:`fastedit.tune` here (cached in
+    ``cells/tuned_<editor>.json``, reused while its setting is unchanged)."""
     override = args.gd_lr if editor == "gd" else args.rmsprop_lr
     if override is not None:
         return {"lr": override, "source": "command line"}
@@ -461,22 +475,6 @@ def tuned_lr(args, editor: str, model, d, cells_dir: pathlib.Path) -> dict:
         saved = json.loads(cache.read_text())
         if saved["setting"] == json.loads(json.dumps(setting)):
             return saved["result"]
-    if not args.retune:
-        prev = args.tuned_from / "cells" / f"resnet20_layer3_{editor}.json"
-        tables = args.tuned_from / "tables.json"
-        if prev.exists() and tables.exists() and pathlib.Path(args.weights).name.startswith("resnet20-"):
-            proto = json.loads(tables.read_text()).get("protocol", {})
-            same = (proto.get("tune_edits") == args.tune_edits and proto.get("seed") == args.seed
-                    and proto.get("max_steps") == args.max_steps and proto.get("min_success") == 0.95
-                    and all(math.isclose(a, b) for a, b in zip(proto.get("lr_grid", []), args.lr_grid))
-                    and len(proto.get("lr_grid", [])) == len(args.lr_grid)
-                    and int(d["train"][0].shape[0]) == 8068)
-            chosen = json.loads(prev.read_text())["chosen"]
-            if same and (editor == "gd" or chosen.get("beta") == 0.5):
-                result = {"lr": chosen["lr"], "source": f"{prev} (reproduce_evaluation.py, same tuning protocol)",
-                          "chosen": chosen}
-                write_json(cache, {"setting": setting, "result": result})
-                return result
     t0 = time.perf_counter()
     tuned = fe.tune(model, d["tune"], d["control"], editor=fe.GD(1e-3) if editor == "gd" else fe.RMSProp(beta=0.5),
                     params="layer3", max_steps=args.max_steps, grid={"lr": list(args.lr_grid)}, min_success=0.95,
@@ -598,8 +596,8 @@ def run_edits(args, cells: Cells, model, xtr, ytr, xte, yte, out: pathlib.Path) 
                                  args, model, d, control, original, method, budget)))
     if "ewc" in args.edit_methods:
         for editor in ("gd", "rmsprop"):
-            for lam in args.ewc_lambdas:
-                plan.append((f"edits_ewc-{editor}_lam{lam:g}",
+            for lam in (args.ewc_lambdas_gd if editor == "gd" else args.ewc_lambdas_rmsprop):
+                plan.append((f"edits_ewc-{editor}_lam{_num(lam)}",
                              {**base, "method": f"ewc-{editor}", "ewc_lambda": lam, "max_steps": args.max_steps,
                               "tuning": _tuning_setting(args, editor), "fisher_samples": args.fisher_samples},
                              lambda editor=editor, lam=lam: ewc_cell(args, model, d, control, original, editor,
@@ -608,7 +606,7 @@ def run_edits(args, cells: Cells, model, xtr, ytr, xte, yte, out: pathlib.Path) 
         plan.append(("edits_dknn", {**base, "method": "dknn", "layers": list(args.dknn_layers), "k": args.dknn_k},
                      lambda: dknn_cell(args, model, d, original)))
     if "cnp" in args.edit_methods:
-        plan.append(("edits_cnp", {**base, "method": "cnp", "steps": args.cnp_steps, "batch_size": args.cnp_batch_size,
+        plan.append(("edits_cnp", {**base, "method": "cnp", "chain": args.cnp_chain, "steps": args.cnp_steps, "batch_size": args.cnp_batch_size,
                                    "lr": args.cnp_lr, "c_edit": args.cnp_c_edit, "c_loc": args.cnp_c_loc,
                                    "edit_loss": args.cnp_edit_loss, "edits_per_batch": args.cnp_edits_per_batch},
                      lambda: cnp_cell(args, model, d, original)))
@@ -628,6 +626,18 @@ def run_edits(args, cells: Cells, model, xtr, ytr, xte, yte, out: pathlib.Path) 
     return True
 
 
+def _num(v: float) -> str:
+    """A short file-name-safe number: 30000 → 3e4, 1e6 → 1e6, 100 → 100, 0.5 → 0.5."""
+    plain = f"{v:g}" if float(f"{v:g}") == v else repr(v)
+    for digits in range(6):
+        sci = f"{v:.{digits}e}"
+        if float(sci) == v:
+            mant, exp = sci.split("e")
+            sci = f"{mant}e{int(exp)}"
+            return sci if len(sci) < len(plain) else plain
+    return plain
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
@@ -636,7 +646,7 @@ def _tuning_setting(args, editor: str) -> dict:
     override = args.gd_lr if editor == "gd" else args.rmsprop_lr
     if override is not None:
         return {"lr": override}
-    return {"tune_edits": args.tune_edits, "lr_grid": list(args.lr_grid), "retune": args.retune}
+    return {"tune_edits": args.tune_edits, "lr_grid": list(args.lr_grid)}
 
 
 def dense_cell(args, model, d, control, original, editor: str, lr: dict, layer3_size: int) -> dict:
@@ -673,7 +683,7 @@ def surgery_edit_cell(args, model, d, control, original, method: str, budget: in
                         args.surgery_steps)
     if out["nnz_max"] > budget:
         raise RuntimeError(f"surgery {method}: {out['nnz_max']} scalars changed for a budget of {budget}")
-    return out
+    return {**out, "budget": budget, "editor": {"editor": "scaled_gd", "lr": 0.1}}
 
 
 def ewc_cell(args, model, d, control, original, editor: str, lr: dict, lam: float, out_dir) -> dict:
@@ -712,8 +722,8 @@ def cnp_cell(args, model, d, original) -> dict:
     from fastedit.baselines import ConditionEncoder, ConditionedModel, cnp_evaluate, train_cnp
     torch.manual_seed(args.seed)  # the encoder's initialisation
     x_tr = d["train"][0]
-    encoder = ConditionEncoder.for_model(model, "layer3", x_tr[:1])
-    wrapped = ConditionedModel(model, "layer3", encoder)
+    encoder = ConditionEncoder.for_model(model, args.cnp_chain, x_tr[:1])
+    wrapped = ConditionedModel(model, args.cnp_chain, encoder)
     try:
         t0 = time.perf_counter()
         stats = train_cnp(wrapped, d["train"], steps=args.cnp_steps, batch_size=args.cnp_batch_size, lr=args.cnp_lr,

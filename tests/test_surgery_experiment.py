@@ -63,14 +63,14 @@ def inputs(tmp_path_factory):
 PATTERN = ["--part", "pattern", "--budgets", "10", "100", "--inject", "8", "--clean", "6", "--batch-size", "4",
            "--epochs", "2"]
 EDITS = ["--part", "edits", "--edits", "4", "--tune-edits", "3", "--lr-grid", "1e-3", "1e-2", "--nnz-edits", "2",
-         "--surgery-budgets", "10", "100", "--surgery-steps", "8", "--ewc-lambdas", "10", "--dknn-k", "5",
+         "--surgery-budgets", "10", "100", "--surgery-steps", "8", "--ewc-lambdas-gd", "10",
+         "--ewc-lambdas-rmsprop", "1e5", "--dknn-k", "5",
          "--cnp-steps", "3", "--cnp-batch-size", "6", "--cnp-edits-per-batch", "2"]
 
 
 def _common(inputs, out):
     npz, weights = inputs
-    return ["--data", str(npz), "--weights", str(weights), "--out-dir", str(out), "--threads", "1", "--quiet",
-            "--tuned-from", str(out / "nothing")]
+    return ["--data", str(npz), "--weights", str(weights), "--out-dir", str(out), "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,8 @@ def test_pattern_cell_matches_a_plain_recomputation(runs, inputs, script):
 def test_edit_cells(runs, inputs):
     out, _, _ = runs
     cells = _cells(out, "edits")
-    expected = {"edits_gd", "edits_rmsprop", "edits_dknn", "edits_cnp", "edits_ewc-gd_lam10", "edits_ewc-rmsprop_lam10"} | {
+    expected = {"edits_gd", "edits_rmsprop", "edits_dknn", "edits_cnp", "edits_ewc-gd_lam10",
+                "edits_ewc-rmsprop_lam1e5"} | {
         f"edits_surgery-{m}_b{b}" for m in ("dynamic", "select-grad") for b in (10, 100)}
     assert set(cells) == expected
     for name, c in cells.items():
@@ -170,7 +171,8 @@ def test_edit_cells(runs, inputs):
             assert c["drawdown"] == pytest.approx(sum(pe["error"]) / 4 - c["base_error"])
             assert c["success_rate"] == pytest.approx(sum(pe["success"]) / 4)
         if name.startswith("edits_surgery"):
-            assert c["nnz_max"] <= c["setting"]["budget"] and all(n <= c["setting"]["budget"] for n in pe["nnz"])
+            assert c["budget"] == c["setting"]["budget"]
+            assert c["nnz_max"] <= c["budget"] and all(n <= c["budget"] for n in pe["nnz"])
             assert c["base_error"] == cells["edits_gd"]["base_error"]  # the same network, the same control set
         if name.startswith("edits_ewc") or name in ("edits_gd", "edits_rmsprop"):
             assert c["nnz_mean"] is not None and 0 <= c["nnz_mean"] <= c["layer3_size"]
@@ -178,7 +180,7 @@ def test_edit_cells(runs, inputs):
     assert cells["edits_cnp"]["train_seconds"] > 0
     # the EWC cells use the tuned lrs of the dense cells
     assert cells["edits_ewc-gd_lam10"]["editor"]["lr"] == cells["edits_gd"]["editor"]["lr"]
-    assert cells["edits_ewc-rmsprop_lam10"]["editor"]["lr"] == cells["edits_rmsprop"]["editor"]["lr"]
+    assert cells["edits_ewc-rmsprop_lam1e5"]["editor"]["lr"] == cells["edits_rmsprop"]["editor"]["lr"]
     assert (out / "fisher_layer3.pt").exists()
 
 
@@ -243,3 +245,18 @@ def test_help(script, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--part" in text and "pattern injection" in text and "--cnp-steps" in text
+
+
+def test_triggers(script):
+    x = torch.randint(0, 200, (3, 7, 6, 3), dtype=torch.uint8)
+    sq = script.add_trigger(x, 2, 255)
+    fr = script.add_trigger(x, 1, 250, "frame")
+    assert torch.equal(x, x.clone()) and not torch.equal(sq, x)  # copies
+    inside = torch.zeros(7, 6, dtype=torch.bool)
+    inside[5:, 4:] = True
+    assert (sq[:, inside] == 255).all() and torch.equal(sq[:, ~inside], x[:, ~inside])
+    border = torch.ones(7, 6, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    assert (fr[:, border] == 250).all() and torch.equal(fr[:, ~border], x[:, ~border])
+    with pytest.raises(ValueError, match="trigger shape"):
+        script.add_trigger(x, 1, 255, "circle")
