@@ -36,13 +36,17 @@ Part B, classification edits (``--part edits``)
     - ``surgery-<method>`` at each ``--surgery-budgets``: ``fastedit.surgery(goal="edit",
       params="layer3", steps=--surgery-steps)`` per edit (a failed surgery is kept and measured),
       control predictions, ``revert()``.
-    - ``ewc-gd``, ``ewc-rmsprop`` at each λ of ``--ewc-lambdas``: ``fastedit.baselines.ewc_edit`` with
-      the tuned dense editors and the diagonal (empirical) Fisher of ``layer3`` on the training images
-      (computed once, cached in ``<out-dir>/fisher_layer3.pt``).
+    - ``ewc-gd``, ``ewc-rmsprop`` at each λ of ``--ewc-lambdas-gd`` / ``--ewc-lambdas-rmsprop``:
+      ``fastedit.baselines.ewc_edit`` with the tuned dense editors and the diagonal (empirical) Fisher
+      of ``layer3`` on the training images (computed once, cached in ``<out-dir>/fisher_layer3.pt``).
+      An edit whose loss or gradient becomes non-finite (GD diverging on the stiff penalty) leaves the
+      model unchanged; it counts as a failure and in ``diverged``.
     - ``dknn``: Deep k-NN over ``--dknn-layers`` of the training images (k = ``--dknn-k``), edited by
       relabelling neighbours; its base error is the DkNN's, not the network's.
-    - ``cnp``: Editable+CNP: a ``ConditionEncoder`` on ``layer3`` trained by ``train_cnp`` for
-      ``--cnp-steps`` steps (the network frozen), then ``cnp_evaluate``.
+    - ``cnp``: Editable+CNP: a ``ConditionEncoder`` on ``--cnp-chain`` (default ``layer2``: a condition
+      added to ``layer3``, ResNet-20's last stage, reaches the logits linearly, as the same logit shift
+      for every input) trained by ``train_cnp`` for ``--cnp-steps`` steps on the training images with
+      the network frozen (so the base error is the network's), then ``cnp_evaluate``.
 
 Every (part, method, budget/λ) cell is written to ``<out-dir>/cells/<name>.json`` (with the exact
 command, its setting and the machine) as soon as it is done; run the same command again and finished
@@ -50,6 +54,10 @@ cells are read back (a cell whose setting differs from the current arguments sto
 another ``--out-dir``). Then ``<out-dir>/summary_<part>.json`` / ``.csv`` and the figures
 (``consistency_vs_budget.png``, ``edits_drawdown_flips.png``) are rebuilt from all cells;
 ``--summary-only`` does only that.
+
+Run time with the defaults on ONE CPU core (measured on a shared 2-core machine): part A ≈ 11 min
+(21 cells of ≈ 25-30 s, lagrange ≈ 50 s), part B ≈ 18 min (tuning 2 × 80 s, ≈ 0.25-0.3 s per edit and
+method incl. the control pass, CNP training ≈ 100 s).
 
     python benchmarks/surgery_cifar.py --part pattern --threads 1
     python benchmarks/surgery_cifar.py --part edits --threads 1
@@ -60,7 +68,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import pathlib
 import platform
@@ -151,18 +158,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EWC weights λ with RMSProp (normalised steps: no such limit; λ ≈ 1e6 halves drawdown "
                         "in a probe, 1e7 makes most edits fail)")
     b.add_argument("--fisher-samples", type=int, default=None, help="training images for the Fisher (default all)")
-    b.add_argument("--dknn-layers", nargs="+", default=["layer2", "layer3", "avgpool"])
-    b.add_argument("--dknn-k", type=int, default=75)
+    b.add_argument("--dknn-layers", nargs="+", default=["layer2", "layer3", "avgpool"],
+                   help="embedding layers (flattened; layer1 would need ~530 MB for the training set)")
+    b.add_argument("--dknn-k", type=int, default=75, help="neighbours per layer")
     b.add_argument("--cnp-chain", default="layer2",
                    help="chain whose output gets the condition (layer3 is ResNet-20's last stage: a condition "
                         "there is a constant logit shift for every input)")
     b.add_argument("--cnp-steps", type=int, default=1000, help="encoder training steps")
-    b.add_argument("--cnp-batch-size", type=int, default=64)
-    b.add_argument("--cnp-lr", type=float, default=1e-3)
-    b.add_argument("--cnp-c-edit", type=float, default=1.0)
-    b.add_argument("--cnp-c-loc", type=float, default=1.0)
-    b.add_argument("--cnp-edit-loss", choices=["constraint", "ce"], default="ce")
-    b.add_argument("--cnp-edits-per-batch", type=int, default=8)
+    b.add_argument("--cnp-batch-size", type=int, default=64, help="locality batch of the encoder training")
+    b.add_argument("--cnp-lr", type=float, default=1e-3, help="Adam lr of the encoder")
+    b.add_argument("--cnp-c-edit", type=float, default=1.0, help="weight of the edit loss")
+    b.add_argument("--cnp-c-loc", type=float, default=1.0, help="weight of the locality KL")
+    b.add_argument("--cnp-edit-loss", choices=["constraint", "ce"], default="ce", help="edit loss of the training")
+    b.add_argument("--cnp-edits-per-batch", type=int, default=8, help="edits sampled per training batch")
     args = ap.parse_args(argv)
     if args.weights is None:
         found = sorted((args.shared / "models").glob("resnet20-*.th"))
@@ -409,7 +417,7 @@ def run_pattern(args, cells: Cells, model, xtr, ytr, xte, yte) -> bool:
         m = pattern_measure(model, d, args.target, base_pred)
         res.revert()
         assert_identical(model, original, name)
-        cell = cells.save(name, setting, {
+        cells.save(name, setting, {
             "part": "pattern", "method": method, "budget": budget, **m, "nnz": res.nnz, "nnz_per_param":
             {k: v for k, v in res.delta.nnz_per_param.items() if v}, "surgery_success": res.success,
             "surgery_steps": res.steps, "surgery_loss": res.loss, "surgery_initial_loss": res.initial_loss,
@@ -606,7 +614,8 @@ def run_edits(args, cells: Cells, model, xtr, ytr, xte, yte, out: pathlib.Path) 
         plan.append(("edits_dknn", {**base, "method": "dknn", "layers": list(args.dknn_layers), "k": args.dknn_k},
                      lambda: dknn_cell(args, model, d, original)))
     if "cnp" in args.edit_methods:
-        plan.append(("edits_cnp", {**base, "method": "cnp", "chain": args.cnp_chain, "steps": args.cnp_steps, "batch_size": args.cnp_batch_size,
+        plan.append(("edits_cnp", {**base, "method": "cnp", "chain": args.cnp_chain, "steps": args.cnp_steps,
+                                   "batch_size": args.cnp_batch_size,
                                    "lr": args.cnp_lr, "c_edit": args.cnp_c_edit, "c_loc": args.cnp_c_loc,
                                    "edit_loss": args.cnp_edit_loss, "edits_per_batch": args.cnp_edits_per_batch},
                      lambda: cnp_cell(args, model, d, original)))
@@ -752,7 +761,8 @@ def cnp_cell(args, model, d, original) -> dict:
 PATTERN_COLUMNS = ("method", "budget", "nnz", "pattern_success", "clean_accuracy", "consistency",
                    "surgery_success", "surgery_steps", "surgery_seconds", "cell")
 EDIT_COLUMNS = ("method", "budget", "ewc_lambda", "base_error", "drawdown", "success_rate", "mean_steps", "flip_rate",
-                "nnz_mean", "nnz_max", "edit_seconds_mean", "seconds_per_edit", "cell")
+                "nnz_mean", "nnz_max", "edit_seconds_mean", "seconds_per_edit", "diverged", "mean_relabelled",
+                "network_base_error", "train_seconds", "cell")
 
 
 def read_cells(out: pathlib.Path, part: str) -> list[dict]:
@@ -771,12 +781,7 @@ def summarise(out: pathlib.Path, part: str, command: str) -> dict | None:
     columns = PATTERN_COLUMNS if part == "pattern" else EDIT_COLUMNS
     rows = []
     for c in sorted(cells, key=lambda c: (_method_order(c["method"]), c.get("budget") or 0, c.get("ewc_lambda") or 0)):
-        row = {k: c.get(k) for k in columns}
-        if part == "edits" and c["method"] == "dknn":
-            row["network_base_error"] = c.get("network_base_error")
-        if part == "edits" and c["method"] == "cnp":
-            row["train_seconds"] = c.get("train_seconds")
-        rows.append(row)
+        rows.append({k: c.get(k) for k in columns})
     summary = {"command": command, "part": part, "rows": rows, "machine": machine_info(),
                "settings": {c["cell"]: c["setting"] for c in cells}}
     if part == "edits":
