@@ -107,6 +107,51 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
                               f"{data['machine']['threads']} thread(s) per process)."])
 
 
+def surgery_pattern_table(folder: str) -> str:
+    """Pattern injection: pattern success / consistency per method (columns) and budget (rows)."""
+    data = json.loads((RESULTS / folder / "summary_pattern.json").read_text())
+    rows = data["rows"]
+    methods = [m for m in ("select-random", "select-grad", "select-delta", "lagrange", "dynamic")
+               if any(r["method"] == m for r in rows)]
+    budgets = sorted({r["budget"] for r in rows if r["method"] in methods})
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| changed scalars ≤ | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for b in budgets:
+        cells = []
+        for m in methods:
+            r = next((r for r in rows if r["method"] == m and r["budget"] == b), None)
+            cells.append("" if r is None else f"{pct(r['pattern_success'])} / {pct(r['consistency'])} "
+                                                 f"({pct(r['clean_accuracy'])})")
+        lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    for name in ("unrestricted", "original"):
+        r = next((r for r in rows if r["method"] == name), None)
+        if r is not None:
+            lines.append(f"| {name} ({r['nnz']:,} changed) | {pct(r['pattern_success'])} / {pct(r['consistency'])} "
+                         f"({pct(r['clean_accuracy'])}) |" + " |" * (len(methods) - 1))
+    commands = sorted({c for c in _cell_commands(folder, "pattern")})
+    return "\n".join(lines + ["", "Each entry: pattern success % / consistency % (clean accuracy %). Command: "
+                              + "; ".join(f"`{c}`" for c in commands) + "."])
+
+
+def _cell_commands(folder: str, part: str) -> list[str]:
+    return [json.loads(p.read_text()).get("command", "?") for p in (RESULTS / folder / "cells").glob(f"{part}_*.json")]
+
+
+def surgery_edits_table(folder: str = "surgery_cifar") -> str:
+    data = json.loads((RESULTS / folder / "summary_edits.json").read_text())
+    pct = lambda v, d=2: "–" if v is None else f"{100 * v:.{d}f}%"  # noqa: E731
+    num = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
+    lines = ["| method | budget / λ | base error | drawdown | success | flip rate | steps | changed scalars (mean) "
+             "| s / edit |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        knob = f"≤ {r['budget']:,}" if r.get("budget") else (f"λ = {r['ewc_lambda']:g}" if r.get("ewc_lambda") else "")
+        lines.append(f"| {r['method']} | {knob} | {pct(r['base_error'])} | {pct(r['drawdown'])} | "
+                     f"{pct(r['success_rate'], 1)} | {pct(r['flip_rate'])} | {num(r['mean_steps'])} | "
+                     f"{num(r['nnz_mean'], '{:,.0f}')} | {num(r['seconds_per_edit'], '{:.3f}')} |")
+    commands = sorted(set(_cell_commands(folder, "edits")))
+    return "\n".join(lines + ["", "Command: " + "; ".join(f"`{c}`" for c in commands) + "."])
+
+
 def _hp(chosen: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k in ("lr", "beta"))
 
@@ -204,6 +249,9 @@ TABLES = {
     "editable_training_bench": editable_training_bench_table,
     "editable_training_digits": editable_training_digits_table,
     "editable_training_cifar": editable_training_cifar_table,
+    "surgery_pattern": lambda: surgery_pattern_table("surgery_cifar"),
+    "surgery_pattern_frame": lambda: surgery_pattern_table("surgery_cifar_frame"),
+    "surgery_edits": surgery_edits_table,
     "evaluation_table1": lambda: evaluation_table("1"),
     "evaluation_table2": lambda: evaluation_table("2"),
     "bench_evaluate": bench_evaluate_table,

@@ -442,7 +442,8 @@ class JournalEntry:
 class EditJournal:
     """An ordered log of sparse deltas applied to one model; any entry can be rolled back.
 
-    Semantics. :meth:`apply` writes the delta's NEW values and records the model's *current* values
+    Semantics. :meth:`record` logs a delta the model already holds (a successful ``fe.surgery``).
+    :meth:`apply` writes the delta's NEW values and records the model's *current* values
     at those coordinates as OLD (it does not require them to equal the delta's own OLD unless
     ``check=True``). So every coordinate holds the NEW value of the latest entry that touched it,
     or its original value if no entry did.
@@ -503,6 +504,26 @@ class EditJournal:
         rebased = self._rebased(delta)
         rebased._write(self._tensors, "new")
         entry = JournalEntry(self._next_id, name, rebased)
+        self._next_id += 1
+        self._entries.append(entry)
+        return entry.id
+
+    def record(self, delta, name: str | None = None) -> int:
+        """Record a delta the model *already holds* (e.g. ``fe.surgery(...)``'s result, applied on
+        success) without writing anything; returns the entry's id. ``delta`` is a
+        :class:`SparseDelta` or anything with a ``.delta`` (a ``SurgeryResult``). Its OLD values are
+        what a rollback restores.
+
+        Raises:
+            ValueError if the model does not hold the delta's NEW values (nothing is recorded).
+        """
+        delta = getattr(delta, "delta", delta)
+        if not isinstance(delta, SparseDelta):
+            raise TypeError(f"delta must be a SparseDelta (or have one as .delta), got {type(delta).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+        delta._validate(self._tensors, "new", check=True)
+        entry = JournalEntry(self._next_id, name, delta)
         self._next_id += 1
         self._entries.append(entry)
         return entry.id

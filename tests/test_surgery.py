@@ -684,3 +684,30 @@ def test_mixed_float64_selection_rejected(trained):
     with pytest.raises(TypeError, match="float64"):
         surgery(model, data(1, 7)[0], 1, 5)
     assert_identical(model, snap)
+
+
+def test_journal_records_surgeries_applied_in_place(trained):
+    """surgery writes the model itself; record() logs it, rollback of the first keeps the second."""
+    model = fresh(trained)
+    snap = snapshot(model)
+    x, y = edit_case(trained)
+    x2, _ = data(1, 8)
+    y2 = (trained(x2).argmax(1) + 2) % C
+    j = EditJournal(model)
+    r1 = surgery(model, x, y, 20)
+    i1 = j.record(r1, name="first")
+    r2 = surgery(model, x2, y2, 20)           # made on top of the first
+    j.record(r2.delta)
+    assert r1.success and r2.success and len(j) == 2
+    untouched = fresh(trained)
+    with pytest.raises(ValueError, match="NEW"):
+        EditJournal(untouched).record(r1.delta)  # that model does not hold the delta: refused, …
+    assert_identical(untouched, snap)
+    j.rollback(i1)                            # … and a rollback gives "r2 alone on the original"
+    want = {k: v.clone() for k, v in snap.items()}
+    r2.delta.apply(want, check=False)
+    assert changed_coords(model, want) == {}
+    j.undo()
+    assert_identical(model, snap)
+    with pytest.raises(TypeError):
+        j.record("not a delta")
