@@ -245,6 +245,35 @@ def evaluate_cell(model, et, split: dict, xte, yte, cfg, device, args) -> dict:
             "tune_seconds": tune_seconds, "report": report.to_dict()}
 
 
+def fixed_key(lr: float) -> str:
+    return f"rmsprop lr={lr:g}"
+
+
+def evaluate_fixed_editor(out: pathlib.Path, lr: float, split: dict, cfg: dict, device, args) -> None:
+    """Add ``fixed_reports[<editor>]`` to every finished cell that lacks it: the trained weights
+    (from the cell's checkpoint) evaluated on the same edits and control with RMSProp(lr, β as tuned)."""
+    to = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
+    for path in sorted((out / "cells").glob("*_seed*.json")):
+        cell = json.loads(path.read_text())
+        key = fixed_key(lr)
+        if key in cell.get("fixed_reports", {}):
+            continue
+        ckpt = out / "ckpt" / f"{cell['config']}_seed{cell['seed']}.pt"
+        if not ckpt.exists():
+            print(f"{path.name}: no checkpoint, no fixed-editor evaluation", flush=True)
+            continue
+        model = get_model(cfg["model"]).to(device)
+        model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False)["model"])
+        model.eval()
+        editor = fe.RMSProp(lr, beta=cell["tuned_editor"]["beta"])
+        report = fe.evaluate(model, to(split["edits"]), to(split["control"]), editor=editor, params="layer3",
+                             max_steps=10, edit_labels=split["edit_classes"].to(device), progress=not args.quiet)
+        cell.setdefault("fixed_reports", {})[key] = report.to_dict()
+        path.write_text(json.dumps(cell, indent=1, allow_nan=False))
+        print(f"{cell['config']} seed {cell['seed']} with {key}: drawdown {100 * report.drawdown:.2f}%  "
+              f"success {100 * report.success_rate:.1f}%  flip {100 * report.flip_rate:.2f}%", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # summary and figures
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +311,23 @@ def summarise(cells: dict) -> dict:
                      for s in seeds]
             paired[name] = {**{f"{k}_minus_plain": _mean_std(v) for k, v in diffs.items()},
                             "step_time_ratio": _mean_std(ratio), "seeds": seeds}
-    return {"per_config": summary, "vs_plain": paired}
+    fixed = {}
+    keys = sorted({k for c in cells.values() for k in c.get("fixed_reports", {})})
+    for key in keys:
+        fixed[key] = {}
+        for name in CONFIGS:
+            reps = {s: c["fixed_reports"][key] for (n, s), c in cells.items() if n == name and key in c.get("fixed_reports", {})}
+            if not reps:
+                continue
+            entry = {m: _mean_std([r[m] for r in reps.values()]) for m in ("drawdown", "success_rate", "mean_steps",
+                                                                            "flip_rate")}
+            plain = {s: cells[("plain", s)]["fixed_reports"][key] for s in reps
+                     if key in cells.get(("plain", s), {}).get("fixed_reports", {})}
+            if name != "plain" and plain:
+                entry["drawdown_minus_plain"] = _mean_std([reps[s]["drawdown"] - plain[s]["drawdown"] for s in plain])
+                entry["flip_rate_minus_plain"] = _mean_std([reps[s]["flip_rate"] - plain[s]["flip_rate"] for s in plain])
+            fixed[key][name] = entry
+    return {"per_config": summary, "vs_plain": paired, "fixed_editor": fixed}
 
 
 def mean_per_class(cells: dict, name: str) -> torch.Tensor:
@@ -338,6 +383,9 @@ def parse_args(argv=None):
                     help="seconds of --time-limit kept for evaluating a cell after its training (default 120)")
     ap.add_argument("--max-steps-per-call", type=int, default=None, help="stop (checkpointed) after this many "
                     "training steps in this call (tests of resumption)")
+    ap.add_argument("--fixed-lr", type=float, nargs="*", default=[],
+                    help="also evaluate every finished cell's model with RMSProp at these fixed lrs (β as tuned), "
+                         "the same editor for every model: a comparison free of the tuning's lr choice")
     ap.add_argument("--no-reference", action="store_true", help="skip measuring the untrained starting model")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
@@ -422,6 +470,9 @@ def main(argv=None) -> int:
             print(f"{name} seed {seed}: test error {100 * result['test_error']:.2f}%  drawdown "
                   f"{100 * r['drawdown']:.2f}%  success {100 * r['success_rate']:.1f}%  steps {r['mean_steps']:.2f}  "
                   f"flip {100 * r['flip_rate']:.2f}%  {1e3 * statistics.median(times):.0f} ms/step", flush=True)
+
+    for lr in args.fixed_lr:
+        evaluate_fixed_editor(out, lr, split, cfg, device, args)
 
     cells = {}
     for p in sorted((out / "cells").glob("*_seed*.json")):

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--out-dir", required=True, type=pathlib.Path, help="the experiment's folder (cells, ckpt)")
     ap.add_argument("--data", help="the CIFAR-10 JPEG zip")
+    ap.add_argument("--seeds", type=int, nargs="*", default=None, help="only the cells of these seeds")
     ap.add_argument("--edits", type=int, default=200)
     ap.add_argument("--control", type=int, default=1000)
     ap.add_argument("--batches", type=int, default=20)
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
     results = []
     for cell_path in sorted((args.out_dir / "cells").glob("*_seed*.json")):
         cell = json.loads(cell_path.read_text())
+        if args.seeds is not None and cell["seed"] not in args.seeds:
+            continue
         ckpt = args.out_dir / "ckpt" / f"{cell['config']}_seed{cell['seed']}.pt"
         if not ckpt.exists():
             print(f"skipping {cell_path.name}: no checkpoint {ckpt}", flush=True)

@@ -88,7 +88,7 @@ def test_runs_and_resumes_bit_identically(script, tiny_zip, tmp_path):
 
 def test_summary_matches_cells(script, tiny_zip, tmp_path):
     out = tmp_path / "two_seeds"
-    assert script.main(_args(tiny_zip, out)[:-1] + ["--seeds", "0", "1", "--steps", "2"]) == 0
+    assert script.main(_args(tiny_zip, out)[:-1] + ["--seeds", "0", "1", "--steps", "2", "--fixed-lr", "1e-3"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     cells = {(c["config"], c["seed"]): c for c in
              (json.loads(p.read_text()) for p in (out / "cells").glob("*_seed*.json"))}
@@ -100,6 +100,13 @@ def test_summary_matches_cells(script, tiny_zip, tmp_path):
         assert got["std"] == pytest.approx(statistics.stdev(dd), abs=1e-15)
     diffs = [cells[("et-c0.1", s)]["report"]["drawdown"] - cells[("plain", s)]["report"]["drawdown"] for s in (0, 1)]
     assert summary["vs_plain"]["et-c0.1"]["drawdown_minus_plain"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    # the fixed-editor evaluation: the same RMSProp for every model, stored in each cell and summarised
+    fixed = summary["fixed_editor"]["rmsprop lr=0.001"]
+    dd = {k: c["fixed_reports"]["rmsprop lr=0.001"]["drawdown"] for k, c in cells.items()}
+    assert fixed["plain"]["drawdown"]["mean"] == pytest.approx(statistics.fmean([dd[("plain", 0)], dd[("plain", 1)]]))
+    assert fixed["et-c0.1"]["drawdown_minus_plain"]["mean"] == pytest.approx(
+        statistics.fmean([dd[("et-c0.1", s)] - dd[("plain", s)] for s in (0, 1)]))
+    assert all(c["fixed_reports"]["rmsprop lr=0.001"]["editor"]["lr"] == 1e-3 for c in cells.values())
 
 
 def test_eval_split_is_disjoint_and_fixed(script):
