@@ -63,8 +63,10 @@ PRESETS = {
                 editor_lr=1e-3, edits=1000, control=8000, tune_edits=100, tune_control=1000,
                 lr_grid=[10.0 ** (-5 + i / 2) for i in range(9)]),      # 1e-5 … 1e-1
 }
-# name -> c_loc (None: plain training); et-c1 is a diagnostic beyond the paper's values (--configs et-c1)
-CONFIGS = {"plain": None, "et-c0.01": 0.01, "et-c0.1": 0.1, "et-c1": 1.0}
+# name -> c_loc (None: plain training). Diagnostics beyond the paper's values (--configs ...): et-c1, and
+# et-c0.01-eval with the locality term in eval mode (LOC_MODES; the default is "shared")
+CONFIGS = {"plain": None, "et-c0.01": 0.01, "et-c0.1": 0.1, "et-c1": 1.0, "et-c0.01-eval": 0.01}
+LOC_MODES = {"et-c0.01-eval": "eval"}
 DEFAULT_CONFIGS = ["plain", "et-c0.01", "et-c0.1"]
 C_EDIT = 0.01
 EVAL_SEED = 1234  # edits, labels and control split: the same for every model
@@ -110,7 +112,8 @@ def eval_split(xte: torch.Tensor, yte: torch.Tensor, xtr: torch.Tensor, cfg: dic
 # ------------------------------------------------------------------------------------------------
 # training (resumable)
 # ------------------------------------------------------------------------------------------------
-def build(cfg: dict, c_loc: float | None, seed: int, device: torch.device, weights: pathlib.Path | None):
+def build(cfg: dict, c_loc: float | None, seed: int, device: torch.device, weights: pathlib.Path | None,
+          loc_mode: str = "shared"):
     torch.manual_seed(seed)  # initialisation of a scratch model
     if cfg["init"] == "pretrained":
         model = get_model(cfg["model"], weights=weights)
@@ -120,7 +123,7 @@ def build(cfg: dict, c_loc: float | None, seed: int, device: torch.device, weigh
     et = None
     if c_loc is not None:
         et = fe.EditableTraining(model, params="layer3", editor=fe.RMSProp(cfg["editor_lr"], beta=0.5),
-                                 max_steps=10, c_edit=C_EDIT, c_loc=c_loc).to(device)
+                                 max_steps=10, c_edit=C_EDIT, c_loc=c_loc, loc_mode=loc_mode).to(device)
     groups = [{"params": list(model.parameters()), "weight_decay": cfg["weight_decay"]}]
     if et is not None:  # the editor's learnable hyper-parameters: no weight decay
         groups.append({"params": list(et.learned_editor.parameters()), "weight_decay": 0.0})
@@ -140,7 +143,7 @@ def train(name: str, c_loc, seed: int, cfg: dict, xtr, ytr, device, weights, ckp
           deadline: float | None):
     """Train one cell to ``cfg["steps"]`` steps, resuming from ``ckpt``; returns (model, et, log) or
     None when the time limit stopped it (after a checkpoint)."""
-    model, et, opt, sched = build(cfg, c_loc, seed, device, weights)
+    model, et, opt, sched = build(cfg, c_loc, seed, device, weights, LOC_MODES.get(name, "shared"))
     gen = torch.Generator().manual_seed(10_000 + seed)  # batch order and augmentation
     state = {"step": 0, "log": [], "step_seconds": [], "loadavg": []}
     if ckpt.exists():
@@ -459,7 +462,8 @@ def main(argv=None) -> int:
             result = evaluate_cell(model, et, split, xte, yte, cfg, device, args)
             times = state["step_seconds"]
             cell = {"command": command, "config": name, "c_edit": None if CONFIGS[name] is None else C_EDIT,
-                    "c_loc": CONFIGS[name], "seed": seed, "preset": args.preset, "setting": {
+                    "c_loc": CONFIGS[name], "loc_mode": None if CONFIGS[name] is None else LOC_MODES.get(name, "shared"),
+                    "seed": seed, "preset": args.preset, "setting": {
                         k: v for k, v in cfg.items() if k != "lr_grid"} | {"lr_grid": cfg["lr_grid"]},
                     "training": {"steps": state["step"], "median_step_seconds": statistics.median(times),
                                  "mean_step_seconds": statistics.fmean(times), "log": state["log"],

@@ -103,8 +103,31 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
         lines.append(f"| {name} | {s['test_error']['n']} | {pm('test_error')}% | {pm('drawdown')}% | {delta_text} | "
                      f"{pm('success_rate', d=1)}% | {s['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {lrs} | "
                      f"{s['step_seconds']['mean']:.3f} | {ratio_text} |")
+    fixed = data.get("fixed_editor", {})
+    for key, per in fixed.items():
+        lines += ["", f"Every model with the same editor ({key}, β as tuned), the same 1,000 edits:", "",
+                  "| training | seeds | drawdown | Δ drawdown vs plain (paired) | success | steps | flip rate | "
+                  "Δ flip rate vs plain |", "|---|---|---|---|---|---|---|---|"]
+        for name, e in per.items():
+            pm = lambda k, d=2: f"{100 * e[k]['mean']:.{d}f} ± {100 * e[k]['std']:.{d}f}"  # noqa: E731
+            dd = f"{100 * e['drawdown_minus_plain']['mean']:+.2f} ± {100 * e['drawdown_minus_plain']['std']:.2f}" \
+                if "drawdown_minus_plain" in e else ""
+            df = f"{100 * e['flip_rate_minus_plain']['mean']:+.2f} ± {100 * e['flip_rate_minus_plain']['std']:.2f}" \
+                if "flip_rate_minus_plain" in e else ""
+            lines.append(f"| {name} | {e['drawdown']['n']} | {pm('drawdown')}% | {dd} | {pm('success_rate', 1)}% | "
+                         f"{e['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {df} |")
+    timing = RESULTS / f"{folder}_timing" / "summary.json"
+    if timing.exists():
+        t = json.loads(timing.read_text())
+        per = t["per_config"]
+        base = per["plain"]["step_seconds"]["mean"]
+        lines += ["", "Wall time per training step on a quiet machine (batch 128, data pipeline included, "
+                  f"{t['machine']['threads']} thread): " + ", ".join(
+                      f"{name} {1e3 * v['step_seconds']['mean']:.0f} ms ({v['step_seconds']['mean'] / base:.2f}× plain)"
+                      for name, v in per.items()) + f". Command: `{t['command']}`."]
     return "\n".join(lines + ["", f"Command: `{data['command']}` ({data['machine']['device']}, "
-                              f"{data['machine']['threads']} thread(s) per process)."])
+                              f"{data['machine']['threads']} thread(s) per process; the s/step column was "
+                              "measured during the runs, two experiments sharing the 2 cores)."])
 
 
 def surgery_pattern_table(folder: str) -> str:
