@@ -331,7 +331,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,exc,match", BAD, ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("kwargs,exc,match", BAD, ids=[f"{i}-{case[2]}" for i, case in enumerate(BAD)])
 def test_bad_input_leaves_model_identical(trained, kwargs, exc, match):
     model = fresh(trained)
     snap = snapshot(model)
