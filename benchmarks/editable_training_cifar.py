@@ -349,6 +349,13 @@ def draw_figures(out_dir: pathlib.Path, cells: dict, reference: dict | None) -> 
         points["pretrained (no fine-tuning)"] = [(reference["test_error"], reference["report"]["drawdown"])]
     plots.plot_drawdown_vs_error(points, out_dir / "drawdown_vs_test_error.png",
                                  title="Editable Training on CIFAR-10 (JPEG): drawdown vs test error")
+    for key in sorted({k for c in cells.values() for k in c.get("fixed_reports", {})}):
+        fixed = {name: [] for name in CONFIGS}
+        for (name, seed), c in sorted(cells.items()):
+            if key in c.get("fixed_reports", {}):
+                fixed[name].append((c["test_error"], c["fixed_reports"][key]["drawdown"]))
+        plots.plot_drawdown_vs_error(fixed, out_dir / f"drawdown_vs_test_error_{key.replace(' ', '_').replace('=', '')}.png",
+                                     title=f"Every model with the same editor ({key})")
     names = [n for n in CONFIGS if any(k[0] == n for k in cells)]
     if names:
         plots.plot_per_class_drawdowns({n: mean_per_class(cells, n) for n in names},

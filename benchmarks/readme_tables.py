@@ -83,26 +83,23 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
     data = json.loads((RESULTS / folder / "summary.json").read_text())
     pc, vs = data["per_config"], data["vs_plain"]
     lines = ["| training | seeds | test error | drawdown | Δ drawdown vs plain (paired) | success | steps | flip rate "
-             "| tuned lr | s/step | × plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tuned lr |", "|---|---|---|---|---|---|---|---|---|"]
     ref = data.get("reference")
     if ref:
         lines.append(f"| starting model (no training) | – | {100 * ref['test_error']:.2f}% | {100 * ref['drawdown']:.2f}% "
-                     f"| | {100 * ref['success_rate']:.1f}% | {ref['mean_steps']:.2f} | {100 * ref['flip_rate']:.2f}% "
-                     "| | | |")
-    cells = {}
+                     f"| | {100 * ref['success_rate']:.1f}% | {ref['mean_steps']:.2f} | {100 * ref['flip_rate']:.2f}% | |")
+    cells, commands = {}, set()
     for path in (RESULTS / folder / "cells").glob("*_seed*.json"):
         c = json.loads(path.read_text())
         cells.setdefault(c["config"], []).append(c["tuned_editor"]["lr"])
+        commands.add(c["command"])
     for name, s in pc.items():
         pm = lambda k, scale=100, d=2: f"{scale * s[k]['mean']:.{d}f} ± {scale * s[k]['std']:.{d}f}"  # noqa: E731
         delta = vs.get(name, {}).get("drawdown_minus_plain")
-        ratio = vs.get(name, {}).get("step_time_ratio")
         lrs = ", ".join(sorted({f"{v:.0e}" for v in cells.get(name, [])}))
         delta_text = "" if delta is None else f"{100 * delta['mean']:+.2f} ± {100 * delta['std']:.2f}"
-        ratio_text = "1.00" if ratio is None else f"{ratio['mean']:.2f}"
         lines.append(f"| {name} | {s['test_error']['n']} | {pm('test_error')}% | {pm('drawdown')}% | {delta_text} | "
-                     f"{pm('success_rate', d=1)}% | {s['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {lrs} | "
-                     f"{s['step_seconds']['mean']:.3f} | {ratio_text} |")
+                     f"{pm('success_rate', d=1)}% | {s['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {lrs} |")
     fixed = data.get("fixed_editor", {})
     for key, per in fixed.items():
         lines += ["", f"Every model with the same editor ({key}, β as tuned), the same 1,000 edits:", "",
@@ -125,9 +122,8 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
                   f"{t['machine']['threads']} thread): " + ", ".join(
                       f"{name} {1e3 * v['step_seconds']['mean']:.0f} ms ({v['step_seconds']['mean'] / base:.2f}× plain)"
                       for name, v in per.items()) + f". Command: `{t['command']}`."]
-    return "\n".join(lines + ["", f"Command: `{data['command']}` ({data['machine']['device']}, "
-                              f"{data['machine']['threads']} thread(s) per process; the s/step column was "
-                              "measured during the runs, two experiments sharing the 2 cores)."])
+    return "\n".join(lines + ["", "Cells made by (the runs split over the two cores): " + "; ".join(
+        f"`{c}`" for c in sorted(commands)) + f"; tables and figures: `{data['command']}`."])
 
 
 def surgery_pattern_table(folder: str) -> str:
