@@ -260,6 +260,19 @@ class EditTarget:
     def check_labels(self, num_classes: int, y: Tensor) -> None:
         check_label_range(y, num_classes)
 
+    def checked_prefix(self, x: Tensor, y: Tensor) -> tuple:
+        """The prefix activations of ``x`` and the class count, with ``y`` checked against it; a model
+        that cannot take ``x`` (a shape mismatch, say) raises ``ValueError`` before anything is written."""
+        try:
+            acts = self.prefix(x)
+            num_classes = self.num_classes(acts)
+        except (TypeError, ValueError):
+            raise
+        except Exception as exc:
+            raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
+        self.check_labels(num_classes, y)
+        return acts, num_classes
+
 
 def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
     if early_exit == "auto":
@@ -351,14 +364,7 @@ def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", param
     with eval_mode(model):
         target = EditTarget.build(model, params, use_prefix)
         y = target.check_inputs(x, y)
-        try:
-            acts = target.prefix(x)
-            num_classes = target.num_classes(acts)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:  # a shape the model cannot take, say
-            raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
-        target.check_labels(num_classes, y)
+        acts, _ = target.checked_prefix(x, y)
         out = run_edit_loop(target.loss_fn(acts, y, reduction), target.params, editor, max_steps,
                             early_exit=resolve_early_exit(early_exit, target.device))
 

@@ -222,14 +222,7 @@ class _EditGoal:
         self.target = target
         self.y = target.check_inputs(x, y)
         self.reduction = reduction
-        try:
-            self.acts = target.prefix(x)
-            num_classes = target.num_classes(self.acts)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:
-            raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
-        target.check_labels(num_classes, self.y)
+        self.acts, _ = target.checked_prefix(x, self.y)
 
     def batches(self, unit: int) -> list:
         return [None]

@@ -14,8 +14,9 @@ from test_data import _write_jpeg_zip
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "editable_training_cifar.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("editable_training_cifar", SCRIPT)
+def load_benchmark(path: pathlib.Path):
+    """A script of benchmarks/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -23,7 +24,7 @@ def _load_script():
 
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_benchmark(SCRIPT)
 
 
 @pytest.fixture
@@ -71,9 +72,7 @@ def test_runs_and_resumes_bit_identically(script, tiny_zip, tmp_path):
         assert (straight / png).read_bytes().startswith(b"\x89PNG")
 
     # the diagnosis reads the same cells and checkpoints and leaves them as they were
-    spec = importlib.util.spec_from_file_location("diagnose", SCRIPT.with_name("editable_training_cifar_diagnose.py"))
-    diagnose = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnose)
+    diagnose = load_benchmark(SCRIPT.with_name("editable_training_cifar_diagnose.py"))
     before = (straight / "ckpt" / "plain_seed0.pt").read_bytes()
     assert diagnose.main(["--out-dir", str(straight), "--data", str(tiny_zip), "--edits", "3", "--control", "8",
                           "--batches", "2", "--batch-size", "4", "--quiet"]) == 0

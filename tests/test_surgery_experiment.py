@@ -2,7 +2,6 @@
 lossless-format npz and a randomly initialised ResNet-20: both parts run end to end, every surgery
 stays within its budget, the numbers agree with a plain recomputation, and a second call resumes
 without recomputing anything."""
-import importlib.util
 import json
 import pathlib
 
@@ -14,20 +13,14 @@ import fastedit as fe
 from fastedit import data as fdata
 from fastedit.models import load_pretrained_cifar_resnet
 from fastedit.models.resnet_cifar import cifar_resnet
+from test_experiments import load_benchmark
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "surgery_cifar.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("surgery_cifar", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_benchmark(SCRIPT)
 
 
 @pytest.fixture(scope="module")

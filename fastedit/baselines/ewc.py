@@ -245,14 +245,7 @@ def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ew
         else:
             a_list = _check_fisher(anchor, target.names, target.params, "anchor")
         y = target.check_inputs(x, y)
-        try:
-            acts = target.prefix(x)
-            num_classes = target.num_classes(acts)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:
-            raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
-        target.check_labels(num_classes, y)
+        acts, _ = target.checked_prefix(x, y)
         constraint = target.loss_fn(acts, y, reduction)
         lam = float(ewc_lambda)
 
