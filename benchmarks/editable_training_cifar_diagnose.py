@@ -50,9 +50,8 @@ def editor_from_dict(d: dict) -> fe.Editor:
     return fe.make_editor(d["editor"], **{k: v for k, v in d.items() if k != "editor"})
 
 
-def training_locality(model, editor, xtr_u8, ytr, batches: int, batch_size: int, seed: int, loc_mode: str) -> dict:
+def training_locality(exp, model, editor, xtr_u8, ytr, batches: int, batch_size: int, seed: int, loc_mode: str) -> dict:
     """Editable Training's own L_loc / edit statistics on augmented training batches (no update)."""
-    exp = _experiment()
     work = copy.deepcopy(model).train()   # train-mode BatchNorm moves running statistics: use a copy
     et = fe.EditableTraining(work, params="layer3", editor=editor, max_steps=10, loc_mode=loc_mode)
     gen = torch.Generator().manual_seed(seed)
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
         learned = editor_from_dict(cell["learned_editor"]) if cell.get("learned_editor") else \
             fe.RMSProp(cfg["editor_lr"], beta=0.5)  # plain models: the editor Editable Training starts from
         for mode in ("shared", "eval"):
-            row[f"training L_loc ({mode})"] = training_locality(model, learned, xtr_u8, ytr, args.batches,
+            row[f"training L_loc ({mode})"] = training_locality(exp, model, learned, xtr_u8, ytr, args.batches,
                                                                args.batch_size, cell["seed"], mode)
         results.append(row)
         tl, te = row["eval on train images"], row["eval on test images"]

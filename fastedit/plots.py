@@ -32,40 +32,54 @@ def _names(class_names, n: int) -> list[str]:
     return names
 
 
+def _symmetric_limit(mats) -> float:
+    """The largest |finite value| over the matrices (1 when there is none): a colour scale centred at 0."""
+    finite = torch.cat([m[torch.isfinite(m)] for m in mats])
+    vmax = float(finite.abs().max()) if finite.numel() else 0.0
+    return vmax if vmax > 0 else 1.0
+
+
+def _drawdown_heatmap(plt, ax, m: torch.Tensor, names: list[str], vmax: float, rotate: bool, *, rotation: int,
+                      tick_size=None, annotation_size: float = 7):
+    """One per-class drawdown matrix (percent) on ``ax``: diverging colours centred at 0, NaN cells
+    blank, values written in the cells when C ≤ 12. Returns the image (for a colour bar)."""
+    from matplotlib.colors import TwoSlopeNorm
+    c = m.shape[0]
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
+    img = ax.imshow(m.numpy(), cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax))
+    ax.set_xticks(range(c), names, rotation=rotation if rotate else 0, ha="right" if rotate else "center",
+                  fontsize=tick_size)
+    ax.set_yticks(range(c), names, fontsize=tick_size)
+    if c <= 12:
+        for r in range(c):
+            for k in range(c):
+                v = float(m[r, k])
+                if math.isfinite(v):
+                    ax.text(k, r, f"{v:.1f}", ha="center", va="center", fontsize=annotation_size,
+                            color="white" if abs(v) > 0.6 * vmax else "black")
+    return img
+
+
 def plot_per_class_drawdown(report: EvalReport, path, class_names=None, title=None):
     """Heatmap of ``report.per_class_drawdown`` in percent (paper Figure 2, left).
 
     Rows: class of the edited input; columns: class of the affected control sample. Diverging colormap
     centred at 0; cells annotated when C ≤ 12; NaN cells (no edit / no control sample) left blank.
     """
-    from matplotlib.colors import TwoSlopeNorm
     plt = _pyplot()
     m = report.per_class_drawdown.double() * 100.0
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(f"report has no per-class drawdown matrix (shape {tuple(m.shape)})")
     c = m.shape[0]
     names = _names(class_names, c)
-    finite = m[torch.isfinite(m)]
-    vmax = float(finite.abs().max()) if finite.numel() else 0.0
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = _symmetric_limit([m])
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * c + 1.5, 1.0 + 0.55 * c + 0.8))
     try:
-        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
-        img = ax.imshow(m.numpy(), cmap=cmap, norm=TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax))
+        img = _drawdown_heatmap(plt, ax, m, names, vmax, class_names is not None, rotation=45)
         fig.colorbar(img, ax=ax, label="drawdown (percentage points)")
-        rotate = class_names is not None
-        ax.set_xticks(range(c), names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-        ax.set_yticks(range(c), names)
         ax.set_xlabel("class of affected sample")
         ax.set_ylabel("class of edited input")
         ax.set_title(title if title is not None else f"Per-class drawdown (%), {report.editor.get('editor', '')}")
-        if c <= 12:
-            for r in range(c):
-                for k in range(c):
-                    v = float(m[r, k])
-                    if math.isfinite(v):
-                        ax.text(k, r, f"{v:.1f}", ha="center", va="center", fontsize=7,
-                                color="white" if abs(v) > 0.6 * vmax else "black")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:
@@ -187,7 +201,6 @@ def plot_per_class_drawdowns(matrices: dict[str, torch.Tensor], path, class_name
     ``matrices`` maps a name to a ``[C, C]`` per-class drawdown matrix (fractions, as
     ``EvalReport.per_class_drawdown``; NaN cells blank), e.g. plain vs Editable Training.
     """
-    from matplotlib.colors import TwoSlopeNorm
     if not matrices:
         raise ValueError("matrices is empty")
     mats = {k: v.double() * 100.0 for k, v in matrices.items()}
@@ -196,30 +209,16 @@ def plot_per_class_drawdowns(matrices: dict[str, torch.Tensor], path, class_name
         raise ValueError(f"matrices must all be [C, C] of one size, got shapes {sorted(shapes)}")
     c = next(iter(shapes))[0]
     names = _names(class_names, c)
-    finite = torch.cat([m[torch.isfinite(m)] for m in mats.values()])
-    vmax = float(finite.abs().max()) if finite.numel() else 0.0
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = _symmetric_limit(mats.values())
     plt = _pyplot()
     k = len(mats)
     fig, axes = plt.subplots(1, k, figsize=(0.5 * c * k + 2.5, 0.5 * c + 1.6), squeeze=False, layout="constrained")
     try:
-        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")
-        norm = TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
-        rotate = class_names is not None
         for ax, (label, m) in zip(axes[0], mats.items()):
-            img = ax.imshow(m.numpy(), cmap=cmap, norm=norm)
-            ax.set_xticks(range(c), names, rotation=60 if rotate else 0, ha="right" if rotate else "center",
-                          fontsize=7)
-            ax.set_yticks(range(c), names, fontsize=7)
+            img = _drawdown_heatmap(plt, ax, m, names, vmax, class_names is not None, rotation=60, tick_size=7,
+                                    annotation_size=5.5)
             ax.set_xlabel("class of affected sample", fontsize=8)
             ax.set_title(label, fontsize=9)
-            if c <= 12:
-                for r in range(c):
-                    for q in range(c):
-                        v = float(m[r, q])
-                        if math.isfinite(v):
-                            ax.text(q, r, f"{v:.1f}", ha="center", va="center", fontsize=5.5,
-                                    color="white" if abs(v) > 0.6 * vmax else "black")
         axes[0][0].set_ylabel("class of edited input", fontsize=8)
         fig.colorbar(img, ax=list(axes[0]), label="drawdown (percentage points)", shrink=0.8)
         fig.suptitle(title if title is not None else "Per-class drawdown (%)")

@@ -439,6 +439,13 @@ class JournalEntry:
     delta: SparseDelta
 
 
+def _check_entry_args(delta, name) -> None:
+    if not isinstance(delta, SparseDelta):
+        raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+
+
 class EditJournal:
     """An ordered log of sparse deltas applied to one model; any entry can be rolled back.
 
@@ -495,10 +502,7 @@ class EditJournal:
             name: an optional label.
             check: also require the model's current values to equal the delta's OLD values.
         """
-        if not isinstance(delta, SparseDelta):
-            raise TypeError(f"delta must be a SparseDelta, got {type(delta).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+        _check_entry_args(delta, name)
         if check:
             delta._validate(self._tensors, "old", check=True)
         rebased = self._rebased(delta)
@@ -518,10 +522,7 @@ class EditJournal:
             ValueError if the model does not hold the delta's NEW values (nothing is recorded).
         """
         delta = getattr(delta, "delta", delta)
-        if not isinstance(delta, SparseDelta):
-            raise TypeError(f"delta must be a SparseDelta (or have one as .delta), got {type(delta).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+        _check_entry_args(delta, name)
         delta._validate(self._tensors, "new", check=True)
         entry = JournalEntry(self._next_id, name, delta)
         self._next_id += 1
