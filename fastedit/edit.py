@@ -1,4 +1,5 @@
-"""One edit: patch a model so that it predicts ``y`` on ``x``, in place, atomically and revertibly.
+"""One edit: patch a model so that it satisfies a constraint on some inputs, in place, atomically and
+revertibly.
 
 The loop (DESIGN.md §1): up to ``max_steps`` editor steps on the editable parameters, each step
 active only while the constraint ``l_e > 0``. The active flag lives on the device, so the loop needs
@@ -7,7 +8,9 @@ the edit is satisfied (``early_exit="auto"``), which gives the same result bit f
 inactive steps are the identity.
 
 Only the suffix of the model that depends on the editable parameters is re-run per step: the frozen
-prefix's activations are computed once (:mod:`fastedit.prefix`).
+prefix's activations are computed once (:mod:`fastedit.prefix`: an fx graph split, or cached module
+calls for models fx cannot trace). A model whose prefix cannot be skipped is edited whole, and the
+result says so (``prefix_used``, ``prefix_reason``; a :class:`PrefixFallbackWarning` once per model).
 
 Atomicity: the loop runs on copies of the editable parameters and writes them into the model only
 at the end, when the edit is accepted. Any error, bad input or non-finite value leaves the model bit
@@ -16,6 +19,7 @@ for bit as it was; :meth:`EditResult.revert` restores the parameters from a save
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -24,14 +28,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .constraint import REDUCTIONS, constraint_per_sample, reduce_constraint
+from .constraint import (REDUCTIONS, Classification, Constraint, as_constraint, check_label_range,
+                         reduce_constraint)
 from .editors import Editor, make_editor
 from .kernels.editor_step import editor_step_
-from .prefix import PrefixSplit, split_prefix, whole_model_split
+from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
+from .prefix import ModelSplit, build_split
 from .selection import ParamSpec, select_parameters
 
 __all__ = ["edit", "EditResult", "EditError", "EditLoopOutput", "run_edit_loop", "run_edit_loop_batched",
-           "EditTarget"]
+           "EditTarget", "PrefixFallbackWarning"]
 
 
 class EditError(RuntimeError):
@@ -94,7 +100,11 @@ def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tenso
             active = (loss > 0) & (bad_step < 0)
             if early_exit and not bool(active.any()):
                 break  # satisfied (or failed): every further step would be the identity
-            grads = torch.autograd.grad(loss_total, leaves)
+            grads = torch.autograd.grad(loss_total, leaves, allow_unused=True)
+            if all(g is None for g in grads):
+                raise ValueError("the constraint does not depend on the editable parameters: select "
+                                 "parameters the model's output depends on")
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
             bad_grad = active & ~_finite_per_edit(grads, batched)
             bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
             active = active & ~bad_grad
@@ -146,23 +156,47 @@ def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], param
 # a model prepared for editing: selection, prefix split (cached), eval mode
 # ------------------------------------------------------------------------------------------------
 _SPLIT_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_SPLITS_PER_MODEL = 4  # a model is usually edited with one selection and one or two input signatures
+_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _structure_key(model: nn.Module) -> tuple:
     return tuple((name, id(m)) for name, m in model.named_modules())
 
 
-def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool = True) -> dict:
-    """``{"split": PrefixSplit, "num_classes": int | None}`` for this model and editable names,
-    traced once per model structure (the class count is filled in by the first label check)."""
-    key = (frozenset(names), use_prefix, _structure_key(model))
+def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, inputs: ModelInputs,
+                 read: Callable | None = None) -> dict:
+    """``{"split": ModelSplit, "num_classes": int | None}`` for this model, editable names and input
+    signature, built once (in eval mode: mode-dependent Python is fixed at trace time) and kept for
+    the next calls (the class count is filled in by the first label check)."""
+    key = (frozenset(names), use_prefix, _structure_key(model), inputs.signature())
     per_model = _SPLIT_CACHE.setdefault(model, {})
     if key not in per_model:
-        per_model.clear()  # a model is usually edited with one selection; keep the cache small
-        with eval_mode(model):  # trace in eval mode: mode-dependent Python is fixed at trace time
-            split = split_prefix(model, names) if use_prefix else whole_model_split(model)
+        while len(per_model) >= _SPLITS_PER_MODEL:
+            per_model.pop(next(iter(per_model)))
+        with eval_mode(model):
+            split = build_split(model, list(names), inputs, read or _default_read, use_prefix)
         per_model[key] = {"split": split, "num_classes": None}
     return per_model[key]
+
+
+def _default_read(out):
+    return read_logits(out, resolve_output(None))
+
+
+def warn_fallback(model: nn.Module, split: ModelSplit) -> None:
+    """Warn once per model that its edits run without the frozen prefix, and why."""
+    if split.used or split.reason is None or split.reason.startswith("prefix split disabled"):
+        return
+    if model in _WARNED:
+        return
+    _WARNED.add(model)
+    warnings.warn(f"fastedit: the frozen prefix of {type(model).__name__} is not used, so every editor step "
+                  f"runs the whole model ({split.reason})", PrefixFallbackWarning, stacklevel=3)
+
+
+class PrefixFallbackWarning(UserWarning):
+    """Edits of a model run without the frozen prefix (the reason is in the message)."""
 
 
 @contextlib.contextmanager
@@ -177,31 +211,77 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _as_logits(out, where: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{where} returned {type(out).__name__}; fastedit edits classifiers whose forward "
-                        "returns a logits tensor [batch, classes]")
-    if out.dim() != 2:
-        raise ValueError(f"{where} returned shape {tuple(out.shape)}; expected logits [batch, classes]")
-    return out
+def _first_param_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 @dataclass
 class EditTarget:
-    """The editable parameters of a model and its prefix split, ready for functional edits."""
+    """The editable parameters of a model, its prefix split and how to read its logits, ready for
+    functional edits. The split belongs to one input call signature (:meth:`ModelInputs.signature`);
+    it is made from the first inputs seen (``build(inputs=...)`` or the first :meth:`prefix`), and
+    :meth:`for_inputs` gives the target for inputs of another signature."""
 
     model: nn.Module
     names: list[str]
     params: list[nn.Parameter]
-    split: PrefixSplit
-    _cache: dict = field(default_factory=dict, repr=False)
+    read: Callable = field(default=_default_read, repr=False)
+    use_prefix: bool = True
+    _entry: dict | None = field(default=None, repr=False)
+    _signature: tuple | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True) -> "EditTarget":
+    def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True, *, inputs=None,
+              output: OutputSpec = None) -> "EditTarget":
+        """Select the parameters; with ``inputs`` (a tensor, tuple or mapping, see
+        :mod:`fastedit.model_io`) also get the split for inputs like them. A model that fails on
+        ``inputs`` raises ``ValueError``."""
         chosen = select_parameters(model, params)
-        names = [n for n, _ in chosen]
-        entry = cached_entry(model, names, use_prefix)
-        return cls(model, names, [p for _, p in chosen], entry["split"], entry)
+        reader = resolve_output(output)
+
+        def read(out):
+            return read_logits(out, reader)
+
+        target = cls(model, [n for n, _ in chosen], [p for _, p in chosen], read, use_prefix)
+        if inputs is not None:
+            target._ensure_split(ModelInputs.of(inputs))
+        return target
+
+    def _ensure_split(self, mi: ModelInputs) -> None:
+        if self._entry is not None:
+            return
+        mi.check_device(self.device)
+        try:
+            self._entry = cached_entry(self.model, self.names, self.use_prefix, mi, self.read)
+        except (TypeError, ValueError):
+            raise
+        except Exception as exc:
+            raise model_failure(self.model, mi, exc) from exc
+        self._signature = mi.signature()
+        warn_fallback(self.model, self._entry["split"])
+
+    def for_inputs(self, inputs) -> "EditTarget":
+        """This target if ``inputs`` have its call signature (or it has none yet), else a target
+        with the same parameters and the split for ``inputs``."""
+        mi = ModelInputs.of(inputs)
+        if self._entry is None:
+            self._ensure_split(mi)
+            return self
+        if mi.signature() == self._signature:
+            return self
+        other = EditTarget(self.model, self.names, self.params, self.read, self.use_prefix)
+        other._ensure_split(mi)
+        return other
+
+    @property
+    def split(self) -> ModelSplit:
+        if self._entry is None:
+            raise RuntimeError("internal: the split is made from the first inputs (EditTarget.prefix)")
+        return self._entry["split"]
+
+    @property
+    def _cache(self) -> dict:
+        return self._entry if self._entry is not None else {}
 
     @property
     def device(self) -> torch.device:
@@ -211,46 +291,61 @@ class EditTarget:
     def dtype(self) -> torch.dtype:
         return self.params[0].dtype
 
-    def check_inputs(self, x: Tensor, y) -> Tensor:
-        """Validate ``x``/``y`` against the model (device, dtype, batch) and return ``y`` as int64 ``[B]``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-        if x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the editable parameters are on {self.device}")
-        if x.is_floating_point() and x.dtype != self.dtype:
-            raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {self.dtype}")
-        if isinstance(y, bool) or not isinstance(y, (int, Tensor)):
-            raise TypeError(f"y must be an int or an integer tensor, got {type(y).__name__}")
-        y = torch.as_tensor(y)
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
-        if y.device != x.device:
-            raise ValueError(f"y is on {y.device} but x is on {x.device}")
-        y = y.reshape(1) if y.dim() == 0 else y
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"y must hold one label per sample of x: x has {x.shape[0]} samples, "
-                             f"y has shape {tuple(y.shape)}")
-        return y.to(torch.int64)
+    @property
+    def prefix_used(self) -> bool:
+        return self.split.used
 
-    def prefix(self, x: Tensor) -> tuple:
-        with torch.no_grad():
-            return self.split.prefix(x)
+    @property
+    def prefix_reason(self) -> str | None:
+        return self.split.reason
 
-    def logits(self, acts: tuple, theta: Sequence[Tensor] | None = None) -> Tensor:
+    def check_inputs(self, inputs, target, what: str = "inputs") -> tuple[ModelInputs, Constraint]:
+        """Normalise and validate ``inputs`` and ``target`` (device, sample counts, label types)."""
+        mi = ModelInputs.of(inputs, what)
+        mi.check_device(self.device, what)
+        if isinstance(target, int) and not isinstance(target, bool):
+            target = torch.tensor(target, device=self.device)
+        constraint = as_constraint(target)
+        constraint.check_device(self.device)
+        check_rows(constraint, mi.num_samples)
+        return mi, constraint
+
+    def prefix(self, inputs) -> Any:
+        """The frozen activations of ``inputs`` for editor steps (no graph)."""
+        mi = ModelInputs.of(inputs)
+        self._ensure_split(mi)
+        return self.split.edit_acts(mi, self.names, self.params)
+
+    def output(self, acts, theta: Sequence[Tensor] | None = None):
         if theta is None:
-            out = self.split.suffix(acts)
-        else:
-            out = functional_call(self.split.suffix_module, dict(zip(self.names, theta)), (acts,))
-        return _as_logits(out, "the model")
+            return self.split.suffix(acts)
+        return functional_call(self.split.suffix_module, dict(zip(self.names, theta)), (acts,), strict=False)
 
-    def loss_fn(self, acts: tuple, y: Tensor, reduction: str) -> Callable[[list[Tensor]], Tensor]:
+    def logits(self, acts, theta: Sequence[Tensor] | None = None) -> Tensor:
+        return self.read(self.output(acts, theta))
+
+    def loss_fn(self, acts, target, reduction: str, inputs: ModelInputs | None = None) -> Callable[[list[Tensor]], Tensor]:
+        """``theta -> l_e`` (0-dim). The first call also validates the constraint against the logits
+        (shapes, label ranges) and turns a failing forward into ``ValueError``: nothing is written
+        before, since the loop edits copies."""
+        constraint = as_constraint(target)
+        first = [True]
+
         def loss(theta: list[Tensor]) -> Tensor:
-            return reduce_constraint(constraint_per_sample(self.logits(acts, theta), y), reduction)
+            if first[0]:
+                first[0] = False
+                try:
+                    logits = self.logits(acts, theta)
+                except (TypeError, ValueError):
+                    raise
+                except Exception as exc:
+                    raise model_failure(self.model, inputs, exc) from exc
+                constraint.validate(logits.detach())
+                return reduce_constraint(constraint.pack(constraint.per_sample(logits)), reduction)
+            return reduce_constraint(constraint.pack(constraint.per_sample(self.logits(acts, theta))), reduction)
         return loss
 
-    def num_classes(self, acts: tuple) -> int:
+    def num_classes(self, acts) -> int:
         """The model's class count: one forward of ``acts`` the first time, cached afterwards."""
         if self._cache.get("num_classes") is None:
             with torch.no_grad():
@@ -260,18 +355,47 @@ class EditTarget:
     def check_labels(self, num_classes: int, y: Tensor) -> None:
         check_label_range(y, num_classes)
 
-    def checked_prefix(self, x: Tensor, y: Tensor) -> tuple:
-        """The prefix activations of ``x`` and the class count, with ``y`` checked against it; a model
-        that cannot take ``x`` (a shape mismatch, say) raises ``ValueError`` before anything is written."""
+    def checked_prefix(self, inputs, constraint=None) -> Any:
+        """The frozen activations of ``inputs``; a model that cannot take them (a shape or dtype
+        mismatch, say) raises ``ValueError`` before anything is written."""
+        mi = ModelInputs.of(inputs)
         try:
-            acts = self.prefix(x)
-            num_classes = self.num_classes(acts)
+            return self.prefix(mi)
         except (TypeError, ValueError):
             raise
         except Exception as exc:
-            raise ValueError(f"the model failed on x of shape {tuple(x.shape)}: {exc}") from exc
-        self.check_labels(num_classes, y)
-        return acts, num_classes
+            raise model_failure(self.model, mi, exc) from exc
+
+
+def check_rows(constraint: Constraint, num_samples: int) -> None:
+    """``ValueError`` unless a per-row constraint has one row per input sample."""
+    if isinstance(constraint, Classification):
+        constraint.check_rows(num_samples)
+    elif hasattr(constraint, "labels") and isinstance(constraint.labels, Tensor):
+        rows = constraint.labels.shape[0]
+        if rows != num_samples:
+            raise ValueError(f"{type(constraint).__name__}: the labels have {rows} rows but the inputs "
+                             f"{num_samples} samples")
+
+
+def model_failure(model: nn.Module, inputs: ModelInputs | None, exc: BaseException) -> ValueError:
+    """A clear ``ValueError`` for a model that fails on the user's inputs (naming a dtype mismatch)."""
+    where = inputs.describe() if inputs is not None else "the inputs"
+    hint = ""
+    want = _first_param_dtype(model)
+    if inputs is not None and want is not None:
+        other = sorted(str(d) for d in inputs.float_dtypes() if d != want)
+        if other:
+            hint = (f"; the inputs have dtype {', '.join(other)} but the model's parameters start with {want}: "
+                    "cast the inputs")
+    return ValueError(f"the model failed on {where}: {exc}{hint}")
+
+
+def math_attention():
+    """A context in which scaled-dot-product attention uses its math backend: the fused CPU/CUDA
+    kernels have no double backward, which Editable Training's unrolled steps need."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
@@ -280,13 +404,6 @@ def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
     if isinstance(early_exit, bool):
         return early_exit
     raise ValueError(f"early_exit must be True, False or 'auto', got {early_exit!r}")
-
-
-def check_label_range(y: Tensor, num_classes: int, what: str = "label") -> None:
-    """``ValueError`` naming the first label outside ``[0, num_classes)`` (one host read)."""
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(f"{what} {int(y[bad][0])} is out of range for a model with {num_classes} classes")
 
 
 def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> None:
@@ -304,7 +421,9 @@ def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> 
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class EditResult:
-    """What :func:`edit` did. ``applied`` tells whether the model now holds the edited parameters."""
+    """What :func:`edit` did. ``applied`` tells whether the model now holds the edited parameters;
+    ``prefix_used`` whether the frozen prefix was skipped in the editor steps (``prefix_method``:
+    ``"fx"`` or ``"call-cache"``), and if not, ``prefix_reason`` says why."""
 
     success: bool
     steps: int
@@ -312,6 +431,9 @@ class EditResult:
     initial_loss: float
     applied: bool
     param_names: list[str]
+    prefix_used: bool = False
+    prefix_reason: str | None = None
+    prefix_method: str = "none"
     _params: list[nn.Parameter] = field(repr=False, default_factory=list)
     _backup: list[Tensor] = field(repr=False, default_factory=list)
 
@@ -327,46 +449,83 @@ class EditResult:
 
     def to_dict(self) -> dict:
         return {"success": self.success, "steps": self.steps, "loss": self.loss,
-                "initial_loss": self.initial_loss, "applied": self.applied, "params": list(self.param_names)}
+                "initial_loss": self.initial_loss, "applied": self.applied, "params": list(self.param_names),
+                "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
+                "prefix_method": self.prefix_method}
 
 
-def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", params: ParamSpec = None,
+def split_info(target: EditTarget) -> dict:
+    """The ``prefix_*`` fields of results and reports."""
+    return {"prefix_used": target.split.used, "prefix_reason": target.split.reason,
+            "prefix_method": target.split.method}
+
+
+def resolve_aliases(inputs, target, x, y) -> tuple[Any, Any]:
+    """``inputs``/``target``, or their former names ``x``/``y`` (still accepted as keywords)."""
+    if x is not None:
+        if inputs is not None:
+            raise TypeError("pass inputs or x, not both")
+        inputs = x
+    if y is not None:
+        if target is not None:
+            raise TypeError("pass target or y, not both")
+        target = y
+    if inputs is None:
+        raise TypeError("missing the inputs (the second argument)")
+    if target is None:
+        raise TypeError("missing the target (the third argument): class labels or a fe.Constraint")
+    return inputs, target
+
+
+def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rmsprop", params: ParamSpec = None,
          max_steps: int = 10, *, on_failure: str = "revert", reduction: str = "max",
-         use_prefix: bool = True, early_exit: bool | str = "auto") -> EditResult:
-    """Edit ``model`` in place so that it predicts ``y`` on ``x``.
+         use_prefix: bool = True, early_exit: bool | str = "auto", output: OutputSpec = None,
+         x=None, y=None) -> EditResult:
+    """Edit ``model`` in place so that it satisfies ``target`` on ``inputs``.
 
     Args:
-        model: a classifier returning logits ``[B, C]``; run in eval mode during the edit (BatchNorm
-            uses its running statistics, dropout is off) and restored to its modes afterwards.
-        x: inputs ``[B, ...]`` (one edit may hold several samples), on the parameters' device.
-        y: target class(es): an int or an integer tensor ``[B]``.
+        model: any ``nn.Module``; run in eval mode during the edit (BatchNorm uses its running
+            statistics, dropout is off) and restored to its modes afterwards.
+        inputs: what the model is called with: a tensor ``[B, ...]``, a tuple of positional
+            arguments, or a mapping of keyword arguments (a tokenizer's output); the first dimension
+            of every tensor is the sample dimension (one edit may hold several samples). On the
+            parameters' device. (Formerly ``x``, still accepted as a keyword.)
+        target: what the edit must achieve: class label(s) (an int or an integer tensor ``[B]``,
+            i.e. :class:`~fastedit.Classification`), a :class:`~fastedit.TokenTargets`, a
+            :class:`~fastedit.SequenceRanking`, any :class:`~fastedit.Constraint`, or a callable
+            ``logits -> l_e`` per unit (≤ 0 when satisfied). (Formerly ``y``.)
         editor: an :class:`~fastedit.editors.Editor` or its name (default hyper-parameters).
         params: the editable parameters: a module-name prefix (``"layer3"``), a list of names, or
-            parameters; ``None`` edits every parameter.
+            parameters; ``None`` edits every parameter. Any alias of a tied weight selects it.
         max_steps: at most this many editor steps (the paper's k = 10).
         on_failure: when the constraint is still violated after ``max_steps``: ``"revert"``
             (default) leaves the model as it was; ``"keep"`` keeps the partially edited parameters.
-        reduction: ``"max"`` (every sample must be satisfied) or ``"mean"`` over the samples.
-        use_prefix: run the frozen prefix once (fx split); ``False`` re-runs the whole model.
+        reduction: ``"max"`` (every unit must be satisfied) or ``"mean"`` over the units.
+        use_prefix: skip the frozen prefix in the editor steps (an fx split, or cached module calls
+            for models fx cannot trace; see ``prefix_used``); ``False`` re-runs the whole model.
         early_exit: stop once satisfied (``"auto"``: on the CPU, where the check is free).
+        output: where the logits are in the model's output: ``None`` (a tensor is itself, a
+            ``ModelOutput``/dict gives ``["logits"]``, a tuple ``[0]``), a key, an index or a callable.
 
     Returns:
-        :class:`EditResult` with ``success``, ``steps``, ``loss`` (final ``l_e``), ``applied`` and
-        ``revert()``.
+        :class:`EditResult` with ``success``, ``steps``, ``loss`` (final ``l_e``), ``applied``,
+        ``prefix_used``/``prefix_reason`` and ``revert()``.
 
     Raises:
-        ValueError / TypeError for bad input (unknown or empty ``params``, a label out of range, a
-        device, dtype or shape mismatch); :class:`EditError` for a non-finite loss or gradient.
-        In every such case the model is left bit-identical to before.
+        ValueError / TypeError for bad input (unknown or empty ``params``, a label out of range or of
+        the wrong shape, no labelled position, a failing model, a device mismatch, an ``output`` key
+        that is missing); :class:`EditError` for a non-finite loss or gradient. In every such case
+        the model is left bit-identical to before.
     """
+    inputs, target = resolve_aliases(inputs, target, x, y)
     check_common(max_steps, reduction, on_failure)
     editor = make_editor(editor)
     with eval_mode(model):
-        target = EditTarget.build(model, params, use_prefix)
-        y = target.check_inputs(x, y)
-        acts, _ = target.checked_prefix(x, y)
-        out = run_edit_loop(target.loss_fn(acts, y, reduction), target.params, editor, max_steps,
-                            early_exit=resolve_early_exit(early_exit, target.device))
+        et = EditTarget.build(model, params, use_prefix, inputs=inputs, output=output)
+        mi, constraint = et.check_inputs(inputs, target)
+        acts = et.checked_prefix(mi)
+        out = run_edit_loop(et.loss_fn(acts, constraint, reduction, mi), et.params, editor, max_steps,
+                            early_exit=resolve_early_exit(early_exit, et.device))
 
     bad_step = int(out.bad_step)  # the one host sync of the edit
     if bad_step >= 0:
@@ -374,10 +533,10 @@ def edit(model: nn.Module, x: Tensor, y, editor: Editor | str = "rmsprop", param
                         f"(editor {editor!r}); the model is unchanged")
     success = bool(out.success)
     result = EditResult(success=success, steps=int(out.steps), loss=float(out.loss),
-                        initial_loss=float(out.initial_loss), applied=False, param_names=list(target.names),
-                        _params=list(target.params))
+                        initial_loss=float(out.initial_loss), applied=False, param_names=list(et.names),
+                        **split_info(et), _params=list(et.params))
     if success or on_failure == "keep":
-        commit_params(result, target.params, out.params)
+        commit_params(result, et.params, out.params)
     return result
 
 

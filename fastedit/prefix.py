@@ -69,7 +69,10 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["PrefixSplit", "split_prefix", "whole_model_split"]
+from . import call_cache
+from .model_io import ModelInputs
+
+__all__ = ["PrefixSplit", "split_prefix", "whole_model_split", "ModelSplit", "build_split"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,8 +126,9 @@ class _WholeModelSuffix(nn.Module):
         self.__dict__["_fastedit_model"] = model
         self.__dict__["training"] = model.training
 
-    def forward(self, acts: tuple):
-        return self.__dict__["_fastedit_model"](*acts)
+    def forward(self, acts):
+        model = self.__dict__["_fastedit_model"]
+        return acts.call(model) if isinstance(acts, ModelInputs) else model(*acts)
 
     def train(self, mode: bool = True):
         self.__dict__["_fastedit_model"].train(mode)
@@ -413,6 +417,15 @@ def _traced_split(
     )
 
 
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (so NaN equals the same NaN, and -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    return torch.equal(a, b)
+
+
 def _outputs_equal(a: Any, b: Any) -> bool:
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
@@ -422,7 +435,7 @@ def _outputs_equal(a: Any, b: Any) -> bool:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
                 return False
-            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+            if not bits_equal(x, y):
                 return False
         elif x != y:
             return False
@@ -505,3 +518,190 @@ def split_prefix(
         if why is not None:
             return _fallback(model, why)
     return split
+
+
+# --------------------------------------------------------------------------------------------------
+# the split an edit uses: fx where it traces finely, else cached module calls, else the whole model
+
+
+@dataclasses.dataclass(eq=False)
+class ModelSplit:
+    """How edits of ``model`` skip its frozen prefix, for any inputs of one call signature.
+
+    ``method``: ``"fx"`` (a traced graph split, :func:`split_prefix`), ``"call-cache"`` (cached module
+    calls, :mod:`fastedit.call_cache`; any Python control flow, any input length) or ``"none"`` (the
+    whole model at every step; ``reason`` says why). ``suffix_module`` takes the activations of
+    :meth:`prefix` and is called with the model's own parameter names under
+    ``torch.func.functional_call``.
+    """
+
+    model: nn.Module
+    method: str
+    reason: str | None
+    suffix_module: nn.Module
+    editable_ids: frozenset
+    fx_split: PrefixSplit | None = None
+    bind: Any = None  # ModelInputs -> the fx prefix's positional arguments
+
+    @property
+    def used(self) -> bool:
+        return self.method != "none"
+
+    def prefix(self, inputs: ModelInputs):
+        """The frozen activations of ``inputs``, in the ambient grad mode (the graph is kept)."""
+        if self.method == "fx":
+            return self.fx_split.prefix(*self.bind(inputs))
+        if self.method == "call-cache":
+            return call_cache.record(self.model, set(self.editable_ids), inputs)[1]
+        return inputs
+
+    def prefix_and_output(self, inputs: ModelInputs) -> tuple[Any, Any]:
+        """``(prefix(inputs), model output)``; the cached-call split records both in one run."""
+        if self.method == "call-cache":
+            out, acts = call_cache.record(self.model, set(self.editable_ids), inputs)
+            return acts, out
+        acts = self.prefix(inputs)
+        return acts, self.suffix(acts)
+
+    def edit_acts(self, inputs: ModelInputs, names: list[str], params: list[torch.Tensor]):
+        """The frozen activations for editor steps: no graph, recorded as the steps will run (grad
+        enabled, the editable parameters replaced by leaves that require grad), so that code which
+        branches on grad mode takes the same path in the prefix run and in the steps."""
+        if self.method == "call-cache":
+            leaves = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+            with torch.enable_grad():
+                return call_cache.record(self.model, set(self.editable_ids), inputs, params=leaves, detach=True)[1]
+        with torch.no_grad():
+            return self.prefix(inputs)
+
+    def suffix(self, acts):
+        return self.suffix_module(acts)
+
+
+def _fx_binding(model: nn.Module, inputs: ModelInputs) -> tuple[list, dict]:
+    """The model's ``forward`` arguments in order, and those fx must treat as constants (every
+    non-tensor value, ``None`` included, so ``if mask is not None`` takes the branch it takes here)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError) as exc:
+        raise _Unsupported(f"no signature: {exc}") from None
+    params = list(sig.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise _Unsupported("forward takes *args or **kwargs")
+    try:
+        bound = sig.bind(*inputs.args, **inputs.kwargs)
+    except TypeError as exc:
+        raise ValueError(f"the inputs do not fit {type(model).__name__}.forward{sig}: {exc}") from None
+    bound.apply_defaults()
+    values = [bound.arguments[p.name] for p in params]
+    concrete = {}
+    for p, v in zip(params, values):
+        if isinstance(v, torch.Tensor):
+            continue
+        if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(v)):
+            raise _Unsupported(f"argument {p.name!r} is a container of tensors")
+        concrete[p.name] = v
+    return values, concrete
+
+
+def _bind_positional(model: nn.Module):
+    sig = inspect.signature(model.forward)
+
+    def bind(inputs: ModelInputs) -> list:
+        bound = sig.bind(*inputs.args, **inputs.kwargs)
+        bound.apply_defaults()
+        return list(bound.arguments.values())
+    return bind
+
+
+def _coarse(split: PrefixSplit, model: nn.Module, ed_ids: set[int]) -> bool:
+    """Whether the fx suffix calls, as one leaf, a module with a parametrised submodule that holds no
+    editable parameter (``nn.TransformerEncoder`` is an fx leaf): cached calls may keep more."""
+    for node in split.suffix_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        leaf = model.get_submodule(node.target)
+        for sub in leaf.modules():
+            if sub is leaf:
+                continue
+            params = list(sub.parameters())
+            if params and not any(id(p) in ed_ids for p in params):
+                return True
+    return False
+
+
+def _verify_call_cache(model: nn.Module, names: list[str], ed_ids: set[int], inputs: ModelInputs,
+                       read: Any) -> str | None:
+    """None if replaying the cached calls reproduces the model bit for bit on ``inputs``, with its own
+    parameters and with the editable ones perturbed (a cached call that depended on them would then
+    differ); else why not."""
+    from torch.func import functional_call
+
+    suffix = call_cache.CallCacheSuffix(model)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    params = [named[n] for n in names]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            full = read(inputs.call(model))
+            _, acts = call_cache.record(model, ed_ids, inputs)
+            if not bits_equal(read(suffix(acts)), full):
+                return "verification: the replayed output differs from the model's"
+        moved = call_cache.perturbed(params)
+        leaves = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+        with torch.enable_grad():
+            acts = call_cache.record(model, ed_ids, inputs, params=leaves, detach=True)[1]
+            swapped = {n: t.requires_grad_() for n, t in zip(names, moved)}
+            want = read(functional_call(model, swapped, inputs.args, inputs.kwargs, strict=False))
+            got = read(functional_call(suffix, swapped, (acts,), strict=False))
+        if not bits_equal(got.detach(), want.detach()):
+            return ("verification: with perturbed editable parameters the replay differs from the model "
+                    "(a cached module call depends on them)")
+    except call_cache.CallCacheError as exc:
+        return str(exc)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return None
+
+
+def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: Any,
+                use_prefix: bool = True) -> ModelSplit:
+    """The split for editing ``names`` of ``model`` with inputs like ``inputs`` (their call signature:
+    structure, ranks, dtypes, non-tensor values; not their sizes). Build it in the mode the edits
+    run in (eval).
+
+    Order: the fx split when the model traces with ``inputs``' non-tensor arguments as constants
+    (exact by construction: the same operations on the same values), unless it treats a module with
+    frozen parametrised submodules as one leaf; else the cached-call split, verified bit for bit on
+    ``inputs`` (with the editable parameters as they are and perturbed); else the fx split if there
+    was one; else the whole model, with every reason. ``read``: model output -> logits, which the
+    checks compare.
+    """
+    names, ed_ids = _resolve_editable(model, names)
+    if not use_prefix:
+        return ModelSplit(model, "none", "prefix split disabled (use_prefix=False)", _WholeModelSuffix(model),
+                          frozenset(ed_ids))
+    reasons = []
+    fx_split = None
+    try:
+        _, concrete = _fx_binding(model, inputs)
+    except _Unsupported as exc:
+        reasons.append(f"fx: {exc}")
+    else:
+        fx_split = split_prefix(model, names, concrete_args=concrete or None)
+        if fx_split.traced and not _coarse(fx_split, model, ed_ids):
+            return ModelSplit(model, "fx", None, fx_split.suffix_module, frozenset(ed_ids), fx_split,
+                              _bind_positional(model))
+        if not fx_split.traced:
+            reasons.append(f"fx: {fx_split.reason}")
+            fx_split = None
+    why = _verify_call_cache(model, names, ed_ids, inputs, read)
+    if why is None:
+        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), frozenset(ed_ids))
+    if fx_split is not None:
+        return ModelSplit(model, "fx", None, fx_split.suffix_module, frozenset(ed_ids), fx_split,
+                          _bind_positional(model))
+    reasons.append(f"call cache: {why}")
+    return ModelSplit(model, "none", "; ".join(reasons), _WholeModelSuffix(model), frozenset(ed_ids))

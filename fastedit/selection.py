@@ -2,6 +2,10 @@
 
 ``params`` may be ``None`` (every parameter), a module-name prefix (``"layer3"``; an exact parameter
 name works too), a list of names/prefixes, or an iterable of the model's own parameter tensors.
+
+Tied weights (one tensor registered under several names, e.g. a language model's ``lm_head.weight``
+and ``transformer.wte.weight``): any alias selects the shared tensor, which is then named once, by
+its first name in ``named_parameters()``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     named = list(model.named_parameters())  # shared parameters appear once, under their first name
+    canonical = {id(p): n for n, p in named}
+    aliases = [(n, canonical[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)]
     if not named:
         raise ValueError(f"{type(model).__name__} has no parameters to edit")
 
@@ -36,9 +42,9 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
         wanted: set[str] = set()
         for item in items:
             if isinstance(item, str):
-                hits = {n for n, _ in named if _matches(n, item)}
+                hits = {first for n, first in aliases if _matches(n, item)}
                 if not hits:
-                    tops = sorted({n.split(".")[0] for n, _ in named})
+                    tops = sorted({n.split(".")[0] for n, _ in aliases})
                     raise ValueError(f"params: no parameter of {type(model).__name__} is named {item!r} or "
                                      f"lies under it; top-level names are {tops}")
                 wanted |= hits

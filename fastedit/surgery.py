@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -94,10 +95,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .constraint import constraint_per_sample, reduce_constraint
-from .edit import EditError, EditTarget, check_common, check_label_range, eval_mode
+from .constraint import check_label_range
+from .edit import EditError, EditTarget, check_common, eval_mode, resolve_aliases, split_info
 from .editors import Editor, ScaledGD, make_editor
 from .kernels.editor_step import editor_step_
+from .model_io import ModelInputs, OutputSpec
 from .selection import ParamSpec
 from .sparse_delta import SparseDelta
 
@@ -130,6 +132,9 @@ class SurgeryResult:
     param_names: list[str]
     metrics: dict = field(default_factory=dict)
     editor: dict = field(default_factory=dict)
+    prefix_used: bool = False
+    prefix_reason: str | None = None
+    prefix_method: str = "none"
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -169,7 +174,8 @@ class SurgeryResult:
                 "initial_loss": self.initial_loss, "method": self.method, "goal": self.goal,
                 "budget": self.budget, "nnz": self.nnz, "nnz_per_param": self.delta.nnz_per_param,
                 "applied": self.applied, "params": list(self.param_names), "metrics": dict(self.metrics),
-                "editor": dict(self.editor)}
+                "editor": dict(self.editor), "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
+                "prefix_method": self.prefix_method}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,22 +220,21 @@ def _compute_dtype(params: Sequence[Tensor]) -> torch.dtype:
 # goals
 # ------------------------------------------------------------------------------------------------
 class _EditGoal:
-    """The edit constraint on a fixed ``x`` (prefix activations computed once)."""
+    """The edit constraint on fixed inputs (prefix activations computed once); any constraint."""
 
     kind = "edit"
 
-    def __init__(self, target: EditTarget, x: Tensor, y, reduction: str):
+    def __init__(self, target: EditTarget, inputs, constraint, reduction: str):
         self.target = target
-        self.y = target.check_inputs(x, y)
-        self.reduction = reduction
-        self.acts, _ = target.checked_prefix(x, self.y)
+        mi, c = target.check_inputs(inputs, constraint)
+        self.acts = target.checked_prefix(mi)
+        self._loss = target.loss_fn(self.acts, c, reduction, mi)  # validates on its first call
 
     def batches(self, unit: int) -> list:
         return [None]
 
     def loss(self, theta: Sequence[Tensor], batch) -> Tensor:
-        z = self.target.logits(self.acts, theta)
-        return reduce_constraint(constraint_per_sample(z, self.y), self.reduction)
+        return self._loss(theta)
 
     def check(self, theta: Sequence[Tensor]) -> tuple[float, bool, dict]:
         with torch.no_grad():
@@ -244,37 +249,39 @@ class _PatternGoal:
 
     kind = "pattern"
 
-    def __init__(self, target: EditTarget, x: Tensor, y, clean, clean_weight: float,
+    def __init__(self, target: EditTarget, inputs, y, clean, clean_weight: float,
                  batch_size: int | None, seed: int, target_rate: float):
         self.target = target
-        if isinstance(x, Tensor) and x.dim() and (isinstance(y, int) and not isinstance(y, bool)
-                                                  or isinstance(y, Tensor) and y.dim() == 0):
-            y = torch.as_tensor(y, device=x.device).expand(x.shape[0])  # one target class for every input
-        self.y = target.check_inputs(x, y)
-        self.x = x
+        mi = ModelInputs.of(inputs)
+        if isinstance(y, int) and not isinstance(y, bool) or isinstance(y, Tensor) and y.dim() == 0:
+            y = torch.as_tensor(y, device=target.device).expand(mi.num_samples)  # one class for every input
+        if not isinstance(y, (int, Tensor)) or isinstance(y, bool):
+            raise TypeError(f"a pattern's target must be class labels (an int or an integer tensor), got "
+                            f"{type(y).__name__}")
+        self.mi, c = target.check_inputs(mi, y)
+        self.y = c.labels
         self.clean_weight = clean_weight
         self.seed = seed
         self.target_rate = target_rate
-        n = x.shape[0]
+        n = self.mi.num_samples
         self.batch_size = n if batch_size is None else min(batch_size, n)
         self.xc = self.yc = None
         if clean is not None:
-            if isinstance(clean, Tensor):
-                xc, yc = clean, None
-            elif isinstance(clean, (tuple, list)) and len(clean) == 2:
+            if isinstance(clean, (tuple, list)) and len(clean) == 2:
                 xc, yc = clean
+            elif isinstance(clean, (Tensor, Mapping)):
+                xc, yc = clean, None
             else:
-                raise TypeError("clean must be x_clean or a pair (x_clean, y_clean)")
-            if not isinstance(xc, Tensor):
-                raise TypeError(f"x_clean must be a tensor, got {type(xc).__name__}")
-            if yc is None:  # validate x_clean alone, with placeholder labels
-                target.check_inputs(xc, torch.zeros(xc.shape[0] if xc.dim() else 0, dtype=torch.int64,
-                                                    device=xc.device))
-            else:
-                yc = target.check_inputs(xc, yc)
+                raise TypeError("clean must be the clean inputs (a tensor or a mapping) or a pair (clean inputs, "
+                                "clean labels or None)")
+            xc = ModelInputs.of(xc, "clean")
+            if yc is not None:
+                _, yc = target.check_inputs(xc, yc, "clean")
+                yc = yc.labels
+            xc.check_device(target.device, "clean")
             self.xc, self.yc = xc, yc
         try:
-            num_classes = target.num_classes(self._acts(x[:1]))
+            num_classes = target.num_classes(self._acts(self.mi.rows(0, 1)))
             if self.xc is not None:
                 with torch.no_grad():
                     self.logp0 = self._logp(self._forward(None, self.xc))
@@ -287,11 +294,11 @@ class _PatternGoal:
             check_label_range(self.yc, num_classes, "clean label")
         self.num_batches = math.ceil(n / self.batch_size)
 
-    def _acts(self, x: Tensor) -> tuple:
-        return self.target.prefix(x)
+    def _acts(self, inputs: ModelInputs):
+        return self.target.checked_prefix(inputs)
 
-    def _forward(self, theta, x: Tensor) -> Tensor:
-        return self.target.logits(self._acts(x), theta)
+    def _forward(self, theta, inputs: ModelInputs) -> Tensor:
+        return self.target.logits(self._acts(inputs), theta)
 
     @staticmethod
     def _logp(z: Tensor) -> Tensor:
@@ -300,49 +307,53 @@ class _PatternGoal:
 
     def batches(self, unit: int) -> list:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + unit)
-        order = torch.randperm(self.x.shape[0], generator=g).to(self.x.device)
+        device = self.target.device
+        order = torch.randperm(self.mi.num_samples, generator=g).to(device)
         trig = list(order.split(self.batch_size))
         if self.xc is None:
             return [(t, None) for t in trig]
-        corder = torch.randperm(self.xc.shape[0], generator=g).to(self.x.device)
+        corder = torch.randperm(self.xc.num_samples, generator=g).to(device)
         clean = list(corder.tensor_split(len(trig)))  # an equal share of clean inputs per step
         return list(zip(trig, clean))
 
     def loss(self, theta: Sequence[Tensor], batch) -> Tensor:
         ti, ci = batch
-        z = self._forward(theta, self.x[ti])
+        z = self._forward(theta, self.mi.take(ti))
         loss = F.cross_entropy(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, self.y[ti])
         if ci is not None and ci.numel() and self.clean_weight > 0:
-            logq = self._logp(self._forward(theta, self.xc[ci]))
+            logq = self._logp(self._forward(theta, self.xc.take(ci)))
             p0 = self.logp0[ci]
             loss = loss + self.clean_weight * F.kl_div(logq, p0.to(logq.dtype), reduction="batchmean", log_target=True)
         return loss
 
-    def _chunks(self, x: Tensor):
-        return x.split(max(self.batch_size, 1))
+    def _chunks(self, inputs: ModelInputs) -> list[ModelInputs]:
+        n, b = inputs.num_samples, max(self.batch_size, 1)
+        return [inputs.rows(lo, min(lo + b, n)) for lo in range(0, n, b)]
 
     def check(self, theta: Sequence[Tensor]) -> tuple[float, bool, dict]:
         with torch.no_grad():
             hits, ce_sum = 0, 0.0
-            for xb, yb in zip(self._chunks(self.x), self._chunks(self.y)):
+            for xb, yb in zip(self._chunks(self.mi), self.y.split(max(self.batch_size, 1))):
                 z = self._forward(theta, xb)
                 zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
                 ce_sum += float(F.cross_entropy(zf, yb, reduction="sum"))
                 hits += int((z.argmax(-1) == yb).sum())
-            n = self.x.shape[0]
+            n = self.mi.num_samples
             value = ce_sum / n
             metrics = {"target_rate": hits / n}
             if self.xc is not None:
                 kl_sum, same, correct = 0.0, 0, 0
-                labels = self._chunks(self.yc) if self.yc is not None else [None] * len(self._chunks(self.xc))
-                for xb, lb, yb in zip(self._chunks(self.xc), self._chunks(self.logp0), labels):
+                chunks = self._chunks(self.xc)
+                b = max(self.batch_size, 1)
+                labels = self.yc.split(b) if self.yc is not None else [None] * len(chunks)
+                for xb, lb, yb in zip(chunks, self.logp0.split(b), labels):
                     logq = self._logp(self._forward(theta, xb))
                     kl_sum += float(F.kl_div(logq, lb.to(logq.dtype), reduction="sum", log_target=True))
                     pred = logq.argmax(-1)
                     same += int((pred == lb.argmax(-1)).sum())
                     if yb is not None:
                         correct += int((pred == yb).sum())
-                nc = self.xc.shape[0]
+                nc = self.xc.num_samples
                 value += self.clean_weight * kl_sum / nc
                 metrics["clean_agreement"] = same / nc
                 metrics["clean_kl"] = kl_sum / nc
@@ -350,7 +361,7 @@ class _PatternGoal:
                     metrics["clean_accuracy"] = correct / nc
         if not math.isfinite(value):
             raise EditError(f"non-finite surgery loss ({value}); the model is unchanged")
-        met = hits >= math.ceil(self.target_rate * self.x.shape[0] - 1e-9)
+        met = hits >= math.ceil(self.target_rate * self.mi.num_samples - 1e-9)
         return value, met, metrics
 
 
@@ -491,22 +502,27 @@ class _Tuner:
 # ------------------------------------------------------------------------------------------------
 # the public function
 # ------------------------------------------------------------------------------------------------
-def surgery(model: nn.Module, x: Tensor, y, budget: int | float, method: str = "dynamic",
+def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | None = None, method: str = "dynamic",
             editor: Editor | str | None = None, params: ParamSpec = None, steps: int | None = None, *,
             goal: str = "edit", reduction: str = "max", clean=None, clean_weight: float = 1.0,
             batch_size: int | None = None, target_rate: float = 1.0, seed: int = 0,
             probe_steps: int | None = None, l1: float = 0.1, refit_steps: int | None = None,
             start_factor: float = 10.0, shrink: float = 0.5, shrink_every: int | None = None,
-            on_failure: str = "revert", use_prefix: bool = True) -> SurgeryResult:
+            on_failure: str = "revert", use_prefix: bool = True, output: OutputSpec = None,
+            x=None, y=None) -> SurgeryResult:
     """Change at most ``budget`` scalar parameters of ``model`` so that it reaches a goal.
 
     See the module docstring for the exact goals and methods.
 
     Args:
-        model: a classifier returning logits ``[B, C]``; run in eval mode, modes restored afterwards.
-        x: inputs ``[B, ...]`` on the parameters' device: the edit's samples (``goal="edit"``) or the
-            triggered inputs (``goal="pattern"``).
-        y: target class(es): an int or an integer tensor ``[B]``.
+        model: any ``nn.Module`` (see :func:`fastedit.edit`); run in eval mode, modes restored
+            afterwards.
+        inputs: a tensor, a tuple of positional arguments or a mapping of keyword arguments, on the
+            parameters' device: the edit's samples (``goal="edit"``) or the triggered inputs
+            (``goal="pattern"``). (Formerly ``x``, still accepted as a keyword.)
+        target: ``goal="edit"``: any constraint of :func:`fastedit.edit` (class labels, a
+            ``fe.TokenTargets``, a ``fe.SequenceRanking``, a callable); ``goal="pattern"``: the target
+            class(es), an int or an integer tensor ``[B]``. (Formerly ``y``.)
         budget: at most this many scalars change: an int ``≥ 1`` or a float fraction in ``(0, 1)`` of
             the candidate scalars (rounded down, at least 1).
         method: ``"dynamic"`` (Dyn-Δ), ``"select-random"``, ``"select-grad"``, ``"select-delta"`` or
@@ -516,10 +532,10 @@ def surgery(model: nn.Module, x: Tensor, y, budget: int | float, method: str = "
         steps: tuning units (edit: editor steps; pattern: epochs); default 100 (edit) or 20 (pattern).
         goal: ``"edit"`` or ``"pattern"``.
         reduction: edit goal: ``"max"`` (every sample) or ``"mean"``.
-        clean, clean_weight: pattern goal: clean inputs ``x_clean`` or ``(x_clean, y_clean)`` and the
-            weight of their KL term.
-        batch_size: pattern goal: minibatch size (default: all of ``x`` at once).
-        target_rate: pattern goal: the share of ``x`` that must be predicted as ``y``.
+        clean, clean_weight: pattern goal: clean inputs (a tensor or a mapping), or a pair ``(clean
+            inputs, clean labels or None)``, and the weight of their KL term.
+        batch_size: pattern goal: minibatch size (default: all inputs at once).
+        target_rate: pattern goal: the share of the inputs that must be predicted as the target.
         seed: seeds the random mask and the minibatch order.
         probe_steps: select-delta: units of the dense probe (default 10 edit / 2 pattern).
         l1: lagrange: the proximal threshold per step is ``l1 · lr``.
@@ -528,7 +544,7 @@ def surgery(model: nn.Module, x: Tensor, y, budget: int | float, method: str = "
             in ``(0, 1)``; units between shrinks (default ``max(1, steps // 10)``).
         on_failure: ``"revert"`` (default: the model is left as it was when the goal is not met) or
             ``"keep"``.
-        use_prefix: run the frozen prefix once (fx split), as in :func:`fastedit.edit`.
+        use_prefix, output: as in :func:`fastedit.edit`.
 
     Returns:
         :class:`SurgeryResult`: ``delta`` (a :class:`SparseDelta`, ``nnz ≤ budget``), ``success``,
@@ -542,6 +558,9 @@ def surgery(model: nn.Module, x: Tensor, y, budget: int | float, method: str = "
         loss or gradient. In every such case the model is left bit-identical to before.
     """
     # -- arguments, before anything else ------------------------------------------------------------
+    inputs, target = resolve_aliases(inputs, target, x, y)
+    if budget is None:
+        raise TypeError("missing the budget: the number (int) or fraction (float) of scalars that may change")
     if method not in METHODS:
         raise ValueError(f"unknown surgery method {method!r}; choose one of {METHODS}")
     if goal not in GOALS:
@@ -567,17 +586,18 @@ def surgery(model: nn.Module, x: Tensor, y, budget: int | float, method: str = "
     editor = _default_editor() if editor is None else make_editor(editor)
 
     with eval_mode(model):
-        target = EditTarget.build(model, params, use_prefix)
-        names, live = target.names, target.params
+        et = EditTarget.build(model, params, use_prefix, output=output)
+        names, live = et.names, et.params
         if len({p.dtype == torch.float64 for p in live}) > 1:
             raise TypeError("surgery cannot mix float64 parameters with other dtypes in one selection "
                             f"({sorted({str(p.dtype) for p in live})})")
+        et = et.for_inputs(inputs)
         total = sum(p.numel() for p in live)
         n = resolve_budget(budget, total)
         if goal == "edit":
-            g = _EditGoal(target, x, y, reduction)
+            g = _EditGoal(et, inputs, target, reduction)
         else:
-            g = _PatternGoal(target, x, y, clean, clean_weight, batch_size, int(seed), target_rate)
+            g = _PatternGoal(et, inputs, target, clean, clean_weight, batch_size, int(seed), target_rate)
 
         theta0 = [p.detach().clone() for p in live]
         theta = [t.clone() for t in theta0]
@@ -596,7 +616,8 @@ def surgery(model: nn.Module, x: Tensor, y, budget: int | float, method: str = "
         raise RuntimeError(f"internal error: surgery changed {delta.nnz} scalars for a budget of {n}")
     result = SurgeryResult(delta=delta, success=bool(met), steps=tuner.steps, loss=float(loss),
                            initial_loss=float(initial_loss), method=method, goal=goal, budget=n, applied=False,
-                           param_names=list(names), metrics=metrics, editor=editor.to_dict(), _model=model)
+                           param_names=list(names), metrics=metrics, editor=editor.to_dict(), **split_info(et),
+                           _model=model)
     if met or on_failure == "keep":
         delta.apply(model, check=True)
         result.applied = True

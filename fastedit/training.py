@@ -57,10 +57,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .constraint import constraint_per_sample, reduce_constraint
-from .edit import cached_entry, check_common, check_label_range, eval_mode, resolve_early_exit
+from .constraint import IGNORE_INDEX, Classification, Constraint, TokenTargets, as_constraint, reduce_constraint
+from .edit import cached_entry, check_common, eval_mode, math_attention, resolve_aliases, resolve_early_exit
 from .editors import Adam, Editor, RMSProp, make_editor
 from .kernels.differentiable import editor_step
+from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
 from .selection import ParamSpec, select_parameters
 
 __all__ = ["EditableTraining", "LearnableEditor"]
@@ -163,12 +164,14 @@ class _StepSpec:
     """Everything an inner step needs that is not a differentiable tensor."""
 
     def __init__(self, suffix: nn.Module, theta_names, other_names, acts_spec, acts_consts, state_spec,
-                 learnable: LearnableEditor, hp_names, y: Tensor, reduction: str, closed_form: bool = True):
+                 learnable: LearnableEditor, hp_names, constraint: Constraint, reduction: str, read,
+                 closed_form: bool = True):
         self.closed_form = closed_form
         self.suffix, self.theta_names, self.other_names = suffix, theta_names, other_names
         self.acts_spec, self.acts_consts, self.state_spec = acts_spec, acts_consts, state_spec
-        self.learnable, self.hp_names, self.y = learnable, hp_names, y
-        self.reduction = reduction
+        self.learnable, self.hp_names, self.constraint = learnable, hp_names, constraint
+        self.reduction, self.read = reduction, read
+        self.validate = False  # check the constraint against the logits at the first evaluation
 
     def unpack(self, flat: tuple, n_theta: int, n_state: int, n_acts: int, n_other: int):
         """Cut the flat tensor inputs of a step into (theta, state, acts, others, hyper-parameters)."""
@@ -191,8 +194,12 @@ class _StepSpec:
 
         def loss(theta: list[Tensor]) -> Tensor:
             mapping = {**other_map, **dict(zip(self.theta_names, theta))}
-            logits = functional_call(self.suffix, mapping, (acts,))
-            return reduce_constraint(constraint_per_sample(logits, self.y), self.reduction)
+            logits = self.read(functional_call(self.suffix, mapping, (acts,), strict=False))
+            c = self.constraint
+            if self.validate:
+                self.validate = False
+                _check_given_edit(c, logits.detach())
+            return reduce_constraint(c.pack(c.per_sample(logits)), self.reduction)
         return loss
 
     def editor(self, hps: list[Tensor]) -> Editor:
@@ -211,11 +218,12 @@ def _inner_step(spec: _StepSpec, theta, state_leaves, act_tensors, others, hps, 
     ``early_exit`` and an inactive edit, the gradient is not computed at all (one host read).
     """
     loss_fn = spec.loss_fn(spec.acts(act_tensors), others)
-    loss, pullback = vjp(loss_fn, theta)
-    active = loss.detach() > 0
-    if early_exit and not bool(active):
-        return list(theta), list(state_leaves), loss, active
-    (grads,) = pullback(torch.ones_like(loss))
+    with math_attention():  # the step's gradient is differentiated again: fused attention has no double backward
+        loss, pullback = vjp(loss_fn, theta)
+        active = loss.detach() > 0
+        if early_exit and not bool(active):
+            return list(theta), list(state_leaves), loss, active
+        (grads,) = pullback(torch.ones_like(loss))
     state = tree_unflatten(list(state_leaves), spec.state_spec)
     editor = spec.editor(hps)
     if spec.closed_form:  # one autograd node per step, closed-form backward (same values and derivatives)
@@ -279,16 +287,18 @@ class EditableTraining(nn.Module):
     """Editable Training as a module to drop into a training loop.
 
     Args:
-        model: the classifier being trained (registered as ``self.model``, so ``et.parameters()``
-            holds the model's and the editor's learnable parameters, and ``DistributedDataParallel(et)``
-            works).
+        model: the model being trained, any ``nn.Module`` (registered as ``self.model``, so
+            ``et.parameters()`` holds the model's and the editor's learnable parameters, and
+            ``DistributedDataParallel(et)`` works).
         params: the editable parameters (as in :func:`fastedit.edit`; default ``"layer3"``).
         editor: the editor (default ``RMSProp(1e-3, beta=0.5)``, as the official code).
         max_steps: ``k``, editor steps per edit (default 10).
         c_edit, c_loc: the loss weights (default 0.01 each, as the paper).
         learn: which editor hyper-parameters learn (see :class:`LearnableEditor`).
-        num_edits: edits per batch, each an input of the batch with a uniformly random target class,
-            when ``edit_x``/``edit_y`` are not given.
+        num_edits: edits sampled per batch when ``edit_inputs``/``edit_target`` are not given: for class
+            labels, a random row of the batch with a uniformly random target class; for
+            ``fe.TokenTargets``, a random row, one of its labelled positions and a uniformly random
+            token there.
         rematerialize: recompute each inner step in backward instead of storing it (less memory).
         reduction: ``"max"`` or ``"mean"`` over the samples of one edit (each sampled edit has one).
         loc_mode: ``"shared"`` (default) or ``"eval"``; see the module docstring.
@@ -296,8 +306,18 @@ class EditableTraining(nn.Module):
         closed_form: run each editor step as one autograd node with a closed-form backward
             (:func:`fastedit.kernels.differentiable.editor_step`) instead of ``Editor.step``'s chain
             of elementwise ops; same values and derivatives, fewer saved tensors.
+        output: where the logits are in the model's output (as in :func:`fastedit.edit`).
 
-    ``loss, stats = et(x, y)`` returns the objective and a dict of detached 0-dim tensors:
+    ``loss, stats = et(inputs, target)``: ``inputs`` as in :func:`fastedit.edit` (a tensor, a tuple,
+    a mapping such as a tokenizer's output), ``target`` class labels ``[B]`` (``L_base`` is the
+    cross-entropy, ``L_loc`` the batch-mean KL) or ``fe.TokenTargets`` (token cross-entropy over the
+    labelled positions, ``L_loc`` the mean per-token KL over them). Edits may be given per batch,
+    ``et(inputs, target, edit_inputs, edit_target)``, with any constraint; each unit of
+    ``edit_target`` is one edit (a row, a group of ranking candidates; a callable covers all rows).
+    The inner editor steps run under the math SDPA backend, so models with fused attention
+    (``nn.TransformerEncoder``, HF SDPA attention) get their second-order gradients.
+
+    It returns the objective and a dict of detached 0-dim tensors:
     ``loss_base``, ``loss_edit``, ``loss_loc``, ``edit_success`` (share of edits satisfied within
     ``k`` steps), ``edit_steps`` (mean steps taken), ``objective``.
     """
@@ -306,7 +326,7 @@ class EditableTraining(nn.Module):
                  max_steps: int = 10, c_edit: float = 0.01, c_loc: float = 0.01, *,
                  learn: Iterable[str] | None = None, num_edits: int = 1, rematerialize: bool = False,
                  reduction: str = "max", loc_mode: str = "shared", early_exit: bool | str = "auto",
-                 closed_form: bool = True):
+                 closed_form: bool = True, output: OutputSpec = None):
         super().__init__()
         check_common(max_steps, reduction)
         if isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1:
@@ -322,6 +342,10 @@ class EditableTraining(nn.Module):
         self.num_edits, self.rematerialize = num_edits, rematerialize
         self.reduction, self.loc_mode, self.early_exit = reduction, loc_mode, early_exit
         self.closed_form = bool(closed_form)
+        self._reader = resolve_output(output)
+
+    def _read(self, out) -> Tensor:
+        return read_logits(out, self._reader)
 
     def editor(self) -> Editor:
         """A plain editor with the learned hyper-parameters, for :func:`fastedit.edit` / ``evaluate``."""
@@ -333,15 +357,31 @@ class EditableTraining(nn.Module):
                 f"loc_mode={self.loc_mode!r}")
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _split(self):
-        return cached_entry(self.model, self.param_names)["split"]  # traced once, in eval mode
+    def _split(self, inputs: ModelInputs):
+        """The split for inputs like these, built once (in eval mode) and cached per call signature."""
+        return cached_entry(self.model, self.param_names, True, inputs, self._read)["split"]
 
-    def _sample_edits(self, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-        idx = torch.randint(0, x.shape[0], (self.num_edits,), device=x.device)
-        return x[idx], torch.randint(0, num_classes, (self.num_edits,), device=x.device)
+    def _sample_edits(self, inputs: ModelInputs, target: Constraint, logits: Tensor):
+        """``num_edits`` edits drawn from the batch: the rows of the edit inputs, and per edit
+        ``(first row, end row, constraint)``."""
+        device = logits.device
+        k = self.num_edits
+        if isinstance(target, Classification):
+            rows = torch.randint(0, inputs.num_samples, (k,), device=device)
+            labels = torch.randint(0, logits.shape[-1], (k,), device=device)
+            return inputs.take(rows), [(i, i + 1, Classification(labels[i:i + 1])) for i in range(k)]
+        labelled = target.mask().nonzero()        # [M, 2]: (row, position) after the causal shift
+        pick = labelled[torch.randint(0, labelled.shape[0], (k,), device=device)]
+        tokens = torch.randint(0, logits.shape[-1], (k,), device=device)
+        labels = torch.full((k, target.labels.shape[1]), IGNORE_INDEX, dtype=torch.int64, device=device)
+        labels[torch.arange(k, device=device), pick[:, 1] + int(target.causal)] = tokens
+        return inputs.take(pick[:, 0]), [(i, i + 1, TokenTargets(labels[i:i + 1], causal=target.causal))
+                                         for i in range(k)]
 
-    def _run_edit(self, split, acts_e: tuple, y_e: Tensor, editor_module: LearnableEditor):
-        """The unrolled edit of one sample: returns (edited params, final constraint, steps taken)."""
+    def _run_edit(self, split, acts_e, constraint: Constraint, editor_module: LearnableEditor,
+                  validate: bool = False):
+        """The unrolled edit: returns (edited params, final constraint, steps taken). ``validate``:
+        check the constraint against the logits first (edits given by the caller)."""
         suffix = split.suffix_module
         params = dict(self.model.named_parameters())
         theta = [params[n] for n in self.param_names]
@@ -357,9 +397,11 @@ class EditableTraining(nn.Module):
         editor = editor_module()
         state_leaves, state_spec = tree_flatten(editor.init_state([t.detach() for t in theta]))
         spec = _StepSpec(suffix, self.param_names, other_names, acts_spec, consts, state_spec, editor_module,
-                         hp_names, y_e, self.reduction, self.closed_form)
-        early = resolve_early_exit(self.early_exit, y_e.device)
-        steps = torch.zeros((), dtype=torch.int64, device=y_e.device)
+                         hp_names, constraint, self.reduction, self._read, self.closed_form)
+        spec.validate = validate
+        device = theta[0].device
+        early = resolve_early_exit(self.early_exit, device)
+        steps = torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(self.max_steps):
             if self.rematerialize:
                 counts = (len(theta), len(state_leaves), len(act_tensors), len(others))
@@ -376,52 +418,73 @@ class EditableTraining(nn.Module):
         final = spec.loss_fn(spec.acts(act_tensors), others)(theta)  # differentiable: L_edit's input
         return theta, final, steps
 
-    def _kl_to_edited(self, split, acts: tuple, ref_logits: Tensor, theta: list[Tensor]) -> Tensor:
-        """mean over the batch of KL(softmax(ref) ‖ softmax(suffix(acts; θ_edited)))."""
+    def _kl_to_edited(self, split, acts, ref_logits: Tensor, theta: list[Tensor], target: Constraint) -> Tensor:
+        """Mean KL(softmax(ref) ‖ softmax(edited)) over the batch (class labels) or over its labelled
+        positions (tokens), the edited logits from the suffix with ``theta``."""
         suffix = split.suffix_module
         mapping = dict(zip(self.param_names, theta))
         # in train mode BatchNorm would update running statistics a second time: give it copies
         mapping.update({n: b.clone() for n, b in suffix.named_buffers()})
-        edited = functional_call(suffix, mapping, (acts,))
+        edited = self._read(functional_call(suffix, mapping, (acts,), strict=False))
+        ref = ref_logits.detach()
+        if isinstance(target, TokenTargets):
+            mask = target.mask()
+            ref, edited = target.aligned(ref)[0][mask], target.aligned(edited)[0][mask]
         dtype = torch.promote_types(edited.dtype, torch.float32)  # half → float32, float64 stays
-        log_p = F.log_softmax(ref_logits.detach().to(dtype), -1)
+        log_p = F.log_softmax(ref.to(dtype), -1)
         log_q = F.log_softmax(edited.to(dtype), -1)
         return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward(self, x: Tensor, y: Tensor, edit_x: Tensor | None = None, edit_y: Tensor | None = None):
-        split = self._split()
-        acts = split.prefix(x)                 # (1) the module's own mode; BN statistics move here only
-        logits = split.suffix(acts)
-        loss_base = F.cross_entropy(logits, y)
-        if edit_x is None:
-            if edit_y is not None:
-                raise ValueError("edit_y was given without edit_x")
-            edit_x, edit_y = self._sample_edits(x, logits.shape[-1])
+    def forward(self, inputs, target=None, edit_inputs=None, edit_target=None, *, x=None, y=None,
+                edit_x=None, edit_y=None):
+        inputs, target = resolve_aliases(inputs, target, x, y)
+        if edit_x is not None or edit_y is not None:
+            if edit_inputs is not None or edit_target is not None:
+                raise TypeError("pass edit_inputs/edit_target or edit_x/edit_y, not both")
+            edit_inputs, edit_target = edit_x, edit_y
+        mi = ModelInputs.of(inputs)
+        base = _batch_target(target, mi)
+        split = self._split(mi)
+        acts, out = split.prefix_and_output(mi)  # (1) the module's own mode; BN statistics move here only
+        logits = self._read(out)
+        loss_base = _base_loss(logits, base)
+        given = edit_inputs is not None
+        if not given:
+            if edit_target is not None:
+                raise ValueError("edit_target (edit_y) was given without edit_inputs (edit_x)")
+            edit_rows, edits = self._sample_edits(mi, base, logits)
         else:
-            edit_y = _check_edits(edit_x, edit_y, logits.shape[-1])
+            edit_rows, edits = _given_edits(edit_inputs, edit_target, logits.device)
 
         with eval_mode(self.model):           # (2) edits in eval mode, as fastedit.edit
-            acts_e_all = split.prefix(edit_x)
             if self.loc_mode == "eval":
-                acts_loc = split.prefix(x)
-                ref_loc = split.suffix(acts_loc).detach()
-            edits = []
-            for i in range(edit_x.shape[0]):
-                acts_e = _take(acts_e_all, i, edit_x.shape[0])
-                edits.append(self._run_edit(split, acts_e, edit_y[i:i + 1], self.learned_editor))
+                acts_loc, out_loc = split.prefix_and_output(mi)
+                ref_loc = self._read(out_loc).detach()
+            split_e = self._split(edit_rows)
+            n_rows = edit_rows.num_samples
+            # eval mode is per sample: one prefix pass serves every edit, except for cached module calls,
+            # which are recorded per edit (their outputs need not be per-sample tensors)
+            acts_all = split_e.prefix(edit_rows) if split_e.method != "call-cache" else None
+            results = []
+            for lo, hi, c_e in edits:
+                if acts_all is None:
+                    acts_e = split_e.prefix(edit_rows.rows(lo, hi))
+                else:
+                    acts_e = _take(acts_all, lo, hi, n_rows)
+                results.append(self._run_edit(split_e, acts_e, c_e, self.learned_editor, validate=given))
 
-        loss_edit = torch.stack([F.relu(final) for _, final, _ in edits]).mean()
+        loss_edit = torch.stack([F.relu(final) for _, final, _ in results]).mean()
         loc_terms = []
-        early = resolve_early_exit(self.early_exit, x.device)
-        for theta, _, steps in edits:
+        early = resolve_early_exit(self.early_exit, logits.device)
+        for theta, _, steps in results:
             if early and int(steps) == 0:      # no step taken: θ unchanged, KL exactly 0
                 loc_terms.append(loss_base.new_zeros(()))
             elif self.loc_mode == "eval":
                 with eval_mode(self.model):
-                    loc_terms.append(self._kl_to_edited(split, acts_loc, ref_loc, theta))
+                    loc_terms.append(self._kl_to_edited(split, acts_loc, ref_loc, theta, base))
             else:                              # (3) shared prefix activations, same BN mode as (1)
-                loc_terms.append(self._kl_to_edited(split, acts, logits, theta))
+                loc_terms.append(self._kl_to_edited(split, acts, logits, theta, base))
         loss_loc = torch.stack(loc_terms).mean()
         objective = loss_base + self.c_edit * loss_edit + self.c_loc * loss_loc
         # every learnable hyper-parameter takes part in the graph even when no edit took a step, so
@@ -430,28 +493,66 @@ class EditableTraining(nn.Module):
             objective = objective + (0.0 * p.sum()).to(objective.dtype)
         stats = {
             "loss_base": loss_base.detach(), "loss_edit": loss_edit.detach(), "loss_loc": loss_loc.detach(),
-            "edit_success": torch.stack([(f.detach() <= 0) for _, f, _ in edits]).float().mean(),
-            "edit_steps": torch.stack([s for _, _, s in edits]).float().mean(),
+            "edit_success": torch.stack([(f.detach() <= 0) for _, f, _ in results]).float().mean(),
+            "edit_steps": torch.stack([s for _, _, s in results]).float().mean(),
             "objective": objective.detach(),
         }
         return objective, stats
 
 
-def _check_edits(edit_x, edit_y, num_classes: int) -> Tensor:
-    """Validate user-given edits (one host read for the label range); returns int64 ``[n]`` labels."""
-    if not isinstance(edit_x, Tensor) or edit_x.dim() == 0 or edit_x.shape[0] == 0:
-        raise ValueError("edit_x must be a tensor with at least one row (one row per edit)")
-    if not isinstance(edit_y, Tensor) or edit_y.is_floating_point() or edit_y.dtype == torch.bool:
-        raise ValueError("edit_y must be an integer tensor of target classes, one per row of edit_x")
-    if edit_y.dim() != 1 or edit_y.shape[0] != edit_x.shape[0]:
-        raise ValueError(f"edit_y must have shape ({edit_x.shape[0]},), one target class per row of edit_x; "
-                         f"got {tuple(edit_y.shape)}")
-    check_label_range(edit_y, num_classes, what="edit target")
-    return edit_y.to(torch.int64)
+def _batch_target(target, inputs: ModelInputs) -> Constraint:
+    """The batch's labels as a constraint: class labels ``[B]`` or ``fe.TokenTargets``."""
+    if isinstance(target, TokenTargets):
+        c = target
+    elif isinstance(target, Tensor) and not isinstance(target, bool):
+        c = as_constraint(target, "the batch's target")
+    else:
+        raise TypeError("the batch's target must be class labels [B] or fe.TokenTargets(labels), got "
+                        f"{type(target).__name__}")
+    from .edit import check_rows
+    check_rows(c, inputs.num_samples)
+    return c
 
 
-def _take(acts: tuple, i: int, n: int) -> tuple:
-    """Row ``i`` of every batched tensor in the prefix activations (others unchanged)."""
+def _base_loss(logits: Tensor, target: Constraint) -> Tensor:
+    """L_base: cross-entropy over the batch (class labels) or its labelled tokens (``-100`` ignored)."""
+    if isinstance(target, TokenTargets):
+        target.validate(logits.detach(), allow_unlabelled_rows=True)
+        z, labels = target.aligned(logits)
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    target.validate(logits.detach())
+    return F.cross_entropy(logits, target.labels)
+
+
+def _given_edits(edit_inputs, edit_target, device) -> tuple[ModelInputs, list]:
+    """Edits given for the batch: each unit of ``edit_target`` is one edit (rows ``lo:hi``)."""
+    if edit_target is None:
+        raise ValueError("edit_target (edit_y) is missing: give the edits' constraint (e.g. their target classes, "
+                         "one per row of edit_inputs)")
+    mi = ModelInputs.of(edit_inputs, "edit_inputs")
+    if isinstance(edit_target, int) and not isinstance(edit_target, bool):
+        edit_target = torch.tensor([edit_target], device=device)
+    c = as_constraint(edit_target, "edit_target (edit_y)")
+    from .edit import check_rows
+    try:
+        check_rows(c, mi.num_samples)
+    except ValueError as exc:
+        raise ValueError(f"edit_target (edit_y): {exc}") from None
+    if c.rows_per_unit is None:
+        return mi, [(0, mi.num_samples, c)]
+    r = c.rows_per_unit
+    return mi, [(i * r, (i + 1) * r, c.units(i, i + 1)) for i in range(c.num_units(mi.num_samples))]
+
+
+def _check_given_edit(c: Constraint, logits: Tensor) -> None:
+    try:
+        c.validate(logits)
+    except ValueError as exc:
+        raise ValueError(f"edit_target (edit_y): {exc}") from None
+
+
+def _take(acts, lo: int, hi: int, n: int):
+    """Rows ``lo:hi`` of every batched tensor in the prefix activations of ``n`` rows (others unchanged)."""
     leaves, spec = tree_flatten(acts)
-    out = [v[i:i + 1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in leaves]
+    out = [v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in leaves]
     return tree_unflatten(out, spec)

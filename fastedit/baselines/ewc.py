@@ -24,15 +24,18 @@ Per-sample gradients come from ``torch.func.vmap(grad(...))`` over chunks of the
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
 from ..edit import (EditError, EditLoopOutput, EditResult, EditTarget, _edit_loop, check_common, commit_params,
-                    eval_mode, resolve_early_exit)
+                    eval_mode, model_failure, resolve_aliases, resolve_early_exit, split_info)
+from ..model_io import ModelInputs, OutputSpec, read_logits, resolve_output
 from ..editors import Editor, _compute_dtype, make_editor
 from ..selection import ParamSpec, select_parameters
 
@@ -44,22 +47,24 @@ FISHER_MODES = ("empirical", "true")
 # ------------------------------------------------------------------------------------------------
 # Fisher diagonal
 # ------------------------------------------------------------------------------------------------
-def _check_data(data, what: str = "data") -> tuple[Tensor, Tensor]:
+def _check_data(data, what: str = "data") -> tuple[ModelInputs, Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(f"{what} must be a pair (x, y) of tensors, got {type(data).__name__}")
+        raise TypeError(f"{what} must be a pair (inputs, labels), got {type(data).__name__}")
     x, y = data
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(f"{what} must be a pair (x, y) of tensors")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{what} must be a pair (inputs, labels) with labels an integer tensor")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{what}: y must hold integer class labels, got dtype {y.dtype}")
-    if x.dim() == 0 or y.dim() != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"{what}: x {tuple(x.shape)} and y {tuple(y.shape)} must hold the same number of samples "
-                         "(y one label per sample)")
-    if x.shape[0] == 0:
+        raise TypeError(f"{what}: the labels must be integer class labels, got dtype {y.dtype}")
+    if isinstance(x, Tensor) and x.shape[0] == 0 or y.numel() == 0:
         raise ValueError(f"{what} is empty")
-    if x.device != y.device:
-        raise ValueError(f"{what}: x is on {x.device} but y on {y.device}")
-    return x, y.to(torch.int64)
+    mi = ModelInputs.of(x, what)
+    n = mi.num_samples
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{what}: the inputs hold {n} samples but the labels have shape {tuple(y.shape)}: they must "
+                         "hold the same number of samples (one label per sample)")
+    if mi.device != y.device:
+        raise ValueError(f"{what}: the inputs are on {mi.device} but the labels on {y.device}")
+    return mi, y.to(torch.int64)
 
 
 def _sample_labels(logits: Tensor, u: Tensor) -> Tensor:
@@ -75,15 +80,18 @@ def _sample_labels(logits: Tensor, u: Tensor) -> Tensor:
 
 def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_size: int = 128,
                     num_samples: int | None = None, mode: str = "empirical",
-                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                    generator: torch.Generator | None = None, output: OutputSpec = None) -> dict[str, Tensor]:
     """The diagonal Fisher information of the selected parameters, estimated on ``data``.
 
     Args:
-        model: a classifier returning logits ``[B, C]``; run in eval mode (its modes are restored),
-            never modified (the gradients are functional: no ``.grad`` is touched).
-        data: ``(x, y)``: training inputs ``[N, ...]`` and integer labels ``[N]``, on the model's device.
+        model: a classifier (its logits ``[B, C]`` read with ``output``, as in :func:`fastedit.edit`);
+            run in eval mode (its modes are restored), never modified (the gradients are functional:
+            no ``.grad`` is touched).
+        data: ``(inputs, labels)``: training inputs (a tensor ``[N, ...]``, a tuple or a mapping; see
+            :func:`fastedit.edit`) and integer labels ``[N]``, on the model's device.
         params: the parameters to estimate it for (as in :func:`fastedit.edit`); ``None``: all.
-        batch_size: samples per vectorised chunk (memory: ``batch_size`` copies of the gradients).
+        batch_size: samples per vectorised chunk (memory: ``batch_size`` copies of the gradients);
+            a model that ``torch.func.vmap`` cannot batch is run one sample at a time (warned).
         num_samples: use only the first ``num_samples`` samples (shuffle ``data`` for a random subset).
         mode: ``"empirical"``: gradients of ``log p(y_n | x_n)`` at the true labels; ``"true"``:
             of ``log p(ŷ_n | x_n)`` with ``ŷ_n`` sampled from the model's predictive distribution,
@@ -105,15 +113,14 @@ def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_s
     if num_samples is not None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
-        x, y = x[:num_samples], y[:num_samples]
+        x, y = x.rows(0, num_samples), y[:num_samples]
     chosen = select_parameters(model, params)
     names = [n for n, _ in chosen]
     device = chosen[0][1].device
     if x.device != device:
         raise ValueError(f"data is on {x.device} but the parameters are on {device}")
-    if x.is_floating_point() and x.dtype != chosen[0][1].dtype:
-        raise ValueError(f"data has dtype {x.dtype} but the model's parameters are {chosen[0][1].dtype}")
-    n = x.shape[0]
+    read = resolve_output(output)
+    n = x.num_samples
     u = None
     if mode == "true":
         # drawn on the generator's device (the CPU by default), then moved: the same labels on any device
@@ -122,27 +129,65 @@ def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_s
 
     frozen = {name: p.detach() for name, p in chosen}
 
-    def log_lik(theta: dict, xi: Tensor, yi: Tensor) -> Tensor:
-        logits = functional_call(model, theta, (xi.unsqueeze(0),))
+    def log_lik(theta: dict, xi: ModelInputs, yi: Tensor) -> Tensor:
+        """log p(y | x) of one sample (inputs with a sample dimension of 1)."""
+        logits = read_logits(functional_call(model, theta, xi.args, xi.kwargs), read)
         return torch.log_softmax(logits, dim=-1)[0].gather(0, yi.reshape(1)).squeeze(0)
 
-    per_sample_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    def one(theta, xi, yi):  # under vmap the sample dimension is gone: put it back
+        return log_lik(theta, xi.map_tensors(lambda t: t.unsqueeze(0)), yi)
+
+    per_sample_grad = vmap(grad(one), in_dims=(None, _in_dims(x), 0))
+    use_vmap = [True]
     sums = {name: torch.zeros(p.shape, dtype=_compute_dtype(p.dtype), device=device) for name, p in chosen}
     with eval_mode(model), torch.no_grad():
         for start in range(0, n, batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x.rows(start, min(start + batch_size, n)), y[start:start + batch_size]
             if mode == "true":
-                with torch.no_grad():
-                    logits = model(xb)
-                if not isinstance(logits, Tensor) or logits.dim() != 2:
+                try:
+                    logits = read_logits(xb.call(model), read)
+                except (TypeError, ValueError):
+                    raise
+                except Exception as exc:
+                    raise model_failure(model, xb, exc) from exc
+                if logits.dim() != 2:
                     raise ValueError("the model must return logits [batch, classes]")
                 yb = _sample_labels(logits, u[start:start + batch_size])
             with torch.enable_grad():
-                grads = per_sample_grad(frozen, xb, yb)
+                try:
+                    grads = _per_sample_grads(per_sample_grad, grad(log_lik), frozen, xb, yb, use_vmap)
+                except (TypeError, ValueError):
+                    raise
+                except Exception as exc:
+                    raise model_failure(model, xb, exc) from exc
             for name in names:
                 g = grads[name].to(sums[name].dtype)
                 sums[name].add_((g * g).sum(0))
     return {name: (sums[name] / n).to(p.dtype) for name, p in chosen}
+
+
+def _in_dims(x: ModelInputs):
+    """vmap's ``in_dims`` for inputs: 0 for every tensor leaf, None for the others."""
+    args, kwargs = tree_map(lambda v: 0 if isinstance(v, Tensor) else None, (x.args, x.kwargs))
+    return ModelInputs(tuple(args), dict(kwargs))
+
+
+def _per_sample_grads(batched, single, theta, xb: ModelInputs, yb: Tensor, use_vmap: list) -> dict[str, Tensor]:
+    """Per-sample gradients ``{name: [B, ...]}``: vectorised, or one sample at a time for a model that
+    vmap cannot batch (warned once per call of :func:`fisher_diagonal`)."""
+    failure = None
+    if use_vmap[0]:
+        try:
+            return batched(theta, xb, yb)
+        except Exception as exc:  # noqa: BLE001 - no batching rule for some op of the model?
+            failure = exc
+    rows = [single(theta, xb.rows(i, i + 1), yb[i]) for i in range(yb.shape[0])]  # a model error raises here
+    if failure is not None:
+        use_vmap[0] = False
+        warnings.warn(f"fisher_diagonal: vmap cannot batch this model ({type(failure).__name__}: "
+                      f"{str(failure).splitlines()[0][:150]}); computing per-sample gradients one by one",
+                      UserWarning, stacklevel=3)
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,10 +247,11 @@ def _check_fisher(fisher, names: list[str], params: list[nn.Parameter], what: st
     return out
 
 
-def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ewc_lambda: float,
-             editor: Editor | str = "rmsprop", params: ParamSpec = None, max_steps: int = 10,
+def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Tensor] | None = None, *,
+             ewc_lambda: float, editor: Editor | str = "rmsprop", params: ParamSpec = None, max_steps: int = 10,
              on_failure: str = "revert", reduction: str = "max", anchor: Mapping[str, Tensor] | None = None,
-             use_prefix: bool = True, early_exit: bool | str = "auto") -> EWCEditResult:
+             use_prefix: bool = True, early_exit: bool | str = "auto", output: OutputSpec = None,
+             x=None, y=None) -> EWCEditResult:
     """Edit ``model`` in place, like :func:`fastedit.edit`, with an EWC penalty in the editor's loss.
 
     The editor minimises ``l_e(θ) + ewc_lambda · Σ_i F_i (θ_i − θ⁰_i)²`` over the editable
@@ -213,8 +259,8 @@ def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ew
     ``x`` is ``y``), whatever the penalty.
 
     Args:
-        model, x, y, editor, params, max_steps, on_failure, reduction, use_prefix, early_exit: as
-            in :func:`fastedit.edit`.
+        model, inputs, target, editor, params, max_steps, on_failure, reduction, use_prefix, early_exit,
+            output: as in :func:`fastedit.edit` (any constraint; ``x``/``y`` still accepted as keywords).
         fisher: ``{name: F}`` with a non-negative tensor per editable parameter (its shape/device),
             e.g. from :func:`fisher_diagonal`; extra entries are ignored.
         ewc_lambda: the penalty weight ``λ ≥ 0`` (``0``: exactly :func:`fastedit.edit`).
@@ -230,23 +276,27 @@ def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ew
         a negative or non-finite ``ewc_lambda``); :class:`~fastedit.edit.EditError` for a non-finite
         loss or gradient. In every such case the model is left bit-identical to before.
     """
+    inputs, target = resolve_aliases(inputs, target, x, y)
+    if fisher is None:
+        raise TypeError("missing fisher: a dict name → diagonal Fisher tensor (e.g. from fisher_diagonal)")
     check_common(max_steps, reduction, on_failure)
     if isinstance(ewc_lambda, bool) or not isinstance(ewc_lambda, (int, float)) or not math.isfinite(ewc_lambda) \
             or ewc_lambda < 0:
         raise ValueError(f"ewc_lambda must be a finite number ≥ 0, got {ewc_lambda!r}")
     editor = make_editor(editor)
     with eval_mode(model):
-        target = EditTarget.build(model, params, use_prefix)
-        f_list = _check_fisher(fisher, target.names, target.params, "fisher")
+        et = EditTarget.build(model, params, use_prefix, output=output)
+        f_list = _check_fisher(fisher, et.names, et.params, "fisher")
         if any(bool(((f < 0) | ~torch.isfinite(f)).any()) for f in f_list):
             raise ValueError("fisher must be finite and non-negative")
         if anchor is None:
-            a_list = [p.detach().clone() for p in target.params]
+            a_list = [p.detach().clone() for p in et.params]
         else:
-            a_list = _check_fisher(anchor, target.names, target.params, "anchor")
-        y = target.check_inputs(x, y)
-        acts, _ = target.checked_prefix(x, y)
-        constraint = target.loss_fn(acts, y, reduction)
+            a_list = _check_fisher(anchor, et.names, et.params, "anchor")
+        et = et.for_inputs(inputs)
+        mi, c = et.check_inputs(inputs, target)
+        acts = et.checked_prefix(mi)
+        constraint = et.loss_fn(acts, c, reduction, mi)
         lam = float(ewc_lambda)
 
         def objective(theta: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -255,8 +305,8 @@ def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ew
             # steps are fe.edit's bit for bit (tested)
             return c + lam * ewc_penalty(theta, a_list, f_list), c
 
-        out = run_penalised_loop(objective, target.params, editor, max_steps,
-                                 early_exit=resolve_early_exit(early_exit, target.device))
+        out = run_penalised_loop(objective, et.params, editor, max_steps,
+                                 early_exit=resolve_early_exit(early_exit, et.device))
 
     bad_step = int(out.bad_step)
     if bad_step >= 0:
@@ -266,8 +316,8 @@ def ewc_edit(model: nn.Module, x: Tensor, y, fisher: Mapping[str, Tensor], *, ew
     with torch.no_grad():
         penalty = float(ewc_penalty(out.params, a_list, f_list))
     result = EWCEditResult(success=success, steps=int(out.steps), loss=float(out.loss),
-                           initial_loss=float(out.initial_loss), applied=False, param_names=list(target.names),
-                           _params=list(target.params), penalty=penalty, ewc_lambda=lam)
+                           initial_loss=float(out.initial_loss), applied=False, param_names=list(et.names),
+                           **split_info(et), _params=list(et.params), penalty=penalty, ewc_lambda=lam)
     if success or on_failure == "keep":
-        commit_params(result, target.params, out.params)
+        commit_params(result, et.params, out.params)
     return result
