@@ -48,24 +48,28 @@ class CallCacheError(RuntimeError):
 class CachedActs:
     """What the prefix run of one input leaves for the editor steps: the inputs, and the outputs of
     the outermost frozen module calls. A pytree node (the tensors are its leaves; the call plan, a
-    tuple of ``(module, call number, clone)``, is its static context)."""
+    tuple of ``(module, call number, clone)``, and the grad mode of the run are its static context).
 
-    __slots__ = ("inputs", "outputs", "plan")
+    Replays must run in the recorded grad mode: models branch on it (``nn.TransformerEncoder``
+    switches to nested tensors under ``no_grad``), so a cache recorded with grad enabled cannot
+    answer a forward without grad (:func:`replay` raises)."""
 
-    def __init__(self, inputs: ModelInputs, outputs: tuple, plan: tuple):
-        self.inputs, self.outputs, self.plan = inputs, outputs, plan
+    __slots__ = ("inputs", "outputs", "plan", "grad")
+
+    def __init__(self, inputs: ModelInputs, outputs: tuple, plan: tuple, grad: bool):
+        self.inputs, self.outputs, self.plan, self.grad = inputs, outputs, plan, grad
 
     def __repr__(self) -> str:
-        return f"CachedActs({len(self.plan)} cached calls)"
+        return f"CachedActs({len(self.plan)} cached calls, grad={self.grad})"
 
 
 pytree.register_pytree_node(
     CachedActs,
-    lambda a: ([a.inputs, a.outputs], a.plan),
-    lambda children, plan: CachedActs(children[0], tuple(children[1]), plan),
+    lambda a: ([a.inputs, a.outputs], (a.plan, a.grad)),
+    lambda children, ctx: CachedActs(children[0], tuple(children[1]), *ctx),
     serialized_type_name="fastedit.CachedActs",
     flatten_with_keys_fn=lambda a: ([(pytree.GetAttrKey("inputs"), a.inputs),
-                                     (pytree.GetAttrKey("outputs"), a.outputs)], a.plan),
+                                     (pytree.GetAttrKey("outputs"), a.outputs)], (a.plan, a.grad)),
 )
 
 
@@ -133,14 +137,16 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     """Run ``model`` on ``inputs`` once and cache its frozen module calls.
 
     ``params``: run with these tensors in place of the model's (``functional_call``), so the run
-    sees the same ``requires_grad`` flags as the editor steps will. ``detach``: detach the cached
-    outputs (for editor steps; Editable Training keeps their graph).
+    sees the same ``requires_grad`` flags as the editor steps will. ``detach``: drop the cached
+    outputs' graph, keeping their ``requires_grad`` flags (for editor steps; Editable Training keeps
+    the graph).
 
     Returns the model's output and the :class:`CachedActs`. Raises :class:`CallCacheError` if the
     cache cannot be used for this model.
     """
     if _global_hooks():
         raise CallCacheError("global module forward hooks are registered; they would run again on replay")
+    grad = torch.is_grad_enabled()
     rec = _Recorder(model, editable_ids)
     if not rec.holders:
         raise CallCacheError("no submodule holds the editable parameters")
@@ -160,8 +166,18 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
         entries.append((index, copy if written else output, written))
     plan, outputs = _plan(rec, entries)
     if detach:
-        outputs = [pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, o) for o in outputs]
-    return out, CachedActs(inputs, tuple(outputs), plan)
+        outputs = [pytree.tree_map(_detached, o) for o in outputs]
+    return out, CachedActs(inputs, tuple(outputs), plan, grad)
+
+
+def _detached(t):
+    """``t`` without its graph, but with its ``requires_grad`` flag: kernels choose their algorithm by
+    it (``matmul`` folds batch dimensions only for inputs that do not require grad), and the replay must
+    round as the model does."""
+    if not isinstance(t, Tensor):
+        return t
+    out = t.detach()
+    return out.requires_grad_() if t.requires_grad and out.is_floating_point() else out
 
 
 def _plan(rec: _Recorder, entries: list[tuple[int, Any, bool]]):
@@ -223,6 +239,10 @@ _MISSING = object()
 
 def replay(model: nn.Module, acts: CachedActs) -> Any:
     """The model's output on ``acts.inputs``, the cached calls answered from ``acts``."""
+    if torch.is_grad_enabled() != acts.grad:
+        raise CallCacheError(f"cached module calls recorded with grad {'en' if acts.grad else 'dis'}abled cannot "
+                             f"be replayed with grad {'dis' if acts.grad else 'en'}abled (the model may branch on "
+                             "the grad mode); record them in the mode of the replay")
     with _answering(acts):
         return acts.inputs.call(model)
 

@@ -345,22 +345,29 @@ class EditTarget:
             return reduce_constraint(constraint.pack(constraint.per_sample(self.logits(acts, theta))), reduction)
         return loss
 
-    def num_classes(self, acts) -> int:
-        """The model's class count: one forward of ``acts`` the first time, cached afterwards."""
+    def eval_prefix(self, inputs) -> Any:
+        """The frozen activations of ``inputs`` for forwards without grad (control sets, checks)."""
+        mi = ModelInputs.of(inputs)
+        self._ensure_split(mi)
+        return self.split.eval_acts(mi)
+
+    def num_classes(self, inputs) -> int:
+        """The model's class count: one forward of ``inputs`` the first time, cached afterwards."""
         if self._cache.get("num_classes") is None:
             with torch.no_grad():
-                self._cache["num_classes"] = int(self.logits(acts).shape[-1])
+                self._cache["num_classes"] = int(self.logits(self.checked_prefix(inputs, steps=False)).shape[-1])
         return self._cache["num_classes"]
 
     def check_labels(self, num_classes: int, y: Tensor) -> None:
         check_label_range(y, num_classes)
 
-    def checked_prefix(self, inputs, constraint=None) -> Any:
-        """The frozen activations of ``inputs``; a model that cannot take them (a shape or dtype
-        mismatch, say) raises ``ValueError`` before anything is written."""
+    def checked_prefix(self, inputs, steps: bool = True) -> Any:
+        """The frozen activations of ``inputs`` for editor steps (``steps``) or for forwards without
+        grad; a model that cannot take them (a shape or dtype mismatch, say) raises ``ValueError``
+        before anything is written."""
         mi = ModelInputs.of(inputs)
         try:
-            return self.prefix(mi)
+            return self.prefix(mi) if steps else self.eval_prefix(mi)
         except (TypeError, ValueError):
             raise
         except Exception as exc:

@@ -209,7 +209,7 @@ class _Edits:
         with torch.no_grad():
             if self.batched is None:
                 for k, (mi, c) in enumerate(self.cases):
-                    logits = target.logits(target.checked_prefix(mi))
+                    logits = target.logits(target.checked_prefix(mi, steps=False))
                     _validate(c, logits, f"edit {k}")
                     classes.append(first_classes(logits[:1], 1))
             else:
@@ -218,7 +218,7 @@ class _Edits:
                 u0, per = 0, 1  # the first unit alone tells the logits' size per row
                 while u0 < len(self):
                     u1 = min(u0 + per, len(self))
-                    logits = target.logits(target.checked_prefix(mi.rows(u0 * r, u1 * r)))
+                    logits = target.logits(target.checked_prefix(mi.rows(u0 * r, u1 * r), steps=False))
                     _validate(c.units(u0, u1), logits, "edits")
                     classes.append(first_classes(logits, r))
                     per_row = max(1, logits[0].numel())
@@ -261,7 +261,7 @@ class _ControlSet:
         with torch.no_grad():
             while lo < self.n:
                 hi = min(lo + (batch_size or self._auto_rows()), self.n)
-                acts = target.checked_prefix(self.inputs.rows(lo, hi))
+                acts = target.checked_prefix(self.inputs.rows(lo, hi), steps=False)
                 size = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(acts) if isinstance(t, Tensor))
                 keep = self.cached_bytes + size <= budget
                 self.cached_bytes += size if keep else 0
@@ -278,7 +278,7 @@ class _ControlSet:
             return 256
         if not hasattr(self, "_rows"):
             with torch.no_grad():
-                shape = self.target.logits(self.target.checked_prefix(self.inputs.rows(0, 1))).shape
+                shape = self.target.logits(self.target.checked_prefix(self.inputs.rows(0, 1), steps=False)).shape
             self._rows = max(1, min(256, 2 ** 25 // max(1, shape[-2] * shape[-1])))
         return self._rows
 
@@ -322,7 +322,7 @@ class _ControlSet:
 
     def __iter__(self):
         for lo, hi, acts, yc, ref, index in self.chunks:
-            yield (acts if acts is not None else self.target.checked_prefix(self.inputs.rows(lo, hi))), yc, ref, index
+            yield (acts if acts is not None else self.target.checked_prefix(self.inputs.rows(lo, hi), steps=False)), yc, ref, index
 
 
 def _sequence_errors(pred: Tensor, labels: Tensor, index) -> Tensor:

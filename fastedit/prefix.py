@@ -547,6 +547,12 @@ class ModelSplit:
     def used(self) -> bool:
         return self.method != "none"
 
+    @property
+    def grad_mode_free(self) -> bool:
+        """Whether activations from :meth:`edit_acts` also serve forwards without grad (fx and none:
+        plain values; cached module calls are bound to the grad mode they were recorded in)."""
+        return self.method != "call-cache"
+
     def prefix(self, inputs: ModelInputs):
         """The frozen activations of ``inputs``, in the ambient grad mode (the graph is kept)."""
         if self.method == "fx":
@@ -562,6 +568,11 @@ class ModelSplit:
             return acts, out
         acts = self.prefix(inputs)
         return acts, self.suffix(acts)
+
+    def eval_acts(self, inputs: ModelInputs):
+        """The frozen activations for forwards without grad (control sets, checks)."""
+        with torch.no_grad():
+            return self.prefix(inputs)
 
     def edit_acts(self, inputs: ModelInputs, names: list[str], params: list[torch.Tensor]):
         """The frozen activations for editor steps: no graph, recorded as the steps will run (grad

@@ -228,7 +228,11 @@ class _EditGoal:
         self.target = target
         mi, c = target.check_inputs(inputs, constraint)
         self.acts = target.checked_prefix(mi)
-        self._loss = target.loss_fn(self.acts, c, reduction, mi)  # validates on its first call
+        # the goal is judged without grad, on activations made for that (cached module calls are bound
+        # to a grad mode); the first check validates the constraint against the logits
+        acts_eval = self.acts if target.split.grad_mode_free else target.checked_prefix(mi, steps=False)
+        self._loss = target.loss_fn(self.acts, c, reduction, mi)
+        self._value = target.loss_fn(acts_eval, c, reduction, mi)
 
     def batches(self, unit: int) -> list:
         return [None]
@@ -238,7 +242,7 @@ class _EditGoal:
 
     def check(self, theta: Sequence[Tensor]) -> tuple[float, bool, dict]:
         with torch.no_grad():
-            value = float(self.loss(theta, None))
+            value = float(self._value(theta))
         if not math.isfinite(value):
             raise EditError(f"non-finite edit constraint ({value}); the model is unchanged")
         return value, value <= 0, {}
@@ -281,7 +285,7 @@ class _PatternGoal:
             xc.check_device(target.device, "clean")
             self.xc, self.yc = xc, yc
         try:
-            num_classes = target.num_classes(self._acts(self.mi.rows(0, 1)))
+            num_classes = target.num_classes(self.mi.rows(0, 1))
             if self.xc is not None:
                 with torch.no_grad():
                     self.logp0 = self._logp(self._forward(None, self.xc))
@@ -294,11 +298,10 @@ class _PatternGoal:
             check_label_range(self.yc, num_classes, "clean label")
         self.num_batches = math.ceil(n / self.batch_size)
 
-    def _acts(self, inputs: ModelInputs):
-        return self.target.checked_prefix(inputs)
-
     def _forward(self, theta, inputs: ModelInputs) -> Tensor:
-        return self.target.logits(self._acts(inputs), theta)
+        """Logits of ``inputs`` with ``theta``, in the ambient grad mode (steps with, checks without)."""
+        acts = self.target.checked_prefix(inputs, steps=torch.is_grad_enabled())
+        return self.target.logits(acts, theta)
 
     @staticmethod
     def _logp(z: Tensor) -> Tensor:
