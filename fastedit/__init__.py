@@ -1,11 +1,14 @@
 """fastedit: fast, exact editing of trained PyTorch models.
 
-Edit a model's prediction on an input in place, atomically and revertibly (:func:`edit`), measure
-the side effects of many independent edits (:func:`evaluate`), with the update rules of Editable
-Neural Networks (Sinitsin et al., ICLR 2020). See the README for a quick start.
+Edit a model's behaviour on some inputs in place, atomically and revertibly (:func:`edit`): a class
+label, target tokens of a language model, a preferred translation, or any constraint; measure the
+side effects of many independent edits (:func:`evaluate`), with the update rules of Editable Neural
+Networks (Sinitsin et al., ICLR 2020). Any ``nn.Module`` (HF transformers included) with inputs given
+as a tensor, a tuple or a tokenizer's dict. See the README for a quick start.
 """
-from .constraint import constraint_per_sample, edit_constraint
-from .edit import EditError, EditResult, edit
+from .constraint import (Classification, Constraint, FunctionConstraint, SequenceRanking, TokenTargets,
+                         constraint_per_sample, edit_constraint)
+from .edit import EditError, EditResult, PrefixFallbackWarning, edit
 from .editors import EDITORS, GD, Adam, Editor, Momentum, RMSProp, RProp, ScaledGD, SignGD, make_editor
 from .evaluate import EvalReport, evaluate
 from .kernels import backends
@@ -19,8 +22,9 @@ from . import baselines  # noqa: E402  (EWC editing, Deep k-NN, Editable+CNP)
 __version__ = "0.1.0"
 
 __all__ = [
-    "edit", "EditResult", "EditError", "evaluate", "EvalReport", "tune", "TuneResult", "backends", "EditableTraining", "LearnableEditor",
+    "edit", "EditResult", "EditError", "PrefixFallbackWarning", "evaluate", "EvalReport", "tune", "TuneResult", "backends", "EditableTraining", "LearnableEditor",
     "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam", "EDITORS", "make_editor",
+    "Constraint", "Classification", "TokenTargets", "SequenceRanking", "FunctionConstraint",
     "edit_constraint", "constraint_per_sample", "select_parameters", "surgery", "SurgeryResult", "SparseDelta",
     "EditJournal", "baselines", "__version__",
 ]

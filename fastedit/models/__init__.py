@@ -1,5 +1,6 @@
 """Model zoo for fastedit: CIFAR ResNets (He et al. 2015), the Editable Training CIFAR ResNet-18,
-and small models for digits / MNIST. Every model is traceable by ``torch.fx.symbolic_trace``.
+small models for digits / MNIST, and the pretrained g2p-en grapheme-to-phoneme GRU encoder–decoder
+(:class:`G2P`). Every model is traceable by ``torch.fx.symbolic_trace``.
 
 ``get_model(name, num_classes=10, weights=None, **kwargs)`` builds a model by name; ``weights`` is a
 checkpoint path (for the CIFAR ResNets, the pretrained ``resnet<depth>-<hash>.th`` files).
@@ -29,6 +30,7 @@ from .resnet_cifar import (
     resnet44,
     resnet56,
 )
+from .g2p import G2P, load_g2p
 from .small import MLP, SmallCNN
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "ResNet18Cifar",
     "SmallCNN",
     "MLP",
+    "G2P",
+    "load_g2p",
     "cifar_resnet",
     "resnet20",
     "resnet32",
