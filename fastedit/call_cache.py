@@ -21,10 +21,11 @@ residual additions) runs again; everything inside the cached calls does not. The
 run on the same values, so the output is bit-identical to the model's (checked when the split is
 built, with perturbed editable parameters too, :func:`verify`).
 
-Limits, each detected and reported as the reason for not using the cache: a module with forward
-hooks of its own or global module hooks (they would run again on replay), a model whose output does
-not depend on the editable parameters, a model whose calls differ between record and replay. A
-cached output that the model later modifies in place is cloned when recorded and on every replay.
+Limits, each detected and reported as the reason for not using the cache: global module hooks
+(they would run again on replay; a module with hooks of its own is simply not cached), a model
+whose output does not depend on the editable parameters, a model whose calls differ between record
+and replay. A cached output that the model later modifies in place is copied when recorded and on
+every replay.
 """
 from __future__ import annotations
 
@@ -91,13 +92,14 @@ def _own_hooks(m: nn.Module) -> bool:
 class _Recorder:
     """Forward hooks on every submodule that classify each call as frozen or not."""
 
-    def __init__(self, model: nn.Module, editable_ids: set[int]):
+    def __init__(self, model: nn.Module, editable_ids: set[int], copy: frozenset = frozenset()):
         self.holders = holders_of(model, editable_ids)
         self.uncacheable = {id(m) for m in model.modules() if _own_hooks(m)}
+        self.copy = copy                 # call indices whose outputs the model writes later: copied
         self.reached = False             # a module holding an editable parameter has been entered
         self.calls: list[tuple[nn.Module, int]] = []  # (module, parent call index) in call order
         self.stack: list[tuple[int, list]] = []       # (call index, frozen calls finished inside it)
-        self.cached: list[tuple] = []                 # (call index, output, copy, versions): outermost frozen
+        self.cached: list[tuple] = []                 # (call index, output, versions): outermost frozen
 
     def pre(self, module: nn.Module, args, kwargs):
         if id(module) in self.holders:
@@ -108,10 +110,10 @@ class _Recorder:
     def post(self, module: nn.Module, args, kwargs, output):
         index, inner = self.stack.pop()
         outer = self.stack[-1][1] if self.stack else self.cached
-        if not self.reached and id(module) not in self.uncacheable:
-            # frozen: cached in place of the calls inside it. A copy is kept until the run ends, in
-            # case the model writes the output in place later (then the copy is what was returned).
-            outer.append((index, output, _clone_tensors(output), _versions(output)))
+        if not self.reached and id(module) not in self.uncacheable:  # frozen: replaces the calls inside
+            if index in self.copy:
+                output = _clone_tensors(output)
+            outer.append((index, output, _versions(output)))
         else:
             outer.extend(inner)  # the frozen calls inside stay outermost
 
@@ -132,6 +134,32 @@ def _clone_tensors(value):
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, value)
 
 
+def _state(model: nn.Module) -> tuple:
+    """What a second run must start from when the model is training: its buffers and the RNG."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return [(b, b.detach().clone()) for b in model.buffers()], torch.get_rng_state(), cuda
+
+
+def _restore(state: tuple) -> None:
+    buffers, cpu, cuda = state
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _run(model, rec, inputs, params):
+    handles = _hooked(model, rec)
+    try:
+        return inputs.call(model) if params is None else functional_call(model, params, inputs.args,
+                                                                         inputs.kwargs, strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
            params: dict[str, Tensor] | None = None, detach: bool = False) -> tuple[Any, CachedActs]:
     """Run ``model`` on ``inputs`` once and cache its frozen module calls.
@@ -140,6 +168,10 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     sees the same ``requires_grad`` flags as the editor steps will. ``detach``: drop the cached
     outputs' graph, keeping their ``requires_grad`` flags (for editor steps; Editable Training keeps
     the graph).
+
+    A cached output that the model writes in place later in the run (its version counter moved) is
+    recorded again, copied when its call returns, by a second run from the same buffers and random
+    state; replays then hand out copies of it.
 
     Returns the model's output and the :class:`CachedActs`. Raises :class:`CallCacheError` if the
     cache cannot be used for this model.
@@ -150,20 +182,17 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     rec = _Recorder(model, editable_ids)
     if not rec.holders:
         raise CallCacheError("no submodule holds the editable parameters")
-    handles = _hooked(model, rec)
-    try:
-        out = inputs.call(model) if params is None else functional_call(model, params, inputs.args,
-                                                                        inputs.kwargs, strict=False)
-    finally:
-        for h in handles:
-            h.remove()
+    start = _state(model) if any(m.training for m in model.modules()) else None
+    out = _run(model, rec, inputs, params)
     if not rec.reached:
         raise CallCacheError("the model never entered a module holding the editable parameters")
-    entries = []
-    for index, output, copy, versions in sorted(rec.cached, key=lambda e: e[0]):
-        written = any(t._version != v for t, v in versions)
-        # a written output: cache the copy, and hand out copies on replay (the model writes them again)
-        entries.append((index, copy if written else output, written))
+    written = frozenset(i for i, _, versions in rec.cached if any(t._version != v for t, v in versions))
+    if written:
+        if start is not None:
+            _restore(start)
+        rec = _Recorder(model, editable_ids, written)
+        out = _run(model, rec, inputs, params)
+    entries = [(i, o, i in written) for i, o, _ in sorted(rec.cached, key=lambda e: e[0])]
     plan, outputs = _plan(rec, entries)
     if detach:
         outputs = [pytree.tree_map(_detached, o) for o in outputs]

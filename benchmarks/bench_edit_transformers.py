@@ -1,0 +1,280 @@
+"""Edit latency on transformers: the MiniLM sentiment classifier and a GPT-2-small-shaped language model.
+
+Compared in the same run, on the same edits (each applied to the original model, then reverted):
+  * ``fe.edit`` with the frozen prefix (HF models cannot be traced by fx: the prefix is the cached
+    module calls of :mod:`fastedit.call_cache`);
+  * ``fe.edit(use_prefix=False)``: the whole model at every step;
+  * a naive loop: the full model forward, ``.item()`` on the constraint, autograd and the same
+    editor update on the live module, every step (the official Editable code's pattern).
+
+Models:
+  * MiniLM (``all-MiniLM-L6-v2``, 6 layers, hidden 384) as ``BertForSequenceClassification`` with a
+    fresh 2-class head, editing ``bert.encoder.layer.5`` (the last layer) on 64-token inputs (Rotten
+    Tomatoes snippets when the data are there); each edit flips the prediction. Without the
+    pretrained files, the same shapes with random weights (the JSON says which).
+  * GPT-2 small shapes (12 layers, hidden 768, vocabulary 50,257; random weights) editing
+    ``transformer.h.11.mlp`` with ``fe.TokenTargets(causal=True)``: 60 prompt tokens must be continued
+    by 4 given tokens (64 in all).
+
+The floor of an edit with the prefix, from the model's own passes measured here: one prefix run,
+then per step one suffix forward + backward, and one last suffix forward that finds the edit
+satisfied. The naive loop's floor: per step a full forward + backward to the edited layer, plus one
+last full forward. Their ratio is the most the prefix can give; ``efficiency`` = floor / measured.
+
+    python benchmarks/bench_edit_transformers.py --out benchmarks/results/bench_edit_transformers.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+from torch.func import functional_call
+
+import fastedit as fe
+from fastedit.edit import EditTarget, eval_mode
+
+
+# ------------------------------------------------------------------------------------------------
+# the naive loop
+# ------------------------------------------------------------------------------------------------
+def naive_edit(model, inputs: dict, constraint, names, editor, max_steps: int) -> int:
+    """Full forwards on the live module, ``.item()`` per step, rolled back afterwards; returns steps."""
+    params = [p for n, p in model.named_parameters() if n in names]
+    backup = [p.detach().clone() for p in params]
+    state = editor.init_state([p.detach() for p in params])
+    steps = 0
+    for _ in range(max_steps + 1):
+        loss = constraint.per_sample(model(**inputs).logits).amax()
+        if loss.item() <= 0 or steps == max_steps:
+            break
+        grads = torch.autograd.grad(loss, params)
+        new, state = editor.step([p.detach() for p in params], list(grads), state)
+        with torch.no_grad():
+            for p, v in zip(params, new):
+                p.copy_(v)
+        steps += 1
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's own passes (the floor)
+# ------------------------------------------------------------------------------------------------
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def passes(model, inputs: dict, constraint, params: str, repeats: int) -> dict:
+    """Milliseconds of the passes an edit is made of, and the prefix's cached bytes."""
+    target = EditTarget.build(model, params, inputs=inputs)
+    names, theta = target.names, [p.detach().clone() for p in target.params]
+    editable = [p for n, p in model.named_parameters() if n in set(names)]
+
+    def full_forward():
+        with torch.no_grad():
+            model(**inputs)
+
+    def full_forward_backward():
+        loss = constraint.per_sample(model(**inputs).logits).amax()
+        torch.autograd.grad(loss, editable)
+
+    acts = target.prefix(inputs)
+
+    def suffix_forward_backward():
+        leaves = [t.requires_grad_() for t in theta]
+        loss = constraint.per_sample(target.logits(acts, leaves)).amax()
+        torch.autograd.grad(loss, leaves)
+
+    def suffix_forward():
+        leaves = [t.requires_grad_() for t in theta]
+        constraint.per_sample(target.logits(acts, leaves)).amax()
+
+    cached = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(acts) if isinstance(t, torch.Tensor))
+    with eval_mode(model):
+        return {
+            "full_forward_ms": median_ms(full_forward, repeats),
+            "full_forward_backward_ms": median_ms(full_forward_backward, repeats),
+            "prefix_ms": median_ms(lambda: target.prefix(inputs), repeats),
+            "suffix_forward_backward_ms": median_ms(suffix_forward_backward, repeats),
+            "suffix_forward_ms": median_ms(suffix_forward, repeats),
+            "prefix_method": target.split.method,
+            "prefix_cached_bytes": int(cached),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# one model
+# ------------------------------------------------------------------------------------------------
+def bench_model(name: str, model, edits: list, params: str, editor, max_steps: int, repeats: int) -> dict:
+    model.eval()
+    names = {n for n, _ in model.named_parameters() if n == params or n.startswith(params + ".")}
+    rows: dict[str, dict] = {}
+
+    def run(kind: str) -> list[int]:
+        steps = []
+        for inputs, target in edits:
+            if kind == "naive":
+                steps.append(naive_edit(model, inputs, target, names, editor, max_steps))
+            else:
+                r = fe.edit(model, inputs, target, editor=editor, params=params, max_steps=max_steps,
+                            use_prefix=(kind == "prefix"))
+                steps.append(r.steps)
+                if not r.success:
+                    print(f"  {name} {kind}: an edit failed in {max_steps} steps", flush=True)
+                r.revert()
+        return steps
+
+    for kind in ("prefix", "no_prefix", "naive"):
+        steps = run(kind)  # warm-up (also builds the split once)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(kind)
+            times.append(time.perf_counter() - t0)
+        per_edit = 1e3 * statistics.median(times) / len(edits)
+        rows[kind] = {"ms_per_edit": per_edit, "mean_steps": statistics.mean(steps), "steps": steps}
+        print(f"  {name:<8} {kind:<10} {per_edit:9.1f} ms/edit  mean steps {statistics.mean(steps):.2f}", flush=True)
+
+    inputs0, target0 = edits[0]
+    floor = passes(model, inputs0, target0, params, max(3, repeats))
+    s = rows["prefix"]["mean_steps"]
+    floor_prefix = floor["prefix_ms"] + s * floor["suffix_forward_backward_ms"] + floor["suffix_forward_ms"]
+    floor_naive = s * floor["full_forward_backward_ms"] + floor["full_forward_ms"]
+    speedup = rows["naive"]["ms_per_edit"] / rows["prefix"]["ms_per_edit"]
+    out = {
+        "params": params, "editor": editor.to_dict(), "max_steps": max_steps, "edits": len(edits),
+        "latency": rows, "passes": floor,
+        "speedup_vs_naive": speedup,
+        "speedup_vs_no_prefix": rows["no_prefix"]["ms_per_edit"] / rows["prefix"]["ms_per_edit"],
+        "floor_ms_per_edit": {"prefix": floor_prefix, "naive": floor_naive},
+        "floor_speedup": floor_naive / floor_prefix,
+        "efficiency_prefix": floor_prefix / rows["prefix"]["ms_per_edit"],
+        "efficiency_naive": floor_naive / rows["naive"]["ms_per_edit"],
+    }
+    print(f"  {name:<8} speed-up over the naive loop {speedup:.2f}x (floor {out['floor_speedup']:.2f}x, "
+          f"prefix at {100 * out['efficiency_prefix']:.0f}% of its floor)", flush=True)
+    return out
+
+
+def minilm_setup(models_dir: pathlib.Path, data_dir: pathlib.Path, n_edits: int, seq_len: int):
+    import transformers as tf
+    path = models_dir / "all-MiniLM-L6-v2"
+    torch.manual_seed(0)  # the fresh classification head
+    if path.is_dir():
+        model = tf.BertForSequenceClassification.from_pretrained(path, num_labels=2)
+        tok = tf.AutoTokenizer.from_pretrained(path)
+        source = "pretrained all-MiniLM-L6-v2, fresh 2-class head"
+    else:
+        cfg = tf.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                            num_labels=2)
+        model, tok = tf.BertForSequenceClassification(cfg), None
+        source = "random weights with MiniLM's shapes (pretrained files not found)"
+    texts = _texts(data_dir, n_edits)
+    if tok is not None:
+        batch = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    else:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1000, 30000, (n_edits, seq_len), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    model.eval()
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1)
+    edits = [({k: v[i:i + 1] for k, v in batch.items()}, fe.Classification(1 - pred[i:i + 1])) for i in range(n_edits)]
+    return model, edits, source
+
+
+def _texts(data_dir: pathlib.Path, n: int) -> list[str]:
+    path = data_dir / "text" / "rotten_tomatoes.tsv"
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        long = [r["text"] for r in rows if len(r["text"].split()) >= 50]  # fill 64 tokens
+        return (long or [r["text"] for r in rows])[:n]
+    return [" ".join(["the film is a quiet triumph of craft and feeling"] * 8)] * n
+
+
+def gpt2_setup(n_edits: int, seq_len: int, continuation: int):
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    edits = []
+    for _ in range(n_edits):
+        ids = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, -continuation:] = ids[:, -continuation:]  # the prompt must be continued by these tokens
+        edits.append(({"input_ids": ids}, fe.TokenTargets(labels, causal=True)))
+    return model, edits, "random weights, GPT-2 small shapes"
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    import transformers
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models-dir", default="../shared/models", help="folder holding all-MiniLM-L6-v2/")
+    ap.add_argument("--data-dir", default="../shared/data", help="folder holding text/rotten_tomatoes.tsv")
+    ap.add_argument("--models", default="minilm,gpt2", help="comma-separated: minilm, gpt2")
+    ap.add_argument("--minilm-edits", type=int, default=10)
+    ap.add_argument("--gpt2-edits", type=int, default=4)
+    ap.add_argument("--minilm-lr", type=float, default=1e-4, help="RMSProp lr of the MiniLM edits")
+    ap.add_argument("--gpt2-lr", type=float, default=3e-4, help="RMSProp lr of the GPT-2 edits")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the edits (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
+              "load_average_before": load_before, "models": {}}
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in wanted:
+        if name == "minilm":
+            model, edits, source = minilm_setup(pathlib.Path(args.models_dir), pathlib.Path(args.data_dir),
+                                                args.minilm_edits, 64)
+            params, editor = "bert.encoder.layer.5", fe.RMSProp(args.minilm_lr)
+        elif name == "gpt2":
+            model, edits, source = gpt2_setup(args.gpt2_edits, 64, 4)
+            params, editor = "transformer.h.11.mlp", fe.RMSProp(args.gpt2_lr)
+        else:
+            raise SystemExit(f"unknown model {name!r}: choose minilm, gpt2")
+        print(f"{name}: {source}", flush=True)
+        result["models"][name] = {"source": source, "tokens": 64,
+                                  **bench_model(name, model, edits, params, editor, 10, args.repeats)}
+    result["load_average_after"] = os.getloadavg()
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
