@@ -209,7 +209,8 @@ class _Edits:
         with torch.no_grad():
             if self.batched is None:
                 for k, (mi, c) in enumerate(self.cases):
-                    logits = target.logits(target.checked_prefix(mi, steps=False))
+                    t = target.for_inputs(mi)  # edits may differ in call signature
+                    logits = t.logits(t.checked_prefix(mi, steps=False))
                     _validate(c, logits, f"edit {k}")
                     classes.append(first_classes(logits[:1], 1))
             else:
@@ -371,10 +372,6 @@ class _GroupRunner:
         self.last: dict[str, Tensor] = {}
         self.fallback: str | None = None  # why vmap was given up for the loop
 
-    def _loss_one(self, theta, inp):
-        acts, c = inp
-        return reduce_constraint(c.pack(c.per_sample(self.target.logits(acts, theta))), self.reduction)
-
     def edit_loops(self, strategy: str, edits: _Edits, idx: range):
         """Per group: edited parameters (list of ``[G, ...]``), steps, final loss and bad steps ``[G]``."""
         t = self.target
@@ -382,14 +379,21 @@ class _GroupRunner:
             outs = []
             for i in idx:
                 mi, c = edits[i]
-                outs.append(run_edit_loop(t.loss_fn(t.prefix(mi), c, self.reduction, mi), t.params,
+                ti = t.for_inputs(mi)  # the same parameters; the split for this edit's call signature
+                outs.append(run_edit_loop(ti.loss_fn(ti.prefix(mi), c, self.reduction, mi), ti.params,
                                           self.editor, self.max_steps, early_exit=self.early))
             params = [torch.stack(ps) for ps in zip(*(o.params for o in outs))]
             return params, *(torch.stack([getattr(o, k) for o in outs]) for k in ("steps", "loss", "bad_step"))
         cases = [edits[i] for i in idx]
+        t = t.for_inputs(cases[0][0])
         acts = _stack([t.prefix(mi) for mi, _ in cases])
         constraints = _stack([c for _, c in cases])
-        out = run_edit_loop_batched(self._loss_one, t.params, (acts, constraints), self.editor, self.max_steps,
+
+        def loss_one(theta, inp):
+            a, c = inp
+            return reduce_constraint(c.pack(c.per_sample(t.logits(a, theta))), self.reduction)
+
+        out = run_edit_loop_batched(loss_one, t.params, (acts, constraints), self.editor, self.max_steps,
                                     early_exit=self.early)
         return out.params, out.steps, out.loss, out.bad_step
 

@@ -290,3 +290,88 @@ def test_hf_gpt2_continues_a_prompt():
     assert torch.equal(greedy(model, prompt, 3), before)
     short = {"input_ids": ids[:, :5], "attention_mask": torch.ones_like(ids[:, :5])}
     assert_split_exact(model, last, [inputs, short], "call-cache")
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) HF encoder-decoders: T5 and BART, token targets and a ranking of candidates
+# ------------------------------------------------------------------------------------------------
+VOCAB = 64
+
+
+def small_seq2seq(kind):
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                       num_decoder_layers=2, num_heads=2, dropout_rate=0.0, pad_token_id=0,
+                                       eos_token_id=1, decoder_start_token_id=0)
+        model = transformers.T5ForConditionalGeneration(config)
+        return model, f"decoder.block.{config.num_decoder_layers - 1}", "shared.weight"
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                     attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
+                                     bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    model = transformers.BartForConditionalGeneration(config)
+    return model, f"model.decoder.layers.{config.decoder_layers - 1}", "model.encoder.embed_positions.weight"
+
+
+def seq2seq_inputs(model, src_len, labels, seed=0):
+    """input_ids (right-padded, all but the first row), attention_mask and decoder_input_ids (the labels
+    shifted right behind the start token) for ``labels [B, T]``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = labels.shape[0]
+    pad = model.config.pad_token_id
+    ids = torch.randint(3, VOCAB, (rows, src_len), generator=g)
+    mask = torch.ones(rows, src_len, dtype=torch.long)
+    mask[1:, src_len - 2:] = 0
+    ids[mask == 0] = pad
+    start = torch.full((rows, 1), model.config.decoder_start_token_id)
+    dec = torch.cat([start, labels[:, :-1].clamp_min(0)], 1)
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_hf_encoder_decoder_token_targets(kind):
+    model, last, frozen = small_seq2seq(kind)
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(3, VOCAB, (2, 4), generator=g)
+    inputs = seq2seq_inputs(model, 7, labels, seed=5)
+    with torch.no_grad():  # make every label differ from the model's teacher-forced prediction
+        labels = wrong_labels(model(**inputs).logits, 7)
+    inputs = seq2seq_inputs(model, 7, labels, seed=5)
+    labels[1, 0] = -100  # an ignored position
+    edit_and_revert(model, inputs, fe.TokenTargets(labels), last, "call-cache", freeze=frozen, max_steps=40)
+    other = seq2seq_inputs(model, 4, torch.randint(3, VOCAB, (2, 6), generator=g), seed=6)
+    assert_split_exact(model, last, [inputs, other], "call-cache")
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_hf_encoder_decoder_sequence_ranking(kind):
+    model, last, frozen = small_seq2seq(kind)
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    groups, n, length = 2, 3, 4
+    cands = torch.randint(3, VOCAB, (groups * n, length), generator=g)
+    cands[1, 3] = cands[4, 2] = -100  # candidates of different lengths
+    inputs = seq2seq_inputs(model, 6, cands, seed=8)
+    src = inputs["input_ids"].reshape(groups, n, -1)[:, :1].expand(-1, n, -1).reshape(groups * n, -1)
+    inputs["input_ids"] = src  # the candidates of a group share their source
+    inputs["attention_mask"] = inputs["attention_mask"].reshape(groups, n, -1)[:, :1].expand(-1, n, -1) \
+        .reshape(groups * n, -1)
+    probe = fe.SequenceRanking(cands, n)
+    with torch.no_grad():  # the desired candidate of each group: the one the model scores lowest
+        scores = probe.scores(model(**inputs).logits).reshape(groups, n)
+    order = torch.argsort(scores, dim=1)  # lowest first, so the desired row starts worst
+    perm = (order + torch.arange(groups)[:, None] * n).reshape(-1)
+    inputs = {k: v[perm] for k, v in inputs.items()}
+    cands = cands[perm]
+    target = fe.SequenceRanking(cands, n)
+
+    def ranked(m):
+        s = target.scores(m(**inputs).logits).reshape(groups, n)
+        assert bool((s[:, :1] >= s[:, 1:]).all()), s
+
+    edit_and_revert(model, inputs, target, last, "call-cache", check=ranked, freeze=frozen, max_steps=40)
+    other = seq2seq_inputs(model, 9, torch.randint(3, VOCAB, (3, 2), generator=g), seed=9)
+    assert_split_exact(model, last, [inputs, other], "call-cache")
