@@ -278,7 +278,8 @@ class SequenceRanking(_TokenLabels):
         z, labels = self.aligned(_promote(logits))
         mask = labels != IGNORE_INDEX
         logp = torch.log_softmax(z, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        # where, not a product: an ignored position's stand-in label may have log-probability -inf
+        return torch.where(mask, logp, 0.0).sum(-1) / mask.sum(-1).clamp_min(1)
 
     def per_sample(self, logits: Tensor) -> Tensor:
         s = self.scores(logits).reshape(-1, self.num_candidates)
