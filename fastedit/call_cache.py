@@ -7,12 +7,14 @@ Why: ``torch.fx`` cannot trace most transformers (HF code creates masks with dat
 the example's shapes. Recording module calls needs neither: it runs the model once, as it is, on the
 actual inputs, and works for any Python control flow and any input length.
 
-Record (once per input, :func:`record`): the model runs with forward hooks on every submodule. A
+Record (once per input, :func:`record`): the model runs once, every submodule's calls watched. A
 module *holds* an editable parameter if the parameter is in its own ``_parameters`` (tied weights:
-every module that holds the shared tensor). A call is *frozen* if it finishes before any module that
-holds an editable parameter is entered: its output cannot depend on the editable parameters, since
-nothing that could read them has run yet. The outermost frozen calls are cached (module, its call
-number, output); their inner calls are not.
+every module that holds the shared tensor), and *contains* it if it is in its subtree. A call is
+*frozen* if its output cannot depend on the editable parameters because nothing that could read them
+has run before it ended: its module contains none, no caller in progress holds one (its code
+could have read it first), no call of a containing module has finished before it began, and none
+began during it. The outermost frozen calls are cached (module, its call number, output); their
+inner calls are not.
 
 Replay (every editor step, :func:`replay`): the model's own ``forward`` runs on the same inputs, each
 cached module's ``forward`` temporarily replaced by one that answers its recorded call numbers from
@@ -21,11 +23,17 @@ residual additions) runs again; everything inside the cached calls does not. The
 run on the same values, so the output is bit-identical to the model's (checked when the split is
 built, with perturbed editable parameters too, :func:`verify`).
 
-Limits, each detected and reported as the reason for not using the cache: global module hooks
-(they would run again on replay; a module with hooks of its own is simply not cached), a model
-whose output does not depend on the editable parameters, a model whose calls differ between record
-and replay. A cached output that the model later modifies in place is copied when recorded and on
-every replay.
+Calls are recorded and answered from inside each module's ``forward`` (a temporary instance
+attribute), not with forward hooks: the module's own hooks run around an answered call as around
+any call, and modules that change their behaviour when hooks are attached (``nn.TransformerEncoderLayer``
+leaves its fast path) behave as in a plain forward. The hooks of modules inside a cached call do
+not run on replay (those calls do not happen).
+
+Limits, each detected and reported as the reason for not using the cache: a model whose output does
+not depend on the editable parameters, a model whose calls differ between record and replay, a
+cached call whose output depends on the editable parameters anyway (a module reading another
+module's parameter; caught by the perturbed verification). A cached output that the model later
+modifies in place (its version counter moves) is copied when recorded and on every replay.
 """
 from __future__ import annotations
 
@@ -40,6 +48,9 @@ from torch.utils import _pytree as pytree
 from .model_io import ModelInputs
 
 __all__ = ["CachedActs", "record", "replay", "CallCacheError", "holders_of"]
+
+
+_MISSING = object()  # no instance-level ``forward`` to put back
 
 
 class CallCacheError(RuntimeError):
@@ -80,50 +91,98 @@ def holders_of(model: nn.Module, editable_ids: set[int]) -> set[int]:
             if any(p is not None and id(p) in editable_ids for p in m._parameters.values())}
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as mm
-    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks)
-
-
-def _own_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+def containers_of(model: nn.Module, editable_ids: set[int]) -> set[int]:
+    """ids of the modules with an editable tensor in their subtree (the holders and their ancestors)."""
+    return {id(m) for m in model.modules() if any(id(p) in editable_ids for p in m.parameters())}
 
 
 class _Recorder:
-    """Forward hooks on every submodule that classify each call as frozen or not."""
+    """Classifies each module call as frozen or not, from inside the modules' ``forward``.
+
+    A call is frozen when its module contains no editable parameter, no active caller holds one
+    itself (its own code could have read it before the call), no call of a module containing one
+    has finished before it started (its output could feed this call), and none was entered during
+    it. Containers are counted, not only holders: fused code such as ``nn.TransformerEncoderLayer``'s
+    fast path reads its children's weights without calling them."""
 
     def __init__(self, model: nn.Module, editable_ids: set[int], copy: frozenset = frozenset()):
         self.holders = holders_of(model, editable_ids)
-        self.uncacheable = {id(m) for m in model.modules() if _own_hooks(m)}
+        self.containers = containers_of(model, editable_ids)
+        self.root = id(model)
         self.copy = copy                 # call indices whose outputs the model writes later: copied
-        self.reached = False             # a module holding an editable parameter has been entered
+        self.ended = False               # a call of a container has finished
+        self.entries = 0                 # calls of containers entered so far
+        self.reached = False             # a holder, or a container below the root, was entered
+        self.active_holders = 0          # holders among the calls in progress
         self.calls: list[tuple[nn.Module, int]] = []  # (module, parent call index) in call order
-        self.stack: list[tuple[int, list]] = []       # (call index, frozen calls finished inside it)
+        self.stack: list[tuple] = []  # (call index, frozen calls finished inside it, may be frozen, entries)
         self.cached: list[tuple] = []                 # (call index, output, versions): outermost frozen
 
-    def pre(self, module: nn.Module, args, kwargs):
-        if id(module) in self.holders:
-            self.reached = True
+    def enter(self, module: nn.Module) -> None:
+        key = id(module)
+        eligible = key not in self.containers and not self.ended and self.active_holders == 0
+        if key in self.containers:
+            self.entries += 1
+            self.reached |= key != self.root or key in self.holders
+        if key in self.holders:
+            self.active_holders += 1
         self.calls.append((module, self.stack[-1][0] if self.stack else -1))
-        self.stack.append((len(self.calls) - 1, []))
+        self.stack.append((len(self.calls) - 1, [], eligible, self.entries))
 
-    def post(self, module: nn.Module, args, kwargs, output):
-        index, inner = self.stack.pop()
+    def leave(self, module: nn.Module, output) -> Any:
+        index, inner, eligible, entries = self.stack.pop()
+        self._left(module)
         outer = self.stack[-1][1] if self.stack else self.cached
-        if not self.reached and id(module) not in self.uncacheable:  # frozen: replaces the calls inside
-            if index in self.copy:
-                output = _clone_tensors(output)
-            outer.append((index, output, _versions(output)))
+        if eligible and self.entries == entries:  # frozen: cached in place of the calls inside it
+            cached = _clone_tensors(output) if index in self.copy else output  # the model gets the original
+            outer.append((index, cached, _versions(cached)))
         else:
             outer.extend(inner)  # the frozen calls inside stay outermost
+        return output
+
+    def abort(self, module: nn.Module) -> None:
+        self.stack.pop()
+        self._left(module)
+
+    def _left(self, module: nn.Module) -> None:
+        if id(module) in self.containers:
+            self.ended = True
+        if id(module) in self.holders:
+            self.active_holders -= 1
 
 
-def _hooked(model: nn.Module, rec: _Recorder):
-    handles = []
+@contextlib.contextmanager
+def _recording(model: nn.Module, rec: _Recorder):
+    """Wrap every submodule's ``forward`` (an instance attribute, removed afterwards). Not forward
+    hooks: some modules change their behaviour when hooks are attached (``nn.TransformerEncoderLayer``
+    leaves its fast path), and user hooks must run around the cached call as they run around a call."""
+    saved = []
     for m in model.modules():
-        handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
-        handles.append(m.register_forward_hook(rec.post, with_kwargs=True, always_call=True))
-    return handles
+        original = m.forward
+        saved.append((m, m.__dict__.get("forward", _MISSING)))
+
+        def recorded(*args, _m=m, _original=original, **kwargs):
+            rec.enter(_m)
+            try:
+                out = _original(*args, **kwargs)
+            except BaseException:
+                rec.abort(_m)
+                raise
+            return rec.leave(_m, out)
+
+        m.forward = recorded
+    try:
+        yield
+    finally:
+        _put_back(saved)
+
+
+def _put_back(saved) -> None:
+    for module, old in saved:
+        if old is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = old
 
 
 def _versions(value) -> list[tuple[Tensor, int]]:
@@ -151,13 +210,9 @@ def _restore(state: tuple) -> None:
 
 
 def _run(model, rec, inputs, params):
-    handles = _hooked(model, rec)
-    try:
+    with _recording(model, rec):
         return inputs.call(model) if params is None else functional_call(model, params, inputs.args,
                                                                          inputs.kwargs, strict=False)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
@@ -176,8 +231,6 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     Returns the model's output and the :class:`CachedActs`. Raises :class:`CallCacheError` if the
     cache cannot be used for this model.
     """
-    if _global_hooks():
-        raise CallCacheError("global module forward hooks are registered; they would run again on replay")
     grad = torch.is_grad_enabled()
     rec = _Recorder(model, editable_ids)
     if not rec.holders:
@@ -185,7 +238,7 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     start = _state(model) if any(m.training for m in model.modules()) else None
     out = _run(model, rec, inputs, params)
     if not rec.reached:
-        raise CallCacheError("the model never entered a module holding the editable parameters")
+        raise CallCacheError("the model never entered a module holding or containing the editable parameters")
     written = frozenset(i for i, _, versions in rec.cached if any(t._version != v for t, v in versions))
     if written:
         if start is not None:
@@ -251,19 +304,13 @@ def _answering(acts: CachedActs):
     try:
         yield
     finally:
-        for module, old in saved:
-            if old is _MISSING:
-                del module.__dict__["forward"]
-            else:
-                module.forward = old
+        _put_back(saved)
     for key, (module, table) in tables.items():
         if calls.get(key, 0) <= max(table):
             raise CallCacheError(f"the model called {type(module).__name__} fewer times than when its prefix "
                                  "was recorded: its control flow changed between the prefix run and the editor "
                                  "step")
 
-
-_MISSING = object()
 
 
 def replay(model: nn.Module, acts: CachedActs) -> Any:

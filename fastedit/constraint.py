@@ -209,7 +209,8 @@ class _TokenLabels(Constraint):
         if self.labels.device != device:
             raise ValueError(f"{type(self).__name__}: the labels are on {self.labels.device} but the inputs on {device}")
 
-    def validate(self, logits: Tensor, *, allow_unlabelled_rows: bool = False) -> None:
+    def validate(self, logits: Tensor, *, allow_unlabelled_rows: bool = False, row_offset: int = 0) -> None:
+        """As :meth:`Constraint.validate`; ``row_offset`` numbers the rows in messages (a slice's first row)."""
         name = type(self).__name__
         if logits.dim() != 3:
             raise ValueError(f"{name} needs logits [batch, time, vocab], but the model gives shape "
@@ -227,7 +228,7 @@ class _TokenLabels(Constraint):
         if not allow_unlabelled_rows:
             empty = ~(labels != IGNORE_INDEX).any(-1)
             if bool(empty.any()):
-                row = int(empty.nonzero()[0, 0])
+                row = int(empty.nonzero()[0, 0]) + row_offset
                 shift = " after the causal shift (labels[:, 1:])" if self.causal else ""
                 raise ValueError(f"{name}: row {row} has no labelled position{shift}: every label is "
                                  f"{IGNORE_INDEX}; label at least one token per row")

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .constraint import IGNORE_INDEX, Classification, Constraint, TokenTargets, check_label_range, reduce_constraint
+from .constraint import (IGNORE_INDEX, Classification, Constraint, SequenceRanking, TokenTargets, check_label_range,
+                         reduce_constraint)
 from .edit import (EditTarget, check_common, eval_mode, resolve_early_exit, run_edit_loop, run_edit_loop_batched,
                    split_info)
 from .editors import Editor, make_editor
@@ -220,7 +221,7 @@ class _Edits:
                 while u0 < len(self):
                     u1 = min(u0 + per, len(self))
                     logits = target.logits(target.checked_prefix(mi.rows(u0 * r, u1 * r), steps=False))
-                    _validate(c.units(u0, u1), logits, "edits")
+                    _validate(c.units(u0, u1), logits, "edits", row_offset=u0 * r)
                     classes.append(first_classes(logits, r))
                     per_row = max(1, logits[0].numel())
                     per = max(1, min(batch_size, 2 ** 25 // per_row) // r)
@@ -228,9 +229,13 @@ class _Edits:
         return torch.cat(classes)
 
 
-def _validate(c: Constraint, logits: Tensor, what: str) -> None:
+def _validate(c: Constraint, logits: Tensor, what: str, row_offset: int = 0) -> None:
+    """``c.validate(logits)``, the message prefixed with ``what`` (rows counted from ``row_offset``)."""
     try:
-        c.validate(logits)
+        if isinstance(c, (TokenTargets, SequenceRanking)):
+            c.validate(logits, row_offset=row_offset)
+        else:
+            c.validate(logits)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
 
@@ -271,6 +276,9 @@ class _ControlSet:
                 lo = hi
         self.num_classes = int(self.chunks[0][4].shape[-1])
         self.num_units = sum(int(c[3].shape[0]) for c in self.chunks)  # samples, or labelled tokens
+        if self.num_units == 0:
+            raise ValueError("control: no labelled token in the whole control set (every label is -100); label "
+                             "the tokens the metrics should count")
 
     def _auto_rows(self) -> int:
         """Rows per chunk when ``batch_size`` is None: 256 for classifiers; for token controls as many
@@ -292,7 +300,7 @@ class _ControlSet:
             return c.labels, logits, None
         c = self.labels.units(lo, hi)
         try:
-            c.validate(logits, allow_unlabelled_rows=True)
+            c.validate(logits, allow_unlabelled_rows=True, row_offset=lo)
         except ValueError as exc:
             raise ValueError(f"control: {exc}") from None
         z, lab = c.aligned(logits)
@@ -667,7 +675,8 @@ def _chunk_metrics(ref: Tensor, y: Tensor, logits: Tensor, keep_kl: bool) -> dic
     m = edit_metrics(ref, y, logits, return_kl_rows=keep_kl)
     out = {k: m[k] for k in _METRIC_KEYS}
     out["errors_per_class"] = m["errors_per_class"]
-    out["kl"] = m["kl"].double() * y.shape[0]  # chunk mean → sum, so chunks of any size add up
+    # chunk mean → sum, so chunks of any size add up (a chunk with no labelled token adds 0, not NaN)
+    out["kl"] = m["kl"].double() * y.shape[0] if y.shape[0] else torch.zeros_like(m["kl"], dtype=torch.float64)
     if keep_kl:
         out["kl_rows"] = m["kl_rows"]
     return out

@@ -57,7 +57,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .constraint import IGNORE_INDEX, Classification, Constraint, TokenTargets, as_constraint, reduce_constraint
+from .constraint import (IGNORE_INDEX, Classification, Constraint, SequenceRanking, TokenTargets, as_constraint,
+                         reduce_constraint)
 from .edit import cached_entry, check_common, eval_mode, math_attention, resolve_aliases, resolve_early_exit
 from .editors import Adam, Editor, RMSProp, make_editor
 from .kernels.differentiable import editor_step
@@ -171,7 +172,7 @@ class _StepSpec:
         self.acts_spec, self.acts_consts, self.state_spec = acts_spec, acts_consts, state_spec
         self.learnable, self.hp_names, self.constraint = learnable, hp_names, constraint
         self.reduction, self.read = reduction, read
-        self.validate = False  # check the constraint against the logits at the first evaluation
+        self.validate = None  # (edit, rows) to check the constraint against at the first evaluation
 
     def unpack(self, flat: tuple, n_theta: int, n_state: int, n_acts: int, n_other: int):
         """Cut the flat tensor inputs of a step into (theta, state, acts, others, hyper-parameters)."""
@@ -196,9 +197,9 @@ class _StepSpec:
             mapping = {**other_map, **dict(zip(self.theta_names, theta))}
             logits = self.read(functional_call(self.suffix, mapping, (acts,), strict=False))
             c = self.constraint
-            if self.validate:
-                self.validate = False
-                _check_given_edit(c, logits.detach())
+            if self.validate is not None:
+                where, self.validate = self.validate, None
+                _check_given_edit(c, logits.detach(), *where)
             return reduce_constraint(c.pack(c.per_sample(logits)), self.reduction)
         return loss
 
@@ -379,9 +380,10 @@ class EditableTraining(nn.Module):
                                          for i in range(k)]
 
     def _run_edit(self, split, acts_e, constraint: Constraint, editor_module: LearnableEditor,
-                  validate: bool = False):
+                  validate: tuple | None = None):
         """The unrolled edit: returns (edited params, final constraint, steps taken). ``validate``:
-        check the constraint against the logits first (edits given by the caller)."""
+        ``(edit number, first row, end row)`` of an edit given by the caller, whose constraint is
+        checked against the logits first."""
         suffix = split.suffix_module
         params = dict(self.model.named_parameters())
         theta = [params[n] for n in self.param_names]
@@ -415,7 +417,8 @@ class EditableTraining(nn.Module):
                 return theta, loss, steps
             theta, state_leaves = new_theta, new_state
             steps = steps + active
-        final = spec.loss_fn(spec.acts(act_tensors), others)(theta)  # differentiable: L_edit's input
+        with torch.enable_grad():  # differentiable: L_edit's input (the activations were made with grad)
+            final = spec.loss_fn(spec.acts(act_tensors), others)(theta)
         return theta, final, steps
 
     def _kl_to_edited(self, split, acts, ref_logits: Tensor, theta: list[Tensor], target: Constraint) -> Tensor:
@@ -462,17 +465,15 @@ class EditableTraining(nn.Module):
                 acts_loc, out_loc = split.prefix_and_output(mi)
                 ref_loc = self._read(out_loc).detach()
             split_e = self._split(edit_rows)
-            n_rows = edit_rows.num_samples
-            # eval mode is per sample: one prefix pass serves every edit, except for cached module calls,
-            # which are recorded per edit (their outputs need not be per-sample tensors)
-            acts_all = split_e.prefix(edit_rows) if split_e.method != "call-cache" else None
             results = []
-            for lo, hi, c_e in edits:
-                if acts_all is None:
+            for k, (lo, hi, c_e) in enumerate(edits):
+                # each edit's own prefix run: activations need not be batch-first (a GRU's hidden state
+                # is [layers, B, H]), so rows of one run cannot be told apart. With grad: the steps
+                # differentiate through them even when the caller is under no_grad
+                with torch.enable_grad():
                     acts_e = split_e.prefix(edit_rows.rows(lo, hi))
-                else:
-                    acts_e = _take(acts_all, lo, hi, n_rows)
-                results.append(self._run_edit(split_e, acts_e, c_e, self.learned_editor, validate=given))
+                results.append(self._run_edit(split_e, acts_e, c_e, self.learned_editor,
+                                              validate=(k, lo, hi) if given else None))
 
         loss_edit = torch.stack([F.relu(final) for _, final, _ in results]).mean()
         loc_terms = []
@@ -544,15 +545,15 @@ def _given_edits(edit_inputs, edit_target, device) -> tuple[ModelInputs, list]:
     return mi, [(i * r, (i + 1) * r, c.units(i, i + 1)) for i in range(c.num_units(mi.num_samples))]
 
 
-def _check_given_edit(c: Constraint, logits: Tensor) -> None:
+def _check_given_edit(c: Constraint, logits: Tensor, k: int, lo: int, hi: int) -> None:
+    """Check edit ``k`` (rows ``lo:hi`` of ``edit_inputs``) against its logits; messages count rows
+    of ``edit_inputs``."""
     try:
-        c.validate(logits)
+        if isinstance(c, (TokenTargets, SequenceRanking)):
+            c.validate(logits, row_offset=lo)
+        else:
+            c.validate(logits)
     except ValueError as exc:
-        raise ValueError(f"edit_target (edit_y): {exc}") from None
+        rows = f"row {lo}" if hi == lo + 1 else f"rows {lo}:{hi}"
+        raise ValueError(f"edit_target (edit_y), edit {k} ({rows} of edit_inputs): {exc}") from None
 
-
-def _take(acts, lo: int, hi: int, n: int):
-    """Rows ``lo:hi`` of every batched tensor in the prefix activations of ``n`` rows (others unchanged)."""
-    leaves, spec = tree_flatten(acts)
-    out = [v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for v in leaves]
-    return tree_unflatten(out, spec)

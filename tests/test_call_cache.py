@@ -164,33 +164,88 @@ def test_changed_control_flow_is_detected():
     assert "forward" not in model.a.__dict__  # the temporary forward is removed even after an error
 
 
-def test_modules_with_their_own_hooks_are_not_cached_but_still_run():
+def _halve_in_place(module, args, output):
+    output.mul_(0.5)
+
+
+def test_hooks_run_around_cached_calls_as_around_calls():
     torch.manual_seed(0)
     model = Stack().double()
     calls = []
-    model.blocks[1].register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    model.blocks[1].register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)       # replaces the output
+    model.blocks[0].register_forward_hook(_halve_in_place)                              # writes it in place
+    inner = []
+    model.blocks[1][0].register_forward_hook(lambda m, i, o: inner.append(1))
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     acts = _check_replays(model, "blocks.2", x)
-    cached = [m for m, _, _ in acts.plan]
-    assert model.blocks[1] not in cached and model.blocks[0] in cached
-    assert model.blocks[1][0] in cached  # the children of the hooked module still are
-    n = len(calls)
+    assert [m for m, _, _ in acts.plan] == [model.blocks[0], model.blocks[1]]
+    assert [written for _, _, written in acts.plan] == [True, False]  # the in-place hook: copies on replay
+    n, m = len(calls), len(inner)
     with torch.no_grad():
         replay(model, acts)
-    assert len(calls) == n + 1  # the hook ran once, as in a forward of the model
+    assert len(calls) == n + 1  # the cached module's hook ran once, as in a forward of the model
+    assert len(inner) == m      # the call inside the cached one did not happen
 
 
-def test_global_hooks_refuse_the_cache_and_the_split_falls_back():
-    model = Stack()
-    x = torch.randn(2, 3, 6)
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+def test_hooks_do_not_change_what_the_recorded_modules_do():
+    """nn.TransformerEncoderLayer leaves its fast path when hooks are attached; recording must not."""
+    torch.manual_seed(0)
+    layer = lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)  # noqa: E731
+    model = nn.Sequential(nn.TransformerEncoder(layer(), 2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        _, acts = record(model, _ids(model, "1"), ModelInputs((x,), {}))
+        assert bits_equal(replay(model, acts), model(x))  # fast path in both
+
+
+def test_global_hooks_run_on_replay_too():
+    torch.manual_seed(0)
+    model = Stack().double()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
     try:
-        with pytest.raises(CallCacheError, match="global"):
-            record(model, _ids(model, "blocks.2"), ModelInputs((x,), {}))
-        split = build_split(Untraceable(), ["b.weight"], ModelInputs((torch.randn(2, 3),), {}), lambda o: o)
-        assert split.method == "none" and "global" in split.reason and "fx" in split.reason
+        acts = _check_replays(model, "blocks.2", torch.randn(2, 3, 6, dtype=torch.float64))
+        seen.clear()
+        with torch.no_grad():
+            replay(model, acts)
+        assert seen.count("Sequential") == 4 and seen.count("Linear") == 3  # blocks 0, 1 answered: no inner calls
     finally:
         handle.remove()
+
+
+class Borrower(nn.Module):
+    """Reads another module's parameter inside its own call (held outside the module registry)."""
+
+    def __init__(self, lender: nn.Module):
+        super().__init__()
+        self.lender = [lender]
+
+    def forward(self, x):
+        return x @ self.lender[0].weight.T
+
+
+class Sneaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(3, 3)
+        self.a = Borrower(self.b)
+        self.c = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))  # a's call ends before b is entered, yet it reads b.weight
+        return self.c(self.b(h))
+
+
+def test_a_cached_call_that_reads_the_editable_parameters_is_caught():
+    torch.manual_seed(0)
+    model = Sneaky().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    split = build_split(model, ["b.weight"], ModelInputs((x,), {}), lambda o: o)  # fx traces it, exactly
+    assert split.method == "fx"
+    dyn = Untraceable().double()
+    dyn.a, dyn.b = Borrower(model.b), model.b  # the same trick in a model fx cannot trace
+    split = build_split(dyn, ["b.weight"], ModelInputs((x,), {}), lambda o: o)
+    assert split.method == "none" and "perturbed" in split.reason and "fx" in split.reason
 
 
 class Untraceable(nn.Module):
@@ -272,3 +327,38 @@ def test_cached_acts_are_a_pytree_and_replays_vmap_over_parameters():
         batched = vmap(lambda w: functional_call(suffix, {"head.weight": w}, (acts,)))(ws)
         looped = torch.stack([functional_call(model, {"head.weight": w}, (x,)) for w in ws])
     torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_code_that_reads_its_childrens_weights_is_not_cached():
+    """nn.TransformerEncoderLayer's fast path uses linear1.weight without calling linear1: the layer
+    contains the editable parameter, so its call is live; the layer before it is cached."""
+    torch.manual_seed(0)
+    layer = lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)  # noqa: E731
+    model = nn.Sequential(nn.TransformerEncoder(layer(), 2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    prefix = "0.layers.1.linear1"
+    with torch.no_grad():
+        _, acts = record(model, _ids(model, prefix), ModelInputs((x,), {}))
+        assert [m for m, _, _ in acts.plan] == [model[0].layers[0]]
+        moved = {f"{prefix}.weight": model[0].layers[1].linear1.weight + 0.1}
+        want = functional_call(model, moved, (x,))
+        assert bits_equal(functional_call(call_cache.CallCacheSuffix(model), moved, (acts,)), want)
+
+
+class RootParameter(nn.Module):
+    """The root's own code reads an editable parameter before calling its children."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(3))
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x + self.pos))
+
+
+def test_calls_after_the_callers_own_editable_parameter_are_not_cached():
+    torch.manual_seed(0)
+    model = RootParameter().double()
+    acts = _check_replays(model, "pos", torch.randn(4, 3, dtype=torch.float64))
+    assert acts.plan == ()

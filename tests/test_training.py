@@ -653,12 +653,13 @@ def test_random_edits_from_the_batch_are_reproducible():
         steps, success = stats["edit_steps"].item(), stats["edit_success"].item()
         assert 0 <= steps <= K and abs(steps * 3 - round(steps * 3)) < 1e-5
         assert abs(success * 3 - round(success * 3)) < 1e-5
-        # the edit inputs (the one eval-mode prefix pass) are 3 rows of the batch
-        edit_inputs = [inp for training, inp in seen if not training]
-        assert len(edit_inputs) == 1 and edit_inputs[0].shape[0] == 3
-        for row in edit_inputs[0]:
+        # the edit inputs (one eval-mode prefix pass per edit) are 3 rows of the batch
+        passes = [inp for training, inp in seen if not training]
+        assert len(passes) == 3 and all(p.shape[0] == 1 for p in passes)
+        edit_inputs = torch.cat(passes)
+        for row in edit_inputs:
             assert any(torch.equal(row, xi) for xi in x)
-        runs.append((loss.item(), {k: v.item() for k, v in stats.items()}, grads, edit_inputs[0]))
+        runs.append((loss.item(), {k: v.item() for k, v in stats.items()}, grads, edit_inputs))
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
     assert torch.equal(runs[0][3], runs[1][3])
     for n, g in runs[0][2].items():

@@ -265,10 +265,7 @@ def lm_data(model, kind, g):
     # ranking: 2 groups of 3 candidate sequences, the model's lowest-scoring one put first (desired)
     cands = torch.randint(0, V, (6, T), generator=g)
     labels = cands.clone()
-    if causal:
-        labels[:, 0] = IGNORE
-    else:
-        labels[:, 0] = IGNORE  # a "prompt" position
+    labels[:, 0] = IGNORE  # a "prompt" position (causal: never compared after the shift anyway)
     ranking = fe.SequenceRanking(labels, 3, causal=causal)
     with torch.no_grad():
         scores = ranking.scores(model.eval()(cands)).reshape(2, 3)
@@ -312,16 +309,15 @@ CASES = [
     ("lm", LM_FF, "tokens", fe.RMSProp(0.1), ("beta",), "fx"),
     ("lm", "head", "ranking", fe.GD(0.03), ("lr",), "fx"),
     ("lm", LM_FF, "ranking", fe.RMSProp(0.01), ("lr", "beta"), "fx"),
-    ("lm-causal", "head", "tokens", fe.GD(0.03), ("lr",), "none"),
-    ("lm-causal", LM_FF, "ranking", fe.RMSProp(0.03), ("beta",), "none"),
+    ("lm-causal", "head", "tokens", fe.GD(0.03), ("lr",), "call-cache"),
+    ("lm-causal", LM_FF, "ranking", fe.RMSProp(0.03), ("beta",), "call-cache"),
     ("s2s", "decoder", "tokens", fe.RMSProp(0.03), ("beta",), "fx"),
     ("s2s", "fc", "ranking", fe.RMSProp(0.03), ("lr", "beta"), "fx"),
     ("s2s", "decoder", "ranking", fe.GD(0.3), ("lr",), "fx"),
 ]
 CASE_IDS = [f"{m}-{p if isinstance(p, str) else 'ff'}-{c}-{e.name}-{'+'.join(learn)}" for m, p, c, e, learn, _ in CASES]
 
-VARIANTS = [dict(), dict(rematerialize=True), dict(closed_form=False), dict(early_exit=False),
-            dict(rematerialize=True, closed_form=False)]
+VARIANTS = [dict(), dict(rematerialize=True), dict(closed_form=False), dict(early_exit=False)]
 
 
 def build_case(case):
@@ -340,6 +336,8 @@ def build_case(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_meta_gradient_matches_naive_unrolled_reference(case):
+    """The edit rows' prefix activations must be cut per edit along each tensor's *sample* dimension:
+    the GRU decoder's initial state is ``[num_layers, B, H]`` (the s2s-decoder cases)."""
     start, (inputs, target, edit_inputs, edit_target), kwargs = build_case(case)
     split = EditTarget.build(copy.deepcopy(start).eval(), kwargs["params"], inputs=inputs).split
     assert split.method == case[-1], split.reason
@@ -380,3 +378,340 @@ def test_meta_gradient_matches_naive_unrolled_reference(case):
             torch.testing.assert_close(loss.detach(), first[0], rtol=1e-12, atol=1e-14)
             for n, g in grads.items():
                 torch.testing.assert_close(g, first[1][n], rtol=1e-12, atol=1e-14, msg=lambda m: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. fused attention: second order through the math SDPA backend, first order through the fused one
+# ------------------------------------------------------------------------------------------------
+class EncoderClassifier(nn.Module):
+    """``nn.TransformerEncoder`` (nested-tensor fast path on: eval mode, no grad, padding mask) with a
+    masked mean-pool and a linear head: ``forward(tokens [B, S], padding_mask [B, S] bool)``."""
+
+    def __init__(self, dropout: float = 0.1, vocab: int = 20, d: int = 16, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(12, d))
+        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens, padding_mask):
+        h = self.encoder(self.emb(tokens) + self.pos[:tokens.shape[1]], src_key_padding_mask=padding_mask)
+        keep = (~padding_mask).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def _padded_batch(g, vocab, n=6, s=7, key="tokens", mask_key="padding_mask", bert=False):
+    tokens = torch.randint(1, vocab, (n, s), generator=g)
+    lengths = torch.tensor([7, 5, 3, 7, 6, 4][:n])
+    valid = torch.arange(s)[None] < lengths[:, None]
+    tokens = tokens.masked_fill(~valid, 0)
+    return {key: tokens, mask_key: valid.long() if bert else ~valid}
+
+
+def encoder_classifier(dropout=0.1):
+    torch.manual_seed(0)
+    model = EncoderClassifier(dropout)
+    g = torch.Generator().manual_seed(2)
+    return model, _padded_batch(g, 20), "encoder.layers.1"
+
+
+def tiny_bert(dropout=0.1):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                     attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    assert model.config._attn_implementation == "sdpa"
+    g = torch.Generator().manual_seed(2)
+    batch = transformers.BatchEncoding(_padded_batch(g, 30, key="input_ids", mask_key="attention_mask", bert=True))
+    return model, batch, "bert.encoder.layer.1"
+
+
+ATTENTION_MODELS = {"nn.TransformerEncoder": encoder_classifier, "hf-bert-sdpa": tiny_bert}
+NESTED_WARNING = "ignore:The PyTorch API of nested tensors is in prototype stage"  # eval-mode fast path
+
+
+def _rows(inputs, lo, hi):
+    return type(inputs)({k: v[lo:hi] for k, v in inputs.items()})
+
+
+def _wrong_labels(model, inputs):
+    """Class labels that the model (eval mode) gets wrong on every row."""
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs)
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+    for m, f in zip(model.modules(), flags):
+        m.training = f
+    return (logits.argmin(-1)).detach()
+
+
+@pytest.mark.filterwarnings(NESTED_WARNING)
+@pytest.mark.parametrize("rematerialize", [False, True])
+@pytest.mark.parametrize("loc_mode", ["shared", "eval"])
+@pytest.mark.parametrize("which", list(ATTENTION_MODELS))
+def test_fused_attention_models_train_with_second_order(which, loc_mode, rematerialize):
+    model, inputs, params = ATTENTION_MODELS[which]()
+    model.train()  # dropout 0.1 in the batch forward (fused SDPA with dropout)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    edit_inputs = _rows(inputs, 1, 3)  # two edits, each of one (padded) row
+    edit_y = _wrong_labels(model, edit_inputs)
+    flags = [(n, m.training) for n, m in model.named_modules()]
+    before = snapshot(model)
+    et = fe.EditableTraining(model, params=params, editor=fe.RMSProp(0.01), max_steps=4, c_edit=1.0, c_loc=1.0,
+                             learn=("lr", "beta"), loc_mode=loc_mode, rematerialize=rematerialize)
+    loss, stats = et(inputs, y, edit_inputs, edit_y)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values()), stats
+    assert stats["edit_steps"] >= 2, stats  # beta enters from the second step on
+    assert stats["loss_loc"] > 0, stats
+    assert [(n, m.training) for n, m in model.named_modules()] == flags
+    assert_identical(model, before)
+    loss.backward()  # the failure this guards: no derivative for the fused CPU kernel's backward
+    assert [(n, m.training) for n, m in model.named_modules()] == flags
+    for n, p in et.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    for n, p in et.learned_editor.named_parameters():
+        assert p.grad.abs() > 0, f"{n}: the editor's hyper-parameter got no gradient"
+    editable = set(et.param_names)
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in editable)
+
+
+@pytest.mark.filterwarnings(NESTED_WARNING)
+@pytest.mark.parametrize("which", list(ATTENTION_MODELS))
+def test_fused_attention_gives_the_numbers_of_the_math_backend(which):
+    """Without dropout: the objective and every gradient as with the math SDPA backend everywhere
+    (float32 round-off apart), so the fused kernels in the outer forwards change nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    results = []
+    for math_everywhere in (False, True):
+        model, inputs, params = ATTENTION_MODELS[which](dropout=0.0)
+        model.train()
+        y = torch.tensor([0, 1, 2, 0, 1, 2])
+        edit_inputs = _rows(inputs, 1, 3)
+        edit_y = _wrong_labels(model, edit_inputs)
+        et = fe.EditableTraining(model, params=params, editor=fe.RMSProp(0.01), max_steps=4, c_edit=1.0,
+                                 c_loc=1.0, learn=("lr", "beta"))
+        with sdpa_kernel([SDPBackend.MATH]) if math_everywhere else contextlib.nullcontext():
+            loss, stats = et(inputs, y, edit_inputs, edit_y)
+            grads = grads_of(loss, et)
+        assert stats["edit_steps"] >= 2
+        results.append((loss.detach(), grads))
+    (loss0, g0), (loss1, g1) = results
+    torch.testing.assert_close(loss0, loss1, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.filterwarnings(NESTED_WARNING)
+@pytest.mark.parametrize("which", list(ATTENTION_MODELS))
+def test_no_grad_evaluation_of_attention_models(which):
+    """Evaluating held-out edits without grad (as after training: eval mode, ``torch.no_grad()``,
+    where nn.TransformerEncoder takes its nested-tensor fast path) gives the numbers of the call with
+    grad. The inner steps need grad (``torch.func.vjp`` enables it), so the edit inputs' cached
+    prefix calls must be recorded with grad enabled."""
+    model, inputs, params = ATTENTION_MODELS[which](dropout=0.1)
+    model.eval()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    edit_inputs = _rows(inputs, 1, 3)
+    edit_y = _wrong_labels(model, edit_inputs)
+    et = fe.EditableTraining(model, params=params, editor=fe.RMSProp(0.01), max_steps=4, c_edit=1.0, c_loc=1.0)
+    out = []
+    for no_grad in (False, True):
+        with torch.set_grad_enabled(not no_grad):
+            loss, stats = et(inputs, y, edit_inputs, edit_y)
+        assert loss.requires_grad == (not no_grad)
+        out.append({k: v.item() for k, v in stats.items()})
+    assert out[0]["edit_steps"] >= 2
+    for k in out[0]:
+        assert out[1][k] == pytest.approx(out[0][k], rel=1e-4, abs=1e-6), k
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. edits sampled from a token batch
+# ------------------------------------------------------------------------------------------------
+def _recording(et):
+    """Record what ``et._sample_edits`` returns: (edit rows' tokens, [TokenTargets labels])."""
+    seen = []
+    original = et._sample_edits
+
+    def wrapped(inputs, target, logits):
+        rows, edits = original(inputs, target, logits)
+        seen.append((rows.args[0].clone(), [(lo, hi, c) for lo, hi, c in edits]))
+        return rows, edits
+
+    et._sample_edits = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_token_edits_are_reproducible_and_target_one_labelled_position(causal):
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, V, (8, T), generator=g)
+    tokens[:, 0] = torch.arange(8)  # distinct rows: the first token tells which
+    labels = _labels_with_holes(tokens, g, causal)
+    labels[3] = IGNORE            # a row without labelled positions is never drawn
+    labels[5, :] = IGNORE
+    labels[5, T - 1] = tokens[5, T - 1]  # a row with a single labelled position
+    target = fe.TokenTargets(labels, causal=causal)
+    mask = target.mask()          # [B, T'] after the shift
+    runs = []
+    for seed in (3, 3, 4, 5, 6, 7):
+        model = TinyLM(causal=causal)
+        model.train()
+        et = fe.EditableTraining(model, params="head", editor=fe.RMSProp(0.05), max_steps=3, c_edit=1.0, c_loc=1.0,
+                                 num_edits=3)
+        seen = _recording(et)
+        torch.manual_seed(seed)
+        loss, stats = et(tokens, target)
+        grads = grads_of(loss, et)
+        assert len(seen) == 1
+        rows, edits = seen[0]
+        assert rows.shape == (3, T) and len(edits) == 3
+        drawn = []
+        for i, (lo, hi, c) in enumerate(edits):
+            assert (lo, hi) == (i, i + 1)
+            assert isinstance(c, fe.TokenTargets) and c.causal == causal and c.labels.shape == (1, T)
+            row = int(rows[i, 0])                       # which batch row this edit is
+            assert torch.equal(rows[i], tokens[row])
+            positions = (c.mask()[0]).nonzero().flatten().tolist()
+            assert len(positions) == 1, c.labels       # exactly one labelled position...
+            p = positions[0]
+            assert mask[row, p], (row, p)               # ...which is labelled in that batch row
+            token = int(c.aligned_labels()[0, p])
+            assert 0 <= token < V
+            assert int(c.labels[0, p + int(causal)]) == token and (c.labels != IGNORE).sum() == 1
+            drawn.append((row, p, token))
+        assert 0 <= stats["edit_steps"] <= 3
+        runs.append((loss.item(), {k: v.item() for k, v in stats.items()}, grads, drawn))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and runs[0][3] == runs[1][3]
+    for n, gr in runs[0][2].items():
+        assert torch.equal(gr, runs[1][2][n]), n
+    assert len({tuple(r[3]) for r in runs[1:]}) > 1, "different seeds must draw different edits"
+    assert len({row for r in runs for row, _, _ in r[3]}) > 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. bad input
+# ------------------------------------------------------------------------------------------------
+def _bad_calls():
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, V, (4, T), generator=g)
+    batch = fe.TokenTargets(tokens.clone())
+    e_tok = torch.randint(0, V, (2, T), generator=g)
+    good = torch.full((2, T), IGNORE)
+    good[:, 2] = 3
+    empty = good.clone()
+    empty[1] = IGNORE
+    out_of_range = good.clone()
+    out_of_range[0, 1] = V
+    ranking_rows = torch.randint(0, V, (3, T), generator=g)
+    return [
+        ("labels of the wrong length", (tokens, batch, e_tok, fe.TokenTargets(torch.full((2, T + 1), 3))),
+         ValueError, r"edit_y.*labels have shape \(\d, 6\).*\[batch, time\]"),
+        ("labels for the wrong number of rows", (tokens, batch, e_tok, fe.TokenTargets(torch.full((3, T), 3))),
+         ValueError, "edit_y.*3 rows but the inputs 2 samples"),
+        # the message must name the caller's row of edit_target (1), not the row inside its one-row edit
+        ("an edit without labelled position", (tokens, batch, e_tok, fe.TokenTargets(empty)),
+         ValueError, "edit_y.*row 1 has no labelled position"),
+        ("a label outside the vocabulary", (tokens, batch, e_tok, fe.TokenTargets(out_of_range)),
+         ValueError, "edit_y.*label 11 is out of range for a vocabulary of 11"),
+        ("a ranking group that does not fit the edit rows", (tokens, batch, e_tok, fe.SequenceRanking(ranking_rows, 3)),
+         ValueError, "edit_y.*3 rows but the inputs 2 samples"),
+        ("class labels for a token model", (tokens, batch, e_tok, torch.tensor([1, 2])),
+         ValueError, "edit_y.*fe.TokenTargets"),
+        ("a ranking as the batch target", (tokens, fe.SequenceRanking(tokens.clone(), 2), e_tok, fe.TokenTargets(good)),
+         TypeError, "batch's target must be class labels.*fe.TokenTargets"),
+        ("batch labels of the wrong shape", (tokens, fe.TokenTargets(tokens[:, :3].clone()), e_tok, fe.TokenTargets(good)),
+         ValueError, r"labels have shape \(4, 3\)"),
+        ("batch labels for the wrong number of rows", (tokens, fe.TokenTargets(tokens[:3].clone()), e_tok,
+                                                      fe.TokenTargets(good)),
+         ValueError, "3 rows but the inputs 4 samples"),
+    ]
+
+
+BAD = _bad_calls()
+
+
+@pytest.mark.parametrize("rematerialize", [False, True])
+@pytest.mark.parametrize("call", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_and_changes_nothing(call, rematerialize):
+    _, args, exc, match = call
+    model = TinyLM()
+    model.train()
+    model.layers[0].eval()  # a mixed state, which must come back
+    flags = [(n, m.training) for n, m in model.named_modules()]
+    before = snapshot(model)
+    et = fe.EditableTraining(model, params=LM_FF, editor=fe.RMSProp(0.05), max_steps=3, c_edit=1.0, c_loc=1.0,
+                             rematerialize=rematerialize)
+    editor_before = snapshot(et.learned_editor)
+    with pytest.raises(exc, match=match):
+        et(*args)
+    assert [(n, m.training) for n, m in model.named_modules()] == flags
+    assert_identical(model, before)
+    assert_identical(et.learned_editor, editor_before)
+    assert all(p.grad is None for p in et.parameters())
+    # and the module still works
+    tokens, batch, e_tok = BAD[0][1][:3]
+    good = torch.full((2, T), IGNORE)
+    good[:, 2] = 3
+    loss, _ = et(tokens, batch, e_tok, fe.TokenTargets(good))
+    assert torch.isfinite(loss)
+
+
+def test_a_ranking_needs_whole_groups():
+    with pytest.raises(ValueError, match="do not divide into groups of num_candidates=3"):
+        fe.SequenceRanking(torch.zeros(4, T, dtype=torch.int64), 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. a short training loop, then a plain edit with the learned editor
+# ------------------------------------------------------------------------------------------------
+def test_training_loop_on_a_tiny_lm_then_edit_with_the_learned_editor():
+    """20 Adam steps of Editable Training on a "next token = token + 1" task (float32, bidirectional
+    TinyLM, batch target TokenTargets with holes, two sampled edits per batch)."""
+    model = TinyLM(dtype=torch.float32, seed=1)
+    model.train()
+    et = fe.EditableTraining(model, params="head", editor=fe.RMSProp(0.05, beta=0.5), max_steps=5, c_edit=1.0,
+                             c_loc=1.0, num_edits=2, learn=("lr", "beta"))
+    opt = torch.optim.Adam(et.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    history = []
+    for _ in range(20):
+        tokens = torch.randint(0, V, (16, T), generator=g)
+        labels = (tokens + 1) % V
+        labels[torch.rand(labels.shape, generator=g) < 0.2] = IGNORE
+        labels[:, 0] = (tokens[:, 0] + 1) % V
+        loss, stats = et(tokens, fe.TokenTargets(labels))
+        assert torch.isfinite(loss)
+        assert set(stats) == {"loss_base", "loss_edit", "loss_loc", "edit_success", "edit_steps", "objective"}
+        assert all(v.dim() == 0 and not v.requires_grad and torch.isfinite(v) for v in stats.values())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(et.parameters(), 10)
+        opt.step()
+        history.append(stats["loss_base"].item())
+    assert sum(history[-5:]) < sum(history[:5]) * 0.9, history  # it learns
+    assert model.training
+
+    editor = et.editor()
+    assert type(editor) is fe.RMSProp and isinstance(editor.lr, float) and isinstance(editor.beta, float)
+    assert editor.lr != 0.05 and editor.beta != 0.5  # both moved
+    model.eval()
+    x = torch.randint(0, V, (1, T), generator=g)
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    labels = torch.full((1, T), IGNORE)
+    labels[0, 2] = (pred[0, 2] + 3) % V
+    before = snapshot(model)
+    r = fe.edit(model, x, fe.TokenTargets(labels), editor=editor, params="head", max_steps=50)
+    assert r.success and r.steps >= 1 and r.initial_loss > 0 >= r.loss
+    with torch.no_grad():
+        assert model(x).argmax(-1)[0, 2] == labels[0, 2]
+    r.revert()
+    assert_identical(model, before)
