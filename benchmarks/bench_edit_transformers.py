@@ -9,8 +9,8 @@ Compared in the same run, on the same edits (each applied to the original model,
 
 Models:
   * MiniLM (``all-MiniLM-L6-v2``, 6 layers, hidden 384) as ``BertForSequenceClassification`` with a
-    fresh 2-class head, editing ``bert.encoder.layer.5`` (the last layer) on 64-token inputs (Rotten
-    Tomatoes snippets when the data are there); each edit flips the prediction. Without the
+    fresh 2-class head, editing ``bert.encoder.layer.5`` (the last layer) on 64-token inputs (runs of
+    Rotten Tomatoes snippets when the data are there); each edit flips the prediction. Without the
     pretrained files, the same shapes with random weights (the JSON says which).
   * GPT-2 small shapes (12 layers, hidden 768, vocabulary 50,257; random weights) editing
     ``transformer.h.11.mlp`` with ``fe.TokenTargets(causal=True)``: 60 prompt tokens must be continued
@@ -202,12 +202,13 @@ def minilm_setup(models_dir: pathlib.Path, data_dir: pathlib.Path, n_edits: int,
 
 
 def _texts(data_dir: pathlib.Path, n: int) -> list[str]:
+    """``n`` texts of at least 64 tokens: runs of consecutive Rotten Tomatoes snippets (truncated to
+    64 tokens by the tokenizer), or a fixed sentence without the data."""
     path = data_dir / "text" / "rotten_tomatoes.tsv"
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        long = [r["text"] for r in rows if len(r["text"].split()) >= 50]  # fill 64 tokens
-        return (long or [r["text"] for r in rows])[:n]
+            snippets = [r["text"] for r in csv.DictReader(f, delimiter="\t")]
+        return [" ".join(snippets[6 * i:6 * i + 6]) for i in range(n)]
     return [" ".join(["the film is a quiet triumph of craft and feeling"] * 8)] * n
 
 
@@ -244,7 +245,7 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,gpt2", help="comma-separated: minilm, gpt2")
     ap.add_argument("--minilm-edits", type=int, default=10)
     ap.add_argument("--gpt2-edits", type=int, default=4)
-    ap.add_argument("--minilm-lr", type=float, default=1e-4, help="RMSProp lr of the MiniLM edits")
+    ap.add_argument("--minilm-lr", type=float, default=3e-5, help="RMSProp lr of the MiniLM edits")
     ap.add_argument("--gpt2-lr", type=float, default=3e-4, help="RMSProp lr of the GPT-2 edits")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the edits (median)")
     ap.add_argument("--threads", type=int, default=2)

@@ -66,10 +66,11 @@ class CachedActs:
     switches to nested tensors under ``no_grad``), so a cache recorded with grad enabled cannot
     answer a forward without grad (:func:`replay` raises)."""
 
-    __slots__ = ("inputs", "outputs", "plan", "grad")
+    __slots__ = ("inputs", "outputs", "plan", "grad", "guard")
 
     def __init__(self, inputs: ModelInputs, outputs: tuple, plan: tuple, grad: bool):
         self.inputs, self.outputs, self.plan, self.grad = inputs, outputs, plan, grad
+        self.guard: list | None = None  # (tensor, version) pairs a replay must leave as they are
 
     def __repr__(self) -> str:
         return f"CachedActs({len(self.plan)} cached calls, grad={self.grad})"
@@ -105,11 +106,13 @@ class _Recorder:
     it. Containers are counted, not only holders: fused code such as ``nn.TransformerEncoderLayer``'s
     fast path reads its children's weights without calling them."""
 
-    def __init__(self, model: nn.Module, editable_ids: set[int], copy: frozenset = frozenset()):
+    def __init__(self, model: nn.Module, editable_ids: set[int], copy: frozenset = frozenset(),
+                 whole: bool = True):
         self.holders = holders_of(model, editable_ids)
         self.containers = containers_of(model, editable_ids)
         self.root = id(model)
         self.copy = copy                 # call indices whose outputs the model writes later: copied
+        self.whole = whole               # run to the end (else stop when nothing more can be frozen)
         self.ended = False               # a call of a container has finished
         self.entries = 0                 # calls of containers entered so far
         self.reached = False             # a holder, or a container below the root, was entered
@@ -141,8 +144,15 @@ class _Recorder:
         return output
 
     def abort(self, module: nn.Module) -> None:
-        self.stack.pop()
+        """A call left by an exception (the stop included): not frozen, the frozen calls inside stay."""
+        _, inner, _, _ = self.stack.pop()
+        (self.stack[-1][1] if self.stack else self.cached).extend(inner)
         self._left(module)
+
+    @property
+    def done(self) -> bool:
+        """Nothing that follows can be frozen: a containing call has finished."""
+        return self.ended and not self.whole
 
     def _left(self, module: nn.Module) -> None:
         if id(module) in self.containers:
@@ -168,13 +178,20 @@ def _recording(model: nn.Module, rec: _Recorder):
             except BaseException:
                 rec.abort(_m)
                 raise
-            return rec.leave(_m, out)
+            out = rec.leave(_m, out)
+            if rec.done:
+                raise _Stop
+            return out
 
         m.forward = recorded
     try:
         yield
     finally:
         _put_back(saved)
+
+
+class _Stop(BaseException):
+    """Ends a recording run early (a BaseException: the model's own ``except Exception`` lets it pass)."""
 
 
 def _put_back(saved) -> None:
@@ -210,29 +227,38 @@ def _restore(state: tuple) -> None:
 
 
 def _run(model, rec, inputs, params):
-    with _recording(model, rec):
-        return inputs.call(model) if params is None else functional_call(model, params, inputs.args,
-                                                                         inputs.kwargs, strict=False)
+    """The model's output, or None when the run stopped early."""
+    try:
+        with _recording(model, rec):
+            return inputs.call(model) if params is None else functional_call(model, params, inputs.args,
+                                                                             inputs.kwargs, strict=False)
+    except _Stop:
+        return None
 
 
 def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
-           params: dict[str, Tensor] | None = None, detach: bool = False) -> tuple[Any, CachedActs]:
+           params: dict[str, Tensor] | None = None, detach: bool = False,
+           whole: bool = True) -> tuple[Any, CachedActs]:
     """Run ``model`` on ``inputs`` once and cache its frozen module calls.
 
     ``params``: run with these tensors in place of the model's (``functional_call``), so the run
     sees the same ``requires_grad`` flags as the editor steps will. ``detach``: drop the cached
     outputs' graph, keeping their ``requires_grad`` flags (for editor steps; Editable Training keeps
-    the graph).
+    the graph). ``whole=False``: stop the run as soon as a call of a module containing an editable
+    parameter has finished (nothing later can be frozen), which saves the rest of the forward; the
+    model's output is then None.
 
     A cached output that the model writes in place later in the run (its version counter moved) is
     recorded again, copied when its call returns, by a second run from the same buffers and random
-    state; replays then hand out copies of it.
+    state; replays then hand out copies of it. A run stopped early cannot see writes after the stop:
+    replays check the versions and raise if one moved (:class:`ModelSplit` records whole runs for
+    models found writing cached outputs when it was built).
 
     Returns the model's output and the :class:`CachedActs`. Raises :class:`CallCacheError` if the
     cache cannot be used for this model.
     """
     grad = torch.is_grad_enabled()
-    rec = _Recorder(model, editable_ids)
+    rec = _Recorder(model, editable_ids, whole=whole)
     if not rec.holders:
         raise CallCacheError("no submodule holds the editable parameters")
     start = _state(model) if any(m.training for m in model.modules()) else None
@@ -243,13 +269,16 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     if written:
         if start is not None:
             _restore(start)
-        rec = _Recorder(model, editable_ids, written)
+        rec = _Recorder(model, editable_ids, written, whole=whole)
         out = _run(model, rec, inputs, params)
     entries = [(i, o, i in written) for i, o, _ in sorted(rec.cached, key=lambda e: e[0])]
     plan, outputs = _plan(rec, entries)
     if detach:
         outputs = [pytree.tree_map(_detached, o) for o in outputs]
-    return out, CachedActs(inputs, tuple(outputs), plan, grad)
+    acts = CachedActs(inputs, tuple(outputs), plan, grad)
+    if not whole:  # the versions a replay must find unchanged (writes after the stop were not seen)
+        acts.guard = [v for o, (_, _, copied) in zip(outputs, plan) if not copied for v in _versions(o)]
+    return out, acts
 
 
 def _detached(t):
@@ -320,7 +349,11 @@ def replay(model: nn.Module, acts: CachedActs) -> Any:
                              f"be replayed with grad {'dis' if acts.grad else 'en'}abled (the model may branch on "
                              "the grad mode); record them in the mode of the replay")
     with _answering(acts):
-        return acts.inputs.call(model)
+        out = acts.inputs.call(model)
+    if acts.guard and any(t._version != v for t, v in acts.guard):
+        raise CallCacheError("the model wrote a cached module output in place after the point where its prefix "
+                             "run stopped; this model needs whole prefix runs")
+    return out
 
 
 class CallCacheSuffix(nn.Module):

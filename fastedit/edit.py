@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .constraint import (REDUCTIONS, Classification, Constraint, as_constraint, check_label_range,
                          reduce_constraint)
@@ -34,7 +33,7 @@ from .editors import Editor, make_editor
 from .kernels.editor_step import editor_step_
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
 from .prefix import ModelSplit, build_split
-from .selection import ParamSpec, select_parameters
+from .selection import ParamSpec, parameter_slots, select_parameters, swapped
 
 __all__ = ["edit", "EditResult", "EditError", "EditLoopOutput", "run_edit_loop", "run_edit_loop_batched",
            "EditTarget", "PrefixFallbackWarning"]
@@ -317,9 +316,15 @@ class EditTarget:
         return self.split.edit_acts(mi, self.names, self.params)
 
     def output(self, acts, theta: Sequence[Tensor] | None = None):
+        """The model's output from the frozen activations, with ``theta`` in place of the editable
+        parameters (every alias of a tied one)."""
         if theta is None:
             return self.split.suffix(acts)
-        return functional_call(self.split.suffix_module, dict(zip(self.names, theta)), (acts,), strict=False)
+        slots = self._entry.get("slots")
+        if slots is None:
+            slots = self._entry["slots"] = parameter_slots(self.split.suffix_module, self.params)
+        with swapped(slots, theta):
+            return self.split.suffix(acts)
 
     def logits(self, acts, theta: Sequence[Tensor] | None = None) -> Tensor:
         return self.read(self.output(acts, theta))

@@ -542,6 +542,7 @@ class ModelSplit:
     editable_ids: frozenset
     fx_split: PrefixSplit | None = None
     bind: Any = None  # ModelInputs -> the fx prefix's positional arguments
+    whole_records: bool = False  # cached calls: the model writes cached outputs in place, record whole runs
 
     @property
     def used(self) -> bool:
@@ -558,7 +559,7 @@ class ModelSplit:
         if self.method == "fx":
             return self.fx_split.prefix(*self.bind(inputs))
         if self.method == "call-cache":
-            return call_cache.record(self.model, set(self.editable_ids), inputs)[1]
+            return call_cache.record(self.model, set(self.editable_ids), inputs, whole=self.whole_records)[1]
         return inputs
 
     def prefix_and_output(self, inputs: ModelInputs) -> tuple[Any, Any]:
@@ -581,7 +582,8 @@ class ModelSplit:
         if self.method == "call-cache":
             leaves = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
             with torch.enable_grad():
-                return call_cache.record(self.model, set(self.editable_ids), inputs, params=leaves, detach=True)[1]
+                return call_cache.record(self.model, set(self.editable_ids), inputs, params=leaves, detach=True,
+                                         whole=self.whole_records)[1]
         with torch.no_grad():
             return self.prefix(inputs)
 
@@ -642,10 +644,10 @@ def _coarse(split: PrefixSplit, model: nn.Module, ed_ids: set[int]) -> bool:
 
 
 def _verify_call_cache(model: nn.Module, names: list[str], ed_ids: set[int], inputs: ModelInputs,
-                       read: Any) -> str | None:
-    """None if replaying the cached calls reproduces the model bit for bit on ``inputs``, with its own
-    parameters and with the editable ones perturbed (a cached call that depended on them would then
-    differ); else why not."""
+                       read: Any) -> tuple[str | None, bool]:
+    """``(None, writes)`` if replaying the cached calls reproduces the model bit for bit on ``inputs``,
+    with its own parameters and with the editable ones perturbed (a cached call that depended on them
+    would then differ), else ``(why not, _)``. ``writes``: the model writes a cached output in place."""
     from torch.func import functional_call
 
     suffix = call_cache.CallCacheSuffix(model)
@@ -657,24 +659,24 @@ def _verify_call_cache(model: nn.Module, names: list[str], ed_ids: set[int], inp
             full = read(inputs.call(model))
             _, acts = call_cache.record(model, ed_ids, inputs)
             if not bits_equal(read(suffix(acts)), full):
-                return "verification: the replayed output differs from the model's"
+                return "verification: the replayed output differs from the model's", False
         moved = call_cache.perturbed(params)
         leaves = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
         with torch.enable_grad():
-            acts = call_cache.record(model, ed_ids, inputs, params=leaves, detach=True)[1]
+            steps = call_cache.record(model, ed_ids, inputs, params=leaves, detach=True)[1]
             swapped = {n: t.requires_grad_() for n, t in zip(names, moved)}
             want = read(functional_call(model, swapped, inputs.args, inputs.kwargs, strict=False))
-            got = read(functional_call(suffix, swapped, (acts,), strict=False))
+            got = read(functional_call(suffix, swapped, (steps,), strict=False))
         if not bits_equal(got.detach(), want.detach()):
             return ("verification: with perturbed editable parameters the replay differs from the model "
-                    "(a cached module call depends on them)")
+                    "(a cached module call depends on them)"), False
     except call_cache.CallCacheError as exc:
-        return str(exc)
+        return str(exc), False
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return None
+    return None, any(copied for _, _, copied in acts.plan + steps.plan)
 
 
 def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: Any,
@@ -708,9 +710,10 @@ def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: A
         if not fx_split.traced:
             reasons.append(f"fx: {fx_split.reason}")
             fx_split = None
-    why = _verify_call_cache(model, names, ed_ids, inputs, read)
+    why, writes = _verify_call_cache(model, names, ed_ids, inputs, read)
     if why is None:
-        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), frozenset(ed_ids))
+        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), frozenset(ed_ids),
+                          whole_records=writes)
     if fx_split is not None:
         return ModelSplit(model, "fx", None, fx_split.suffix_module, frozenset(ed_ids), fx_split,
                           _bind_positional(model))

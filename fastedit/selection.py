@@ -9,7 +9,8 @@ its first name in ``named_parameters()``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+import contextlib
+from typing import Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -66,3 +67,35 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
         raise ValueError(f"the editable parameters lie on several devices {sorted(map(str, devices))}; "
                          "an edit needs them on one")
     return chosen
+
+
+Slots = list[list[tuple[nn.Module, str]]]
+
+
+def parameter_slots(root: nn.Module, params: Sequence[torch.Tensor]) -> Slots:
+    """For each tensor of ``params``, every ``(module, name)`` under ``root`` that registers it (all
+    aliases of a tied weight), for :func:`swapped`."""
+    index = {id(p): i for i, p in enumerate(params)}
+    slots: Slots = [[] for _ in params]
+    for m in root.modules():
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in index:
+                slots[index[id(p)]].append((m, name))
+    return slots
+
+
+@contextlib.contextmanager
+def swapped(slots: Slots, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Run with ``tensors`` in place of the parameters of ``slots`` (what
+    ``torch.func.functional_call`` does, without walking every module of the model at each call);
+    composes with autograd and ``torch.func`` transforms. The parameters are put back afterwards."""
+    saved = []
+    try:
+        for where, t in zip(slots, tensors):
+            for m, name in where:
+                saved.append((m, name, m._parameters[name]))
+                m._parameters[name] = t
+        yield
+    finally:
+        for m, name, p in reversed(saved):
+            m._parameters[name] = p

@@ -362,3 +362,44 @@ def test_calls_after_the_callers_own_editable_parameter_are_not_cached():
     model = RootParameter().double()
     acts = _check_replays(model, "pos", torch.randn(4, 3, dtype=torch.float64))
     assert acts.plan == ()
+
+
+def test_a_stopped_run_caches_the_same_calls_and_skips_the_rest():
+    torch.manual_seed(0)
+    model = Stack(n=6).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    seen = []
+    model.head.register_forward_pre_hook(lambda m, a: seen.append(1))
+    with torch.no_grad():
+        out, whole = record(model, _ids(model, "blocks.2"), ModelInputs((x,), {}))
+        n = len(seen)
+        none, short = record(model, _ids(model, "blocks.2"), ModelInputs((x,), {}), whole=False)
+        assert none is None and len(seen) == n  # stopped after blocks.2: the head never ran
+        assert [(m, k) for m, k, _ in short.plan] == [(m, k) for m, k, _ in whole.plan]
+        assert bits_equal(replay(model, short), model(x))
+
+
+class LateWrite(Untraceable):
+    """Writes a cached output in place only after the editable layer ran (a stopped run cannot see it)."""
+
+    def forward(self, x):
+        h = self.a(x)
+        out = self.b(h)
+        h.mul_(0.5)
+        return out + h.sum(-1, keepdim=True)
+
+
+def test_writes_after_the_stop_are_caught_and_such_models_record_whole_runs():
+    torch.manual_seed(0)
+    model = LateWrite().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        _, acts = record(model, _ids(model, "b"), ModelInputs((x,), {}), whole=False)
+        with pytest.raises(CallCacheError, match="in place"):
+            replay(model, acts)  # never silently wrong: the next replay would read a halved cache
+    split = build_split(model, ["b.weight", "b.bias"], ModelInputs((x,), {}), lambda o: o)
+    assert split.method == "call-cache" and split.whole_records
+    with torch.no_grad():
+        acts = split.prefix(ModelInputs((x,), {}))
+        for _ in range(2):
+            assert bits_equal(split.suffix(acts), model(x))
