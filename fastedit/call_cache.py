@@ -42,12 +42,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from .model_io import ModelInputs
+from .selection import parameter_slots, swapped
 
-__all__ = ["CachedActs", "record", "replay", "CallCacheError", "holders_of"]
+__all__ = ["CachedActs", "Watch", "record", "replay", "CallCacheError"]
 
 
 _MISSING = object()  # no instance-level ``forward`` to put back
@@ -86,15 +86,35 @@ pytree.register_pytree_node(
 )
 
 
-def holders_of(model: nn.Module, editable_ids: set[int]) -> set[int]:
-    """ids of the modules whose own ``_parameters`` hold an editable tensor."""
-    return {id(m) for m in model.modules()
-            if any(p is not None and id(p) in editable_ids for p in m._parameters.values())}
+class Watch:
+    """What recordings need to know about a model and its editable parameters, worked out once:
+    which modules hold them (``_parameters``), which contain them (their subtrees), and where each
+    is registered (for :func:`record`'s ``params``)."""
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]):
+        self.model, self.params = model, list(params)
+        ids = {id(p) for p in self.params}
+        self.ids = frozenset(ids)
+        by_name = dict(model.named_modules(remove_duplicate=False))
+        held = [name for name, m in by_name.items()
+                if any(p is not None and id(p) in ids for p in m._parameters.values())]
+        self.holders = {id(by_name[n]) for n in held}
+        # a module contains an editable parameter iff it is a holder or an ancestor of one
+        self.containers = {id(by_name[".".join(n.split(".")[:k])] if k else model)
+                           for n in held for k in range(len(n.split(".")) + 1 if n else 1)}
+        self.root = id(model)
+        self.slots = parameter_slots(model, self.params)
+
+    @classmethod
+    def of(cls, model: nn.Module, editable) -> "Watch":
+        """``editable``: a Watch, or the ids of the editable tensors."""
+        if isinstance(editable, Watch):
+            return editable
+        return cls(model, [p for p in _unique_params(model) if id(p) in editable])
 
 
-def containers_of(model: nn.Module, editable_ids: set[int]) -> set[int]:
-    """ids of the modules with an editable tensor in their subtree (the holders and their ancestors)."""
-    return {id(m) for m in model.modules() if any(id(p) in editable_ids for p in m.parameters())}
+def _unique_params(model: nn.Module) -> list[Tensor]:
+    return [p for _, p in model.named_parameters()]
 
 
 class _Recorder:
@@ -106,11 +126,8 @@ class _Recorder:
     it. Containers are counted, not only holders: fused code such as ``nn.TransformerEncoderLayer``'s
     fast path reads its children's weights without calling them."""
 
-    def __init__(self, model: nn.Module, editable_ids: set[int], copy: frozenset = frozenset(),
-                 whole: bool = True):
-        self.holders = holders_of(model, editable_ids)
-        self.containers = containers_of(model, editable_ids)
-        self.root = id(model)
+    def __init__(self, watch: Watch, copy: frozenset = frozenset(), whole: bool = True):
+        self.holders, self.containers, self.root = watch.holders, watch.containers, watch.root
         self.copy = copy                 # call indices whose outputs the model writes later: copied
         self.whole = whole               # run to the end (else stop when nothing more can be frozen)
         self.ended = False               # a call of a container has finished
@@ -183,7 +200,7 @@ def _recording(model: nn.Module, rec: _Recorder):
                 raise _Stop
             return out
 
-        m.forward = recorded
+        m.__dict__["forward"] = recorded  # directly: Module.__setattr__ is slow and forward is no tensor
     try:
         yield
     finally:
@@ -199,7 +216,7 @@ def _put_back(saved) -> None:
         if old is _MISSING:
             module.__dict__.pop("forward", None)
         else:
-            module.forward = old
+            module.__dict__["forward"] = old
 
 
 def _versions(value) -> list[tuple[Tensor, int]]:
@@ -226,23 +243,22 @@ def _restore(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _run(model, rec, inputs, params):
+def _run(model, rec, inputs, watch, params):
     """The model's output, or None when the run stopped early."""
     try:
-        with _recording(model, rec):
-            return inputs.call(model) if params is None else functional_call(model, params, inputs.args,
-                                                                             inputs.kwargs, strict=False)
+        with _recording(model, rec), (swapped(watch.slots, params) if params is not None else contextlib.nullcontext()):
+            return inputs.call(model)
     except _Stop:
         return None
 
 
-def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
-           params: dict[str, Tensor] | None = None, detach: bool = False,
-           whole: bool = True) -> tuple[Any, CachedActs]:
+def record(model: nn.Module, editable, inputs: ModelInputs, *, params: Sequence[Tensor] | None = None,
+           detach: bool = False, whole: bool = True) -> tuple[Any, CachedActs]:
     """Run ``model`` on ``inputs`` once and cache its frozen module calls.
 
-    ``params``: run with these tensors in place of the model's (``functional_call``), so the run
-    sees the same ``requires_grad`` flags as the editor steps will. ``detach``: drop the cached
+    ``editable``: a :class:`Watch`, or the ids of the editable tensors. ``params``: run with these
+    tensors in place of the editable ones (in ``watch.params``' order), so the run sees the same
+    ``requires_grad`` flags as the editor steps will. ``detach``: drop the cached
     outputs' graph, keeping their ``requires_grad`` flags (for editor steps; Editable Training keeps
     the graph). ``whole=False``: stop the run as soon as a call of a module containing an editable
     parameter has finished (nothing later can be frozen), which saves the rest of the forward; the
@@ -258,19 +274,20 @@ def record(model: nn.Module, editable_ids: set[int], inputs: ModelInputs, *,
     cache cannot be used for this model.
     """
     grad = torch.is_grad_enabled()
-    rec = _Recorder(model, editable_ids, whole=whole)
-    if not rec.holders:
+    watch = Watch.of(model, editable)
+    if not watch.holders:
         raise CallCacheError("no submodule holds the editable parameters")
+    rec = _Recorder(watch, whole=whole)
     start = _state(model) if any(m.training for m in model.modules()) else None
-    out = _run(model, rec, inputs, params)
+    out = _run(model, rec, inputs, watch, params)
     if not rec.reached:
         raise CallCacheError("the model never entered a module holding or containing the editable parameters")
     written = frozenset(i for i, _, versions in rec.cached if any(t._version != v for t, v in versions))
     if written:
         if start is not None:
             _restore(start)
-        rec = _Recorder(model, editable_ids, written, whole=whole)
-        out = _run(model, rec, inputs, params)
+        rec = _Recorder(watch, written, whole=whole)
+        out = _run(model, rec, inputs, watch, params)
     entries = [(i, o, i in written) for i, o, _ in sorted(rec.cached, key=lambda e: e[0])]
     plan, outputs = _plan(rec, entries)
     if detach:
@@ -329,7 +346,7 @@ def _answering(acts: CachedActs):
             out, clone = hit
             return _clone_tensors(out) if clone else out
 
-        module.forward = answer
+        module.__dict__["forward"] = answer
     try:
         yield
     finally:

@@ -539,10 +539,11 @@ class ModelSplit:
     method: str
     reason: str | None
     suffix_module: nn.Module
-    editable_ids: frozenset
+    names: tuple[str, ...]
     fx_split: PrefixSplit | None = None
     bind: Any = None  # ModelInputs -> the fx prefix's positional arguments
     whole_records: bool = False  # cached calls: the model writes cached outputs in place, record whole runs
+    _watch: Any = None
 
     @property
     def used(self) -> bool:
@@ -554,18 +555,25 @@ class ModelSplit:
         plain values; cached module calls are bound to the grad mode they were recorded in)."""
         return self.method != "call-cache"
 
+    def watch(self) -> "call_cache.Watch":
+        """The call cache's view of the editable parameters, redone if one was re-registered."""
+        params = [self.model.get_parameter(n) for n in self.names]
+        if self._watch is None or any(a is not b for a, b in zip(self._watch.params, params)):
+            self._watch = call_cache.Watch(self.model, params)
+        return self._watch
+
     def prefix(self, inputs: ModelInputs):
         """The frozen activations of ``inputs``, in the ambient grad mode (the graph is kept)."""
         if self.method == "fx":
             return self.fx_split.prefix(*self.bind(inputs))
         if self.method == "call-cache":
-            return call_cache.record(self.model, set(self.editable_ids), inputs, whole=self.whole_records)[1]
+            return call_cache.record(self.model, self.watch(), inputs, whole=self.whole_records)[1]
         return inputs
 
     def prefix_and_output(self, inputs: ModelInputs) -> tuple[Any, Any]:
         """``(prefix(inputs), model output)``; the cached-call split records both in one run."""
         if self.method == "call-cache":
-            out, acts = call_cache.record(self.model, set(self.editable_ids), inputs)
+            out, acts = call_cache.record(self.model, self.watch(), inputs)
             return acts, out
         acts = self.prefix(inputs)
         return acts, self.suffix(acts)
@@ -580,9 +588,10 @@ class ModelSplit:
         enabled, the editable parameters replaced by leaves that require grad), so that code which
         branches on grad mode takes the same path in the prefix run and in the steps."""
         if self.method == "call-cache":
-            leaves = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+            watch = self.watch()
+            leaves = [p.detach().requires_grad_() for p in watch.params]
             with torch.enable_grad():
-                return call_cache.record(self.model, set(self.editable_ids), inputs, params=leaves, detach=True,
+                return call_cache.record(self.model, watch, inputs, params=leaves, detach=True,
                                          whole=self.whole_records)[1]
         with torch.no_grad():
             return self.prefix(inputs)
@@ -653,17 +662,18 @@ def _verify_call_cache(model: nn.Module, names: list[str], ed_ids: set[int], inp
     suffix = call_cache.CallCacheSuffix(model)
     named = dict(model.named_parameters(remove_duplicate=False))
     params = [named[n] for n in names]
+    watch = call_cache.Watch(model, params)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         with torch.no_grad():
             full = read(inputs.call(model))
-            _, acts = call_cache.record(model, ed_ids, inputs)
+            _, acts = call_cache.record(model, watch, inputs)
             if not bits_equal(read(suffix(acts)), full):
                 return "verification: the replayed output differs from the model's", False
         moved = call_cache.perturbed(params)
-        leaves = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+        leaves = [p.detach().requires_grad_() for p in params]
         with torch.enable_grad():
-            steps = call_cache.record(model, ed_ids, inputs, params=leaves, detach=True)[1]
+            steps = call_cache.record(model, watch, inputs, params=leaves, detach=True)[1]
             swapped = {n: t.requires_grad_() for n, t in zip(names, moved)}
             want = read(functional_call(model, swapped, inputs.args, inputs.kwargs, strict=False))
             got = read(functional_call(suffix, swapped, (steps,), strict=False))
@@ -695,7 +705,7 @@ def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: A
     names, ed_ids = _resolve_editable(model, names)
     if not use_prefix:
         return ModelSplit(model, "none", "prefix split disabled (use_prefix=False)", _WholeModelSuffix(model),
-                          frozenset(ed_ids))
+                          tuple(names))
     reasons = []
     fx_split = None
     try:
@@ -705,17 +715,17 @@ def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: A
     else:
         fx_split = split_prefix(model, names, concrete_args=concrete or None)
         if fx_split.traced and not _coarse(fx_split, model, ed_ids):
-            return ModelSplit(model, "fx", None, fx_split.suffix_module, frozenset(ed_ids), fx_split,
+            return ModelSplit(model, "fx", None, fx_split.suffix_module, tuple(names), fx_split,
                               _bind_positional(model))
         if not fx_split.traced:
             reasons.append(f"fx: {fx_split.reason}")
             fx_split = None
     why, writes = _verify_call_cache(model, names, ed_ids, inputs, read)
     if why is None:
-        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), frozenset(ed_ids),
+        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), tuple(names),
                           whole_records=writes)
     if fx_split is not None:
-        return ModelSplit(model, "fx", None, fx_split.suffix_module, frozenset(ed_ids), fx_split,
+        return ModelSplit(model, "fx", None, fx_split.suffix_module, tuple(names), fx_split,
                           _bind_positional(model))
     reasons.append(f"call cache: {why}")
-    return ModelSplit(model, "none", "; ".join(reasons), _WholeModelSuffix(model), frozenset(ed_ids))
+    return ModelSplit(model, "none", "; ".join(reasons), _WholeModelSuffix(model), tuple(names))

@@ -27,9 +27,12 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
     or unknown selection and ``TypeError`` for non-floating parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    named = list(model.named_parameters())  # shared parameters appear once, under their first name
-    canonical = {id(p): n for n, p in named}
-    aliases = [(n, canonical[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)]
+    aliases, canonical, named = [], {}, []  # named: shared parameters once, under their first name
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in canonical:
+            canonical[id(p)] = n
+            named.append((n, p))
+        aliases.append((n, canonical[id(p)]))
     if not named:
         raise ValueError(f"{type(model).__name__} has no parameters to edit")
 
