@@ -43,6 +43,26 @@ def bench_table() -> str:
         f"activations {1e3 * ctl['suffix']:.0f} ms ({ctl['full'] / ctl['suffix']:.1f}×)."])
 
 
+def bench_edit_transformers_table() -> str:
+    data = json.loads((RESULTS / "bench_edit_transformers.json").read_text())
+    m = data["machine"]
+    lines = [f"`{data['command']}` ({m['threads']} threads, torch {m['torch']}, transformers {m['transformers']}; "
+             f"load average {data['load_average_before'][0]:.2f} before):", "",
+             "| model, edited part | `fe.edit` (prefix) | `use_prefix=False` | naive loop | speed-up (range) | floor | "
+             "of floor | steps | prefix cached | split built in |", "|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"minilm": "MiniLM classifier, `bert.encoder.layer.5`", "gpt2": "GPT-2-small LM, `transformer.h.11.mlp`"}
+    for key, r in data["models"].items():
+        lat, split = r["latency"], r["split"]
+        export = f" (torch.export: {split['torch_export_s']:.1f} s per shape)" if "torch_export_s" in split else ""
+        lines.append(f"| {names.get(key, key)} | {lat['prefix']['ms_per_edit']:.0f} ms | "
+                     f"{lat['no_prefix']['ms_per_edit']:.0f} ms | {lat['naive']['ms_per_edit']:.0f} ms | "
+                     f"{r['speedup_vs_naive']:.2f}× ({r['speedup_vs_naive_range'][0]:.2f}–{r['speedup_vs_naive_range'][1]:.2f}) | "
+                     f"{r['floor_speedup']:.2f}× | {100 * r['efficiency_prefix']:.0f}% | "
+                     f"{lat['prefix']['mean_steps']:.1f} | {r['passes']['prefix_cached_bytes'] / 2**20:.1f} MiB | "
+                     f"{split['split_build_s']:.2f} s{export} |")
+    return "\n".join(lines)
+
+
 def editable_training_bench_table() -> str:
     data = json.loads((RESULTS / "bench_editable_training.json").read_text())
     names = {"plain": "plain training step", "fastedit": "`fe.EditableTraining`",
@@ -265,6 +285,7 @@ TABLES = {
     "demo_digits": lambda: demo_table("demo_digits"),
     "demo_resnet20": lambda: demo_table("demo_resnet20"),
     "bench_edit": bench_table,
+    "bench_edit_transformers": bench_edit_transformers_table,
     "editable_training_bench": editable_training_bench_table,
     "editable_training_digits": editable_training_digits_table,
     "editable_training_cifar": editable_training_cifar_table,

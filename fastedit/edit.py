@@ -36,7 +36,7 @@ from .prefix import ModelSplit, build_split
 from .selection import ParamSpec, parameter_slots, select_parameters, swapped
 
 __all__ = ["edit", "EditResult", "EditError", "EditLoopOutput", "run_edit_loop", "run_edit_loop_batched",
-           "EditTarget", "PrefixFallbackWarning"]
+           "EditTarget", "PrefixFallbackWarning", "clear_split_cache"]
 
 
 class EditError(RuntimeError):
@@ -180,6 +180,14 @@ def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, input
             split = build_split(model, list(names), inputs, read or _default_read, use_prefix)
         per_model[key] = {"split": split, "num_classes": None}
     return per_model[key]
+
+
+def clear_split_cache(model: nn.Module | None = None) -> None:
+    """Forget the prefix splits kept for ``model`` (every model when None); the next edit builds anew."""
+    if model is None:
+        _SPLIT_CACHE.clear()
+    else:
+        _SPLIT_CACHE.pop(model, None)
 
 
 def _default_read(out):
