@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .model_io import ModelInputs
+from .model_io import ModelInputs, ModelView
 from .selection import parameter_slots, swapped
 
 __all__ = ["CachedActs", "Watch", "record", "replay", "CallCacheError"]
@@ -373,28 +373,15 @@ def replay(model: nn.Module, acts: CachedActs) -> Any:
     return out
 
 
-class CallCacheSuffix(nn.Module):
-    """``forward(acts) = replay(model, acts)``, sharing the model's parameter, buffer and submodule
-    registries, so ``torch.func.functional_call(suffix, {name: tensor}, (acts,))`` with the model's
-    own parameter names runs the replay with those tensors."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        for key in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
-            self.__dict__[key] = model.__dict__[key]
-        self.__dict__["_fastedit_model"] = model
-        self.__dict__["training"] = model.training
+class CallCacheSuffix(ModelView):
+    """``forward(acts) = replay(model, acts)``, on the model's own registries (:class:`ModelView`),
+    so swapping the editable tensors under their names runs the replay with them."""
 
     def forward(self, acts: CachedActs):
-        return replay(self.__dict__["_fastedit_model"], acts)
-
-    def train(self, mode: bool = True):
-        self.__dict__["_fastedit_model"].train(mode)
-        self.__dict__["training"] = mode
-        return self
+        return replay(self._fastedit_wrapped(), acts)
 
     def extra_repr(self) -> str:
-        return f"cached calls of {type(self.__dict__['_fastedit_model']).__name__}"
+        return f"cached calls of {type(self._fastedit_wrapped()).__name__}"
 
 
 def perturbed(params: Sequence[Tensor], seed: int = 0) -> list[Tensor]:

@@ -312,6 +312,19 @@ class FunctionConstraint(Constraint):
         return {"kind": "function", "name": getattr(self.fn, "__name__", type(self.fn).__name__)}
 
 
+def validate(c: Constraint, logits: Tensor, what: str, *, row_offset: int = 0,
+             allow_unlabelled_rows: bool = False) -> None:
+    """``c.validate(logits)`` with its ``ValueError`` prefixed by ``what``; token constraints count
+    rows in messages from ``row_offset`` (the first row of a slice) and may accept rows with no label."""
+    try:
+        if isinstance(c, _TokenLabels):
+            c.validate(logits, row_offset=row_offset, allow_unlabelled_rows=allow_unlabelled_rows)
+        else:
+            c.validate(logits)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
 def as_constraint(target: Any, what: str = "target") -> Constraint:
     """A :class:`Constraint` for ``target``: itself, :class:`Classification` for an int or an integer
     tensor, :class:`FunctionConstraint` for a callable."""

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .constraint import (IGNORE_INDEX, Classification, Constraint, SequenceRanking, TokenTargets, check_label_range,
-                         reduce_constraint)
+from .constraint import (IGNORE_INDEX, Classification, Constraint, TokenTargets, check_label_range, reduce_constraint,
+                         validate)
 from .edit import (EditTarget, check_common, eval_mode, resolve_early_exit, run_edit_loop, run_edit_loop_batched,
                    split_info)
 from .editors import Editor, make_editor
@@ -212,7 +212,7 @@ class _Edits:
                 for k, (mi, c) in enumerate(self.cases):
                     t = target.for_inputs(mi)  # edits may differ in call signature
                     logits = t.logits(t.checked_prefix(mi, steps=False))
-                    _validate(c, logits, f"edit {k}")
+                    validate(c, logits, f"edit {k}")
                     classes.append(first_classes(logits[:1], 1))
             else:
                 mi, c = self.batched
@@ -221,23 +221,12 @@ class _Edits:
                 while u0 < len(self):
                     u1 = min(u0 + per, len(self))
                     logits = target.logits(target.checked_prefix(mi.rows(u0 * r, u1 * r), steps=False))
-                    _validate(c.units(u0, u1), logits, "edits", row_offset=u0 * r)
+                    validate(c.units(u0, u1), logits, "edits", row_offset=u0 * r)
                     classes.append(first_classes(logits, r))
                     per_row = max(1, logits[0].numel())
                     per = max(1, min(batch_size, 2 ** 25 // per_row) // r)
                     u0 = u1
         return torch.cat(classes)
-
-
-def _validate(c: Constraint, logits: Tensor, what: str, row_offset: int = 0) -> None:
-    """``c.validate(logits)``, the message prefixed with ``what`` (rows counted from ``row_offset``)."""
-    try:
-        if isinstance(c, (TokenTargets, SequenceRanking)):
-            c.validate(logits, row_offset=row_offset)
-        else:
-            c.validate(logits)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
 
 
 class _ControlSet:
@@ -296,13 +285,10 @@ class _ControlSet:
         (``token index = (mask [B, T'], row of each token [M])``)."""
         if self.kind == "classification":
             c = self.labels.units(lo, hi)
-            _validate(c, logits, "control")
+            validate(c, logits, "control")
             return c.labels, logits, None
         c = self.labels.units(lo, hi)
-        try:
-            c.validate(logits, allow_unlabelled_rows=True, row_offset=lo)
-        except ValueError as exc:
-            raise ValueError(f"control: {exc}") from None
+        validate(c, logits, "control", row_offset=lo, allow_unlabelled_rows=True)
         z, lab = c.aligned(logits)
         mask = lab != IGNORE_INDEX
         rows = mask.nonzero()[:, 0]

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["ModelInputs", "OutputSpec", "read_logits", "resolve_output"]
+__all__ = ["ModelInputs", "ModelView", "OutputSpec", "read_logits", "resolve_output"]
 
 OutputSpec = Union[None, str, int, Callable[[Any], Tensor]]
 
@@ -166,6 +166,40 @@ def _flatten_inputs_with_keys(mi: ModelInputs):
 pytree.register_pytree_node(ModelInputs, _flatten_inputs, _unflatten_inputs,
                             serialized_type_name="fastedit.ModelInputs",
                             flatten_with_keys_fn=_flatten_inputs_with_keys)
+
+
+class ModelView(nn.Module):
+    """``forward(acts)`` = the model called on ``acts`` (:class:`ModelInputs`, or a tuple of positional
+    arguments); a base for suffixes that run the whole model's forward.
+
+    It shares the model's ``_parameters``, ``_buffers`` and ``_modules`` dictionaries (the very same
+    objects), so ``named_parameters()``/``state_dict()`` names equal the model's, and swapping a
+    tensor in those dictionaries (``torch.func.functional_call``, :func:`fastedit.selection.swapped`)
+    affects the model's own forward. The model itself is kept outside the module registries.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for key in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[key] = model.__dict__[key]
+        self.__dict__["_fastedit_model"] = model
+        self.__dict__["training"] = model.training
+
+    def _fastedit_wrapped(self) -> nn.Module:
+        """The model (an unusual name: attributes of the class shadow the model's submodules of that name)."""
+        return self.__dict__["_fastedit_model"]
+
+    def forward(self, acts):
+        model = self._fastedit_wrapped()
+        return acts.call(model) if isinstance(acts, ModelInputs) else model(*acts)
+
+    def train(self, mode: bool = True):
+        self._fastedit_wrapped().train(mode)
+        self.__dict__["training"] = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"whole model: {type(self._fastedit_wrapped()).__name__}"
 
 
 # ------------------------------------------------------------------------------------------------

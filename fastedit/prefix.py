@@ -70,7 +70,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import call_cache
-from .model_io import ModelInputs
+from .model_io import ModelInputs, ModelView
 
 __all__ = ["PrefixSplit", "split_prefix", "whole_model_split", "ModelSplit", "build_split"]
 
@@ -110,33 +110,7 @@ class _InputsPrefix(nn.Module):
         return tuple(inputs)
 
 
-class _WholeModelSuffix(nn.Module):
-    """Fallback suffix: ``forward(acts) = model(*acts)``.
-
-    It shares the model's ``_parameters``, ``_buffers`` and ``_modules`` dictionaries (the very same
-    objects), so ``named_parameters()``/``state_dict()`` names equal the model's and
-    ``torch.func.functional_call`` -- which swaps tensors in those dictionaries -- affects the
-    model's own forward. The model is kept outside the module registries.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        for key in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
-            self.__dict__[key] = model.__dict__[key]
-        self.__dict__["_fastedit_model"] = model
-        self.__dict__["training"] = model.training
-
-    def forward(self, acts):
-        model = self.__dict__["_fastedit_model"]
-        return acts.call(model) if isinstance(acts, ModelInputs) else model(*acts)
-
-    def train(self, mode: bool = True):
-        self.__dict__["_fastedit_model"].train(mode)
-        self.__dict__["training"] = mode
-        return self
-
-    def extra_repr(self) -> str:
-        return f"whole model: {type(self.__dict__['_fastedit_model']).__name__}"
+_WholeModelSuffix = ModelView  # the fallback suffix: the whole model on its inputs
 
 
 def _fallback(model: nn.Module, reason: str) -> PrefixSplit:

@@ -57,8 +57,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .constraint import (IGNORE_INDEX, Classification, Constraint, SequenceRanking, TokenTargets, as_constraint,
-                         reduce_constraint)
+from .constraint import (IGNORE_INDEX, Classification, Constraint, TokenTargets, as_constraint, reduce_constraint,
+                         validate)
 from .edit import cached_entry, check_common, eval_mode, math_attention, resolve_aliases, resolve_early_exit
 from .editors import Adam, Editor, RMSProp, make_editor
 from .kernels.differentiable import editor_step
@@ -548,12 +548,5 @@ def _given_edits(edit_inputs, edit_target, device) -> tuple[ModelInputs, list]:
 def _check_given_edit(c: Constraint, logits: Tensor, k: int, lo: int, hi: int) -> None:
     """Check edit ``k`` (rows ``lo:hi`` of ``edit_inputs``) against its logits; messages count rows
     of ``edit_inputs``."""
-    try:
-        if isinstance(c, (TokenTargets, SequenceRanking)):
-            c.validate(logits, row_offset=lo)
-        else:
-            c.validate(logits)
-    except ValueError as exc:
-        rows = f"row {lo}" if hi == lo + 1 else f"rows {lo}:{hi}"
-        raise ValueError(f"edit_target (edit_y), edit {k} ({rows} of edit_inputs): {exc}") from None
-
+    rows = f"row {lo}" if hi == lo + 1 else f"rows {lo}:{hi}"
+    validate(c, logits, f"edit_target (edit_y), edit {k} ({rows} of edit_inputs)", row_offset=lo)

@@ -40,3 +40,12 @@ def shared_models_dir() -> pathlib.Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads cost more than they give on a 2-core machine (one thread, restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

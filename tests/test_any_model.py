@@ -25,22 +25,14 @@ from fastedit.edit import EditTarget, eval_mode
 from fastedit.model_io import ModelInputs, resolve_output
 from fastedit.prefix import bits_equal
 
+from seq_models import Borrower, GRUSeq2Seq, TransformerClassifier, small_bert, small_gpt2
 from test_edit import assert_identical, snapshot
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: one intra-op thread is faster than several (which spin and wait
-    for each other, badly so on a busy machine). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,26 +185,6 @@ def wrong_labels(z, k=1):
 # ------------------------------------------------------------------------------------------------
 # (a) nn.TransformerEncoder text classifier with a padding mask
 # ------------------------------------------------------------------------------------------------
-class TextClassifier(nn.Module):
-    """Embedding, nn.TransformerEncoder (batch first), mean pool over the unpadded tokens, head."""
-
-    def __init__(self, vocab=50, d=32, layers=3, classes=4):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=64, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, layers)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, tokens, src_key_padding_mask=None):
-        h = self.enc(self.emb(tokens), src_key_padding_mask=src_key_padding_mask)
-        if src_key_padding_mask is None:
-            pooled = h.mean(1)
-        else:
-            keep = (~src_key_padding_mask).unsqueeze(-1).to(h.dtype)
-            pooled = (h * keep).sum(1) / keep.sum(1)
-        return self.head(pooled)
-
-
 def text_batch(length, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, 50, (3, length), generator=g)
@@ -226,7 +198,7 @@ def text_batch(length, seed=0):
 @pytest.mark.parametrize("with_mask", [True, False], ids=["padding-mask", "no-mask"])
 def test_transformer_encoder_classifier(with_mask):
     torch.manual_seed(0)
-    model = TextClassifier()
+    model = TransformerClassifier(encoder="enc")  # vocabulary 50, width 32, 3 layers, 4 classes, mean pool
     inputs = []
     for length in (10, 7):
         tokens, mask = text_batch(length, seed=length)
@@ -244,15 +216,6 @@ def test_transformer_encoder_classifier(with_mask):
 # ------------------------------------------------------------------------------------------------
 # (b) HF BertForSequenceClassification, tokenizer-style dict
 # ------------------------------------------------------------------------------------------------
-def small_bert(cls=None, **kw):
-    torch.manual_seed(0)
-    cls = cls or transformers.BertForSequenceClassification
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, pad_token_id=0, **kw)
-    return cls(config)
-
-
 def bert_batch(length, rows=3, seed=0):
     """What a tokenizer gives: [CLS] ... [SEP], right padding, two segments."""
     g = torch.Generator().manual_seed(seed)
@@ -283,14 +246,6 @@ def test_hf_bert_sequence_classifier():
 # ------------------------------------------------------------------------------------------------
 # (c) HF GPT2LMHeadModel: make it continue a prompt with three given tokens
 # ------------------------------------------------------------------------------------------------
-def small_gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=64,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                     eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
-
-
 def greedy(model, prompt, steps):
     """An independent greedy loop: the full model on the whole sequence, argmax, append."""
     ids = prompt
@@ -408,25 +363,8 @@ def test_hf_encoder_decoder_sequence_ranking(kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# (e) GRU encoder-decoders: one written here, and fastedit.models.G2P
+# (e) GRU encoder-decoders: seq_models.GRUSeq2Seq, and fastedit.models.G2P
 # ------------------------------------------------------------------------------------------------
-class GRUSeq2Seq(nn.Module):
-    """Embeddings, a GRU encoder whose last state starts a GRU decoder, a linear readout."""
-
-    def __init__(self, src_vocab=20, tgt_vocab=16, d=32):
-        super().__init__()
-        self.src_emb = nn.Embedding(src_vocab, d)
-        self.encoder = nn.GRU(d, d, batch_first=True)
-        self.tgt_emb = nn.Embedding(tgt_vocab, d)
-        self.decoder = nn.GRU(d, d, batch_first=True)
-        self.out = nn.Linear(d, tgt_vocab)
-
-    def forward(self, src, dec_in):
-        _, h = self.encoder(self.src_emb(src))
-        out, _ = self.decoder(self.tgt_emb(dec_in), h)
-        return self.out(out)
-
-
 def gru_task(model, rows=2, src_len=6, tgt_len=5, seed=0):
     """``(src, dec_in)`` and labels [B, T] that differ from the model's teacher-forced argmax, with
     dec_in = the labels shifted right behind token 0, and one ignored position."""
@@ -759,17 +697,6 @@ def test_bad_input_leaves_the_model_identical(family, case):
 # ------------------------------------------------------------------------------------------------
 # models the prefix cannot split: the whole model at every step, said once per model
 # ------------------------------------------------------------------------------------------------
-class Borrower(nn.Module):
-    """Reads another module's weight (held outside the module registry) inside its own call."""
-
-    def __init__(self, lender):
-        super().__init__()
-        self.lender = [lender]
-
-    def forward(self, x):
-        return x @ self.lender[0].weight.T
-
-
 class Unsplittable(nn.Module):
     """fx cannot trace it (a branch on a value), and its first call, which ends before ``b`` is
     entered, reads ``b.weight``: a cached answer to it would go stale as ``b`` is edited."""

@@ -15,6 +15,8 @@ from fastedit.call_cache import CachedActs, CallCacheError, record, replay
 from fastedit.model_io import ModelInputs
 from fastedit.prefix import bits_equal, build_split
 
+from seq_models import Borrower
+
 
 def _under(name, prefix):
     return name == prefix or name.startswith(prefix + ".")
@@ -211,17 +213,6 @@ def test_global_hooks_run_on_replay_too():
         assert seen.count("Sequential") == 4 and seen.count("Linear") == 3  # blocks 0, 1 answered: no inner calls
     finally:
         handle.remove()
-
-
-class Borrower(nn.Module):
-    """Reads another module's parameter inside its own call (held outside the module registry)."""
-
-    def __init__(self, lender: nn.Module):
-        super().__init__()
-        self.lender = [lender]
-
-    def forward(self, x):
-        return x @ self.lender[0].weight.T
 
 
 class Sneaky(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import fastedit as fe
+from seq_models import GRUSeq2Seq, TransformerClassifier, small_bert, small_gpt2
 from test_edit import snapshot, assert_identical
 
 IGNORE = -100
@@ -23,14 +24,7 @@ COUNTS = ("errors", "flips", "correct_to_wrong", "wrong_to_correct")
 TOKEN_METRICS = ["token_error", "drawdown", "sequence_error", "sequence_drawdown", "success_rate", "mean_steps",
                  "flip_rate", "flip_rate_correct_to_wrong", "flip_rate_wrong_to_correct", "mean_kl"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads cost more than they give (far more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def approx(value):
@@ -38,24 +32,6 @@ def approx(value):
 
 
 # --- models -------------------------------------------------------------------------------------
-
-class Seq2SeqGRU(nn.Module):
-    """Encoder–decoder: the source's last GRU state starts the decoder; teacher-forced logits [B, T, V]."""
-
-    def __init__(self, hidden=12):
-        super().__init__()
-        self.src_emb = nn.Embedding(SRC_VOCAB, hidden)
-        self.encoder = nn.GRU(hidden, hidden, batch_first=True)
-        self.tgt_emb = nn.Embedding(TGT_VOCAB, hidden)
-        self.decoder = nn.GRU(hidden, hidden, batch_first=True)
-        self.proj = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, TGT_VOCAB)
-
-    def forward(self, src, dec_in):
-        _, h = self.encoder(self.src_emb(src))
-        y, _ = self.decoder(self.tgt_emb(dec_in), h)
-        return self.out(torch.tanh(self.proj(y)))
-
 
 class LSTMClassifier(nn.Module):
     def __init__(self, vocab=13, hidden=8, classes=4):
@@ -69,41 +45,16 @@ class LSTMClassifier(nn.Module):
         return self.head(y.mean(1))
 
 
-class PaddedTransformer(nn.Module):
-    """nn.TransformerEncoder with a key padding mask (its no-grad fast path uses nested tensors)."""
-
-    def __init__(self, vocab=13, hidden=8, classes=4):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, hidden)
-        layer = nn.TransformerEncoderLayer(hidden, 2, 16, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x, pad):
-        y = self.encoder(self.emb(x), src_key_padding_mask=pad)
-        return self.head(y.masked_fill(pad.unsqueeze(-1), 0.0).sum(1))
-
-
 def make_gru(seed=0):
+    """The GRU encoder–decoder of these tests: width 12, a tanh projection before the readout, float64."""
     torch.manual_seed(seed)
-    return Seq2SeqGRU().double().eval()
-
-
-def make_gpt2(seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32,
-                     bos_token_id=0, eos_token_id=0, initializer_range=0.2)
-    return GPT2LMHeadModel(cfg).double().eval()
+    return GRUSeq2Seq(SRC_VOCAB, TGT_VOCAB, 12, proj=True).double().eval()
 
 
 def make_bert(seed=0, num_labels=3):
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=16, num_labels=num_labels,
-                     initializer_range=0.2)
-    return BertForSequenceClassification(cfg).double().eval()
+    """The BERT classifier of these tests: width 16, initializer range 0.2, float64, eval mode."""
+    return small_bert(vocab=50, hidden=16, intermediate=32, max_positions=16, dropout=0.1, seed=seed,
+                      num_labels=num_labels, initializer_range=0.2).double().eval()
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -408,7 +359,7 @@ def gpt2_data(model, seed=3):
 
 
 def test_gpt2_causal_token_control_equals_naive_loop():
-    model = make_gpt2()
+    model = small_gpt2(vocab=40, positions=16, width=16, inner=32, dropout=0.1, initializer_range=0.2).double().eval()
     snap, flags = snapshot(model), modes(model)
     edits, control = gpt2_data(model)
     params = "transformer.h.1.mlp"
@@ -570,7 +521,7 @@ def lstm_setup():
 
 def transformer_setup():
     torch.manual_seed(0)
-    model = PaddedTransformer().double().eval()
+    model = TransformerClassifier(13, 8, 4, ff=16, layers=2, pool="sum").double().eval()  # sum over unpadded tokens
     g = torch.Generator().manual_seed(13)
 
     def inputs(n):

@@ -191,6 +191,18 @@ def grads_of(loss, module):
     return {n: g for (n, _), g in zip(named, grads)}
 
 
+def assert_gradients_cover(ref_grads, start, ref_et):
+    """``ref_grads`` (``grads_of`` the reference objective of ``ref_et``, which trains a copy of
+    ``start``) has a gradient for every model parameter and every raw editor hyper-parameter, and
+    the editor's are large enough that a wrong hyper-parameter gradient would show."""
+    assert set(ref_grads) == {f"model.{n}" for n, _ in start.named_parameters()} | {
+        f"learned_editor.{n}" for n, _ in ref_et.learned_editor.named_parameters()}
+    for n, g in ref_grads.items():
+        assert g is not None, n
+        if n.startswith("learned_editor."):
+            assert g.abs() > 1e-8, f"{n}: the test would not see a wrong hyper-parameter gradient"
+
+
 # Each case: editable params, editor, learned hyper-parameters, the 3 edits' targets. The targets and
 # step sizes were chosen (and are asserted below) so that edit 0 stops at step 0 or 1, edit 1 succeeds
 # after 2..K-1 steps, and edit 2 never succeeds within K steps.
@@ -236,12 +248,7 @@ def _check_meta_gradient(case, loc_mode):
     assert info["steps"][0] <= 1 and info["success"][0], info
     assert 2 <= info["steps"][1] < K and info["success"][1], info
     assert info["steps"][2] == K and not info["success"][2], info
-    assert set(ref_grads) == {f"model.{n}" for n, _ in start.named_parameters()} | {
-        f"learned_editor.{n}" for n, _ in ref_et.learned_editor.named_parameters()}
-    for n, g in ref_grads.items():
-        assert g is not None, n
-        if n.startswith("learned_editor."):
-            assert g.abs() > 1e-8, f"{n}: the test would not see a wrong hyper-parameter gradient"
+    assert_gradients_cover(ref_grads, start, ref_et)
 
     first = None
     for rematerialize in (False, True):
