@@ -168,17 +168,19 @@ def _structure_key(model: nn.Module) -> tuple:
 
 def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, inputs: ModelInputs,
                  read: Callable | None = None) -> dict:
-    """``{"split": ModelSplit, "num_classes": int | None}`` for this model, editable names and input
-    signature, built once (in eval mode: mode-dependent Python is fixed at trace time) and kept for
-    the next calls (the class count is filled in by the first label check)."""
+    """``{"split": ModelSplit}`` for this model, editable names and input signature, built once (in
+    eval mode: mode-dependent Python is fixed at trace time) and kept for the next calls while the
+    model's structure and every tensor the split binds stay the same (checked at every call)."""
     key = (frozenset(names), use_prefix, _structure_key(model), inputs.signature())
     per_model = _SPLIT_CACHE.setdefault(model, {})
+    if key in per_model and not per_model[key]["split"].current():
+        del per_model[key]  # a tensor the split binds was replaced: never serve it stale
     if key not in per_model:
         while len(per_model) >= _SPLITS_PER_MODEL:
             per_model.pop(next(iter(per_model)))
         with eval_mode(model):
             split = build_split(model, list(names), inputs, read or _default_read, use_prefix)
-        per_model[key] = {"split": split, "num_classes": None}
+        per_model[key] = {"split": split}
     return per_model[key]
 
 
@@ -246,11 +248,12 @@ class EditTarget:
 
     @classmethod
     def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True, *, inputs=None,
-              output: OutputSpec = None) -> "EditTarget":
-        """Select the parameters; with ``inputs`` (a tensor, tuple or mapping, see
-        :mod:`fastedit.model_io`) also get the split for inputs like them. A model that fails on
-        ``inputs`` raises ``ValueError``."""
-        chosen = select_parameters(model, params)
+              output: OutputSpec = None, include_frozen: bool = False) -> "EditTarget":
+        """Select the parameters (see :func:`fastedit.selection.select_parameters`); with ``inputs``
+        (a tensor, tuple or mapping, see :mod:`fastedit.model_io`) also get the split for inputs like
+        them. A model that fails on ``inputs`` raises ``ValueError``."""
+        chosen = select_parameters(model, params, include_frozen=include_frozen)
+        check_editable(chosen)
         reader = resolve_output(output)
 
         def read(out):
@@ -292,10 +295,6 @@ class EditTarget:
         if self._entry is None:
             raise RuntimeError("internal: the split is made from the first inputs (EditTarget.prefix)")
         return self._entry["split"]
-
-    @property
-    def _cache(self) -> dict:
-        return self._entry if self._entry is not None else {}
 
     @property
     def device(self) -> torch.device:
@@ -372,11 +371,9 @@ class EditTarget:
         return self.split.eval_acts(mi)
 
     def num_classes(self, inputs) -> int:
-        """The model's class count: one forward of ``inputs`` the first time, cached afterwards."""
-        if self._cache.get("num_classes") is None:
-            with torch.no_grad():
-                self._cache["num_classes"] = int(self.logits(self.checked_prefix(inputs, steps=False)).shape[-1])
-        return self._cache["num_classes"]
+        """The model's class count, from one forward of ``inputs`` (never cached: a head may change)."""
+        with torch.no_grad():
+            return int(self.logits(self.checked_prefix(inputs, steps=False)).shape[-1])
 
     def check_labels(self, num_classes: int, y: Tensor) -> None:
         check_label_range(y, num_classes)
@@ -392,6 +389,22 @@ class EditTarget:
             raise
         except Exception as exc:
             raise model_failure(self.model, mi, exc) from exc
+
+
+def check_editable(chosen: Sequence[tuple[str, Tensor]]) -> None:
+    """Refuse, saying what to do, parameters an edit cannot change: under ``torch.inference_mode()``
+    (no autograd), parameters created under it (inference tensors), parameters on the meta device."""
+    if torch.is_inference_mode_enabled():
+        raise EditError("fastedit cannot edit inside torch.inference_mode() (autograd is off there): call it "
+                        "outside the `with torch.inference_mode():` block; the model is unchanged")
+    for name, p in chosen:
+        if p.device.type == "meta":
+            raise ValueError(f"parameter {name} is on the meta device (a shape, no values): materialise the model "
+                             "first, e.g. model.to_empty(device='cpu') and then load its weights")
+        if p.is_inference():
+            raise EditError(f"parameter {name} was created under torch.inference_mode(), so autograd cannot "
+                            "differentiate it: build the model outside inference mode and load the weights into it "
+                            "(`fresh.load_state_dict(model.state_dict())`); the model is unchanged")
 
 
 def check_rows(constraint: Constraint, num_samples: int) -> None:
@@ -446,7 +459,11 @@ def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> 
 # ------------------------------------------------------------------------------------------------
 # the public edit
 # ------------------------------------------------------------------------------------------------
-@dataclass
+#: edits applied and not reverted; a LIFO revert hands the restored state back to the edit below it
+_APPLIED: "weakref.WeakSet[EditResult]" = weakref.WeakSet()
+
+
+@dataclass(eq=False)
 class EditResult:
     """What :func:`edit` did. ``applied`` tells whether the model now holds the edited parameters;
     ``prefix_used`` whether the frozen prefix was skipped in the editor steps (``prefix_method``:
@@ -463,22 +480,63 @@ class EditResult:
     prefix_method: str = "none"
     _params: list[nn.Parameter] = field(repr=False, default_factory=list)
     _backup: list[Tensor] = field(repr=False, default_factory=list)
+    _model: Any = field(default=None, repr=False)
+    _before: list[int] = field(repr=False, default_factory=list)   # version counters before the write
+    _written: list[int] = field(repr=False, default_factory=list)  # and right after it
 
-    def revert(self) -> None:
+    def changed_since(self) -> list[str]:
+        """Names of the edited parameters that no longer hold what this edit wrote: written in place
+        since (PyTorch's version counters: another edit, an optimizer step, ``load_state_dict``), or
+        replaced in the model by another tensor."""
+        out = []
+        for name, p, v in zip(self.param_names, self._params, self._written):
+            replaced = self._model is not None and _lookup(self._model, name) is not p
+            if replaced or p._version != v:
+                out.append(name)
+        return out
+
+    def revert(self, force: bool = False) -> None:
         """Restore every edited parameter bit-identically to its value before the edit (a no-op if
-        the edit was not applied or was already reverted)."""
+        the edit was not applied or was already reverted).
+
+        Raises ``ValueError`` and writes nothing if a parameter no longer holds the values this edit
+        wrote (:meth:`changed_since`), e.g. a later edit of the same parameters is still applied:
+        revert edits in the reverse order of applying them. ``force=True`` writes the backup anyway."""
         if not self.applied:
             return
+        changed = self.changed_since()
+        if changed and not force:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise ValueError(f"cannot revert this edit: {shown} no longer hold the values it wrote (changed since, "
+                             "e.g. by a later edit that is still applied); revert the later edits first, or pass "
+                             "force=True to write this edit's backup anyway")
         with torch.no_grad():
             for p, saved in zip(self._params, self._backup):
                 p.copy_(saved)
+        restored = [p._version for p in self._params]
+        # the edit applied right before this one holds its values again: it may be reverted next
+        for other in list(_APPLIED):
+            if other is self or not other.applied:
+                continue
+            for k, q in enumerate(other._params):
+                for p, before, now in zip(self._params, self._before, restored):
+                    if q is p and other._written[k] == before:
+                        other._written[k] = now
         self.applied = False
+        _APPLIED.discard(self)
 
     def to_dict(self) -> dict:
         return {"success": self.success, "steps": self.steps, "loss": self.loss,
                 "initial_loss": self.initial_loss, "applied": self.applied, "params": list(self.param_names),
                 "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
                 "prefix_method": self.prefix_method}
+
+
+def _lookup(model: nn.Module, name: str):
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def split_info(target: EditTarget) -> dict:
@@ -507,7 +565,7 @@ def resolve_aliases(inputs, target, x, y) -> tuple[Any, Any]:
 def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rmsprop", params: ParamSpec = None,
          max_steps: int = 10, *, on_failure: str = "revert", reduction: str = "max",
          use_prefix: bool = True, early_exit: bool | str = "auto", output: OutputSpec = None,
-         x=None, y=None) -> EditResult:
+         include_frozen: bool = False, x=None, y=None) -> EditResult:
     """Edit ``model`` in place so that it satisfies ``target`` on ``inputs``.
 
     Args:
@@ -533,10 +591,13 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
         early_exit: stop once satisfied (``"auto"``: on the CPU, where the check is free).
         output: where the logits are in the model's output: ``None`` (a tensor is itself, a
             ``ModelOutput``/dict gives ``["logits"]``, a tuple ``[0]``), a key, an index or a callable.
+        include_frozen: also edit parameters with ``requires_grad=False`` (by default a module prefix
+            skips them and naming one raises).
 
     Returns:
         :class:`EditResult` with ``success``, ``steps``, ``loss`` (final ``l_e``), ``applied``,
-        ``prefix_used``/``prefix_reason`` and ``revert()``.
+        ``prefix_used``/``prefix_reason`` and ``revert()`` (which refuses while a later edit of the
+        same parameters is applied).
 
     Raises:
         ValueError / TypeError for bad input (unknown or empty ``params``, a label out of range or of
@@ -548,7 +609,8 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
     check_common(max_steps, reduction, on_failure)
     editor = make_editor(editor)
     with eval_mode(model):
-        et = EditTarget.build(model, params, use_prefix, inputs=inputs, output=output)
+        et = EditTarget.build(model, params, use_prefix, inputs=inputs, output=output,
+                              include_frozen=include_frozen)
         mi, constraint = et.check_inputs(inputs, target)
         acts = et.checked_prefix(mi)
         out = run_edit_loop(et.loss_fn(acts, constraint, reduction, mi), et.params, editor, max_steps,
@@ -563,14 +625,17 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
                         initial_loss=float(out.initial_loss), applied=False, param_names=list(et.names),
                         **split_info(et), _params=list(et.params))
     if success or on_failure == "keep":
-        commit_params(result, et.params, out.params)
+        commit_params(result, et.params, out.params, model)
     return result
 
 
-def commit_params(result: EditResult, params: Sequence[Tensor], new_values: Sequence[Tensor]) -> None:
+def commit_params(result: EditResult, params: Sequence[Tensor], new_values: Sequence[Tensor],
+                  model: nn.Module | None = None) -> None:
     """Copy ``new_values`` into ``params`` atomically (restored if a copy fails), keeping a backup in
-    ``result`` for :meth:`EditResult.revert`."""
+    ``result`` for :meth:`EditResult.revert` and the version counters it checks."""
     result._backup = [p.detach().clone() for p in params]
+    result._model = model
+    result._before = [p._version for p in params]
     try:
         with torch.no_grad():
             for p, new in zip(params, new_values):
@@ -580,4 +645,6 @@ def commit_params(result: EditResult, params: Sequence[Tensor], new_values: Sequ
             for p, saved in zip(params, result._backup):
                 p.copy_(saved)
         raise
+    result._written = [p._version for p in params]
     result.applied = True
+    _APPLIED.add(result)

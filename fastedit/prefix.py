@@ -86,6 +86,21 @@ class PrefixSplit:
     num_prefix_nodes: int
     num_suffix_nodes: int
     frontier: tuple[str, ...] = ()  # names of the fx nodes passed from prefix to suffix (reports)
+    #: ``(qualified name, tensor)`` of every model tensor the graphs hold directly (``get_attr`` targets
+    #: and the editable parameters installed in the suffix): the split is stale once one is replaced
+    bindings: tuple = ()
+
+    def current(self, model: nn.Module) -> bool:
+        """Whether ``model`` still holds every tensor the split is bound to (re-assigning a parameter or
+        buffer, ``load_state_dict(..., assign=True)`` or a ``model.to(...)`` that replaces a buffer make a
+        traced split stale; in-place changes are seen through the shared tensors)."""
+        for name, tensor in self.bindings:
+            try:
+                if _get_attr(model, name) is not tensor:
+                    return False
+            except AttributeError:
+                return False
+        return True
 
     def prefix(self, *inputs) -> tuple:
         """Frontier values for ``inputs``; independent of the editable parameters."""
@@ -380,6 +395,8 @@ def _traced_split(
     if missing:
         raise _Unsupported(f"editable parameters missing from the suffix: {missing[:5]}")
 
+    bound = {n.target for n in nodes if n.op == "get_attr"} | set(names)
+    bindings = tuple((t, obj) for t in sorted(bound) if isinstance(obj := _get_attr(model, t), torch.Tensor))
     return PrefixSplit(
         prefix_module=prefix_gm,
         suffix_module=suffix_gm,
@@ -388,6 +405,7 @@ def _traced_split(
         num_prefix_nodes=sum(1 for n in nodes if n not in dep and n.op not in ("placeholder", "output")),
         num_suffix_nodes=len(dep),
         frontier=tuple(f.name for f in frontier),
+        bindings=bindings,
     )
 
 
@@ -528,6 +546,11 @@ class ModelSplit:
         """Whether activations from :meth:`edit_acts` also serve forwards without grad (fx and none:
         plain values; cached module calls are bound to the grad mode they were recorded in)."""
         return self.method != "call-cache"
+
+    def current(self) -> bool:
+        """Whether the split still fits the model (a traced split binds tensors; the cached calls and
+        the whole model read the live model at every step)."""
+        return self.fx_split is None or self.fx_split.current(self.model)
 
     def watch(self) -> "call_cache.Watch":
         """The call cache's view of the editable parameters, redone if one was re-registered."""

@@ -6,6 +6,9 @@ name works too), a list of names/prefixes, or an iterable of the model's own par
 Tied weights (one tensor registered under several names, e.g. a language model's ``lm_head.weight``
 and ``transformer.wte.weight``): any alias selects the shared tensor, which is then named once, by
 its first name in ``named_parameters()``.
+
+Frozen parameters (``requires_grad=False``) are not edited unless asked for: a module prefix skips
+them, naming one raises, ``include_frozen=True`` allows both.
 """
 from __future__ import annotations
 
@@ -22,9 +25,17 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Parameter]]:
-    """``[(qualified name, parameter)]`` in the model's own order; raises ``ValueError`` for an empty
-    or unknown selection and ``TypeError`` for non-floating parameters."""
+def select_parameters(model: nn.Module, params: ParamSpec = None, *,
+                      include_frozen: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """``[(qualified name, parameter)]`` in the model's own order.
+
+    Frozen parameters (``requires_grad=False``) are left out of a selection by module prefix (or of
+    ``None``, every parameter); naming one exactly (its name, or the tensor) raises unless
+    ``include_frozen=True``, which also keeps them in prefix selections.
+
+    Raises ``ValueError`` for an empty or unknown selection, one with nothing editable left, a frozen
+    parameter named without ``include_frozen``, or parameters on several devices; ``TypeError`` for
+    non-floating parameters."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     aliases, canonical, named = [], {}, []  # named: shared parameters once, under their first name
@@ -35,9 +46,11 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
         aliases.append((n, canonical[id(p)]))
     if not named:
         raise ValueError(f"{type(model).__name__} has no parameters to edit")
+    frozen = {n for n, p in named if not p.requires_grad}
 
+    explicit: set[str] = set()  # named exactly: a frozen one is an error, not silently dropped
     if params is None:
-        chosen = named
+        wanted = {n for n, _ in named}
     else:
         items = [params] if isinstance(params, (str, torch.Tensor)) else list(params)
         if not items:
@@ -52,13 +65,24 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
                     raise ValueError(f"params: no parameter of {type(model).__name__} is named {item!r} or "
                                      f"lies under it; top-level names are {tops}")
                 wanted |= hits
+                explicit |= {first for n, first in aliases if n == item}
             elif isinstance(item, torch.Tensor):
                 if id(item) not in by_id:
                     raise ValueError(f"params: a tensor of shape {tuple(item.shape)} is not a parameter of the model")
                 wanted.add(by_id[id(item)])
+                explicit.add(by_id[id(item)])
             else:
                 raise TypeError(f"params entries must be names or parameters, got {type(item).__name__}")
-        chosen = [(n, p) for n, p in named if n in wanted]
+    if not include_frozen:
+        named_frozen = sorted(explicit & frozen)
+        if named_frozen:
+            raise ValueError(f"params names the frozen parameter(s) {named_frozen[:3]} (requires_grad=False); pass "
+                             "include_frozen=True to edit them anyway, or unfreeze them")
+        if wanted and wanted <= frozen:
+            raise ValueError(f"params selects only frozen parameters (requires_grad=False): {sorted(wanted)[:3]}"
+                             f"{' ...' if len(wanted) > 3 else ''}; pass include_frozen=True to edit them anyway")
+        wanted -= frozen
+    chosen = [(n, p) for n, p in named if n in wanted]
 
     if not chosen:
         raise ValueError("params selects no parameter")

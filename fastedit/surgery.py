@@ -512,7 +512,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
             probe_steps: int | None = None, l1: float = 0.1, refit_steps: int | None = None,
             start_factor: float = 10.0, shrink: float = 0.5, shrink_every: int | None = None,
             on_failure: str = "revert", use_prefix: bool = True, output: OutputSpec = None,
-            x=None, y=None) -> SurgeryResult:
+            include_frozen: bool = False, x=None, y=None) -> SurgeryResult:
     """Change at most ``budget`` scalar parameters of ``model`` so that it reaches a goal.
 
     See the module docstring for the exact goals and methods.
@@ -547,7 +547,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
             in ``(0, 1)``; units between shrinks (default ``max(1, steps // 10)``).
         on_failure: ``"revert"`` (default: the model is left as it was when the goal is not met) or
             ``"keep"``.
-        use_prefix, output: as in :func:`fastedit.edit`.
+        use_prefix, output, include_frozen: as in :func:`fastedit.edit`.
 
     Returns:
         :class:`SurgeryResult`: ``delta`` (a :class:`SparseDelta`, ``nnz ≤ budget``), ``success``,
@@ -589,7 +589,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
     editor = _default_editor() if editor is None else make_editor(editor)
 
     with eval_mode(model):
-        et = EditTarget.build(model, params, use_prefix, output=output)
+        et = EditTarget.build(model, params, use_prefix, output=output, include_frozen=include_frozen)
         names, live = et.names, et.params
         if len({p.dtype == torch.float64 for p in live}) > 1:
             raise TypeError("surgery cannot mix float64 parameters with other dtypes in one selection "

@@ -80,7 +80,8 @@ def _sample_labels(logits: Tensor, u: Tensor) -> Tensor:
 
 def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_size: int = 128,
                     num_samples: int | None = None, mode: str = "empirical",
-                    generator: torch.Generator | None = None, output: OutputSpec = None) -> dict[str, Tensor]:
+                    generator: torch.Generator | None = None, output: OutputSpec = None,
+                    include_frozen: bool = False) -> dict[str, Tensor]:
     """The diagonal Fisher information of the selected parameters, estimated on ``data``.
 
     Args:
@@ -89,7 +90,8 @@ def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_s
             no ``.grad`` is touched).
         data: ``(inputs, labels)``: training inputs (a tensor ``[N, ...]``, a tuple or a mapping; see
             :func:`fastedit.edit`) and integer labels ``[N]``, on the model's device.
-        params: the parameters to estimate it for (as in :func:`fastedit.edit`); ``None``: all.
+        params, include_frozen: the parameters to estimate it for (as in :func:`fastedit.edit`); ``None``:
+            all (frozen ones only with ``include_frozen``).
         batch_size: samples per vectorised chunk (memory: ``batch_size`` copies of the gradients);
             a model that ``torch.func.vmap`` cannot batch is run one sample at a time (warned).
         num_samples: use only the first ``num_samples`` samples (shuffle ``data`` for a random subset).
@@ -114,7 +116,7 @@ def fisher_diagonal(model: nn.Module, data, params: ParamSpec = None, *, batch_s
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
         x, y = x.rows(0, num_samples), y[:num_samples]
-    chosen = select_parameters(model, params)
+    chosen = select_parameters(model, params, include_frozen=include_frozen)
     names = [n for n, _ in chosen]
     device = chosen[0][1].device
     if x.device != device:
@@ -216,7 +218,7 @@ def ewc_penalty(theta: Sequence[Tensor], anchor: Sequence[Tensor], fisher: Seque
     return total
 
 
-@dataclass
+@dataclass(eq=False)
 class EWCEditResult(EditResult):
     """:class:`fastedit.edit.EditResult` plus the final EWC penalty ``Σ F (θ − θ⁰)²`` (without λ)."""
 
@@ -251,7 +253,7 @@ def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Te
              ewc_lambda: float, editor: Editor | str = "rmsprop", params: ParamSpec = None, max_steps: int = 10,
              on_failure: str = "revert", reduction: str = "max", anchor: Mapping[str, Tensor] | None = None,
              use_prefix: bool = True, early_exit: bool | str = "auto", output: OutputSpec = None,
-             x=None, y=None) -> EWCEditResult:
+             include_frozen: bool = False, x=None, y=None) -> EWCEditResult:
     """Edit ``model`` in place, like :func:`fastedit.edit`, with an EWC penalty in the editor's loss.
 
     The editor minimises ``l_e(θ) + ewc_lambda · Σ_i F_i (θ_i − θ⁰_i)²`` over the editable
@@ -260,7 +262,8 @@ def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Te
 
     Args:
         model, inputs, target, editor, params, max_steps, on_failure, reduction, use_prefix, early_exit,
-            output: as in :func:`fastedit.edit` (any constraint; ``x``/``y`` still accepted as keywords).
+            output, include_frozen: as in :func:`fastedit.edit` (any constraint; ``x``/``y`` still accepted as
+            keywords).
         fisher: ``{name: F}`` with a non-negative tensor per editable parameter (its shape/device),
             e.g. from :func:`fisher_diagonal`; extra entries are ignored.
         ewc_lambda: the penalty weight ``λ ≥ 0`` (``0``: exactly :func:`fastedit.edit`).
@@ -285,7 +288,7 @@ def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Te
         raise ValueError(f"ewc_lambda must be a finite number ≥ 0, got {ewc_lambda!r}")
     editor = make_editor(editor)
     with eval_mode(model):
-        et = EditTarget.build(model, params, use_prefix, output=output)
+        et = EditTarget.build(model, params, use_prefix, output=output, include_frozen=include_frozen)
         f_list = _check_fisher(fisher, et.names, et.params, "fisher")
         if any(bool(((f < 0) | ~torch.isfinite(f)).any()) for f in f_list):
             raise ValueError("fisher must be finite and non-negative")
@@ -319,5 +322,5 @@ def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Te
                            initial_loss=float(out.initial_loss), applied=False, param_names=list(et.names),
                            **split_info(et), _params=list(et.params), penalty=penalty, ewc_lambda=lam)
     if success or on_failure == "keep":
-        commit_params(result, et.params, out.params)
+        commit_params(result, et.params, out.params, model)
     return result
