@@ -615,6 +615,9 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
 
     # the change, from the bit patterns: nnz ≤ n by construction, checked all the same
     delta = SparseDelta.from_models(dict(zip(names, theta0)), dict(zip(names, theta)))
+    aliases = {n: a for n, a in _aliases(model, names).items() if n in delta.names}
+    if aliases:  # a tied weight's other names, so the saved delta also patches an untied copy
+        delta = SparseDelta(delta._entries, aliases)
     if delta.nnz > n:
         raise RuntimeError(f"internal error: surgery changed {delta.nnz} scalars for a budget of {n}")
     result = SurgeryResult(delta=delta, success=bool(met), steps=tuner.steps, loss=float(loss),
@@ -625,6 +628,17 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
         delta.apply(model, check=True)
         result.applied = True
     return result
+
+
+def _aliases(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The other names under which ``model`` registers each of ``names``' tensors (tied weights)."""
+    wanted = {id(model.get_parameter(n)): n for n in names}
+    out: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        first = wanted.get(id(p))
+        if first is not None and n != first:
+            out.setdefault(first, []).append(n)
+    return {n: tuple(a) for n, a in out.items()}
 
 
 def _run_method(method, tuner: _Tuner, theta, n, total, steps, probe_steps, refit_steps, l1, lr,

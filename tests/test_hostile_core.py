@@ -282,3 +282,24 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught():
         assert rep.per_edit["nonfinite"].all() and not rep.per_edit["success"].any(), strategy
         assert (rep.per_edit["steps"] == 0).all()
     assert_same(model, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. (surgery's part) a delta of a tied weight names all its aliases
+# ------------------------------------------------------------------------------------------------
+def test_a_surgery_delta_of_a_tied_weight_patches_an_untied_copy_too():
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())  # two tensors, same values
+    ids = torch.randint(0, 50, (1, 5))
+    labels = torch.full_like(ids, -100)
+    labels[0, -1] = 7
+    r = fe.surgery(model, {"input_ids": ids}, fe.TokenTargets(labels, causal=True), budget=20, params="lm_head",
+                   steps=50)
+    assert r.success and r.delta.names == ["transformer.wte.weight"]
+    assert r.delta.aliases == {"transformer.wte.weight": ("lm_head.weight",)}
+    r.delta.apply(untied)
+    assert torch.equal(untied.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(untied.transformer.wte.weight, model.transformer.wte.weight)
