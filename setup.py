@@ -22,7 +22,16 @@ Environment switches, read at build time:
 By default the CUDA sources are compiled exactly when torch is a CUDA build (torch.version.cuda
 is set) and torch finds a CUDA toolkit (torch.utils.cpp_extension.CUDA_HOME).
 
-C++ flags: -O3, C++20 (what torch 2.13 requires), -fno-math-errno (vectorisable sqrt), and -fopenmp when torch's intra-op parallel
+Language standards, given explicitly because torch's cpp_extension picks its own only when none is
+given, and that default changed: torch 2.11 passes -std=c++17, torch 2.13 -std=c++20.
+  C++ sources: -std=c++20 (/std:c++20 with MSVC) with every torch: the CPU kernels use C++20
+               (std::bit_cast) and torch 2.13's headers require it; torch 2.11's compile under
+               it too (checked by .ci/run). It needs std::bit_cast: GCC >= 11, Clang >= 14.
+  CUDA sources: -std=c++17 for nvcc (not on Windows, where cpp_extension always passes its own):
+               the kernels are plain C++17 (no torch header), as in CMakeLists.txt and .ci/run,
+               so any CUDA toolkit torch supports (11.8 included, which has no C++20) compiles them.
+
+Other C++ flags: -O3, -fno-math-errno (vectorisable sqrt), and -fopenmp when torch's intra-op parallel
 backend is OpenMP: at::parallel_for is inlined from torch's headers and runs serially unless the
 extension itself is compiled with OpenMP. -fopenmp is given to the compiler only, not to the
 linker: the GOMP_*/omp_* symbols then resolve to the OpenMP runtime that libtorch_cpu already
@@ -43,6 +52,9 @@ SOURCES_TXT = ROOT / "csrc" / "sources.txt"
 CONFIG_TEMPLATE = ROOT / "csrc" / "build_config.h.in"
 GENERATED_DIR = ROOT / "build" / "generated"
 SECTIONS = ("common", "cpu", "cuda_kernels", "cuda_binding")
+# The language standards (see the top of this file; CMakeLists.txt sets the same ones). Explicit,
+# so that torch's cpp_extension does not choose (its default: -std=c++17 in 2.11, -std=c++20 in 2.13).
+CXX_STD, CXX_STD_MSVC, NVCC_STD = "-std=c++20", "/std:c++20", "-std=c++17"
 
 
 def _flag(name: str) -> bool:
@@ -147,7 +159,10 @@ def extension_modules() -> tuple[list, dict]:
     })
 
     optimise = ["-O0", "-g"] if _flag("FASTEDIT_DEBUG") else ["-O3"]
-    cxx_flags = list(optimise)
+    cxx_flags = [CXX_STD_MSVC if sys.platform.startswith("win") else CXX_STD] + optimise
+    nvcc_flags = optimise + ["-lineinfo"]
+    if not sys.platform.startswith("win"):  # there cpp_extension always adds its own -std to nvcc
+        nvcc_flags.insert(0, NVCC_STD)
     if not sys.platform.startswith("win"):
         # sqrt without errno, so loops using it vectorise (the editor-step CPU kernel). GCC ignores this
         # flag in `#pragma GCC optimize`/attributes (builtins are declared once, at start-up),
@@ -168,7 +183,7 @@ def extension_modules() -> tuple[list, dict]:
             name="fastedit._C",
             sources=files,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": optimise + ["-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
     else:
         extension = cpp_extension.CppExtension(

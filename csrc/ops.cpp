@@ -18,8 +18,11 @@ TORCH_LIBRARY(fastedit, m) {
 
   // One step of an editor of fastedit/editors.py over all editable parameters, in place
   // (fastedit/kernels/editor_step.py documents the contract; csrc/editor_step_math.h the math).
-  //   params[i], grads[i]: contiguous, same shape and dtype (float32/float16/bfloat16 with
-  //     float32 state and t, or float64 with float64 state and t); batched: leading edit dim E.
+  //   params[i], grads[i]: same shape and dtype (float32/float16/bfloat16 with float32 state and
+  //     t, or float64 with float64 state and t), any strides (non-contiguous tensors are stepped
+  //     through contiguous stand-ins and written back: they keep their strides and storage);
+  //     batched: leading edit dim E. Written tensors (params, state, t) must not overlap
+  //     themselves (no stride-0 dimension of size > 1).
   //   slot1/slot2: the rule's state tensors (RMSProp: square_avg; Momentum: velocity; Adam:
   //     exp_avg, exp_avg_sq; others: empty lists), shape of the parameter.
   //   t: step count, [E] (batched) or 0-dim; updated to t + active.
@@ -29,10 +32,12 @@ TORCH_LIBRARY(fastedit, m) {
   //     batched): coordinates outside the mask are never read or written.
   //   rule: 0 GD, 1 ScaledGD, 2 sign (RProp), 3 RMSProp, 4 Momentum, 5 Adam;
   //   beta1 = RMSProp beta | momentum | Adam beta1, beta2 = Adam beta2, eps = RMSProp/Adam eps.
+  //   names: optional, one name per parameter (e.g. "layer3.0.conv1.weight"): error messages
+  //     then name the parameter instead of giving its position in the list.
   m.def(
       "editor_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] slot1, Tensor(c!)[] slot2, "
       "Tensor(d!) t, Tensor? active, Tensor? inv_norm, Tensor[] masks, int rule, float lr, "
-      "float beta1, float beta2, float eps, bool batched) -> ()");
+      "float beta1, float beta2, float eps, bool batched, str[]? names=None) -> ()");
 
   // Per-edit metrics of edited predictions against the original model (DESIGN.md §1, evaluation):
   // ref_logits [N, C], labels [N] int64 in [0, C), edited_logits [E, N, C] (float32/float64/

@@ -7,11 +7,14 @@ and each step follows the worst one) or ``"mean"`` (satisfied when the mean is �
 
 * :class:`Classification` ``(labels)``, logits ``[B, C]``: ``l_e = max_i z_i − z_y`` per row. It
   equals ``max_i log p_i − log p_y`` (the log-softmax normaliser cancels), is ≥ 0, and is 0 exactly
-  when ``y`` attains the maximum, so "satisfied" means ``argmax = y`` (ties count as satisfied).
+  when ``y`` attains the maximum. Ties break like ``torch.argmax`` (the first maximal index wins):
+  when an earlier class ties with ``y`` the value is raised by the smallest normal float (its
+  gradient unchanged), so "satisfied" means exactly ``logits.argmax(-1) == y``.
 * :class:`TokenTargets` ``(labels, causal=False)``, logits ``[B, T, V]``, ``labels [B, T]`` with
   ``-100`` ignored (the HF convention). Per row, ``l_e = max over labelled positions t of
-  (max_v z[t, v] − z[t, labels[t]])``: satisfied iff every labelled position's argmax is its label,
-  i.e. teacher-forced greedy decoding reproduces the target. ``causal=True`` compares
+  (max_v z[t, v] − z[t, labels[t]])``, ties broken as for classification: satisfied iff every
+  labelled position's ``argmax`` is its label, i.e. teacher-forced greedy decoding reproduces the
+  target. ``causal=True`` compares
   ``logits[:, :-1]`` with ``labels[:, 1:]``, as HF causal-LM losses do.
 * :class:`SequenceRanking` ``(labels, num_candidates, causal=False)``: rows come in groups of
   ``num_candidates``, the desired output first, then alternatives (e.g. the model's own n-best). A
@@ -28,11 +31,23 @@ and each step follows the worst one) or ``"mean"`` (satisfied when the mean is �
 
 An int or an integer tensor target means :class:`Classification`. Half-precision logits are
 promoted to float32 so a tiny positive margin never rounds to 0.
+
+NumPy labels
+    Wherever labels are accepted, a NumPy integer (``np.int64(3)``) counts as an int and a NumPy
+    array of an integer dtype as an integer tensor (copied into an int64 tensor). NumPy floats,
+    bools and other dtypes are rejected with a ``TypeError`` naming the dtype, like float tensors.
+    Labels given as Python ints or NumPy values live on the host and follow the model:
+    :meth:`Constraint.check_device` moves them to the model's device (labels given as tensors must
+    already be there).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover - NumPy is optional for torch, and so it is here
+    _np = None
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
@@ -48,14 +63,61 @@ REDUCTIONS = ("max", "mean")
 IGNORE_INDEX = -100
 
 
+def is_numpy(value: Any) -> bool:
+    """Whether ``value`` is a NumPy array or a NumPy scalar (``np.int64(3)``, ``np.float32(1)``, ...)."""
+    return _np is not None and isinstance(value, (_np.ndarray, _np.generic))
+
+
+_NUMPY_KINDS = {"b": "bools", "f": "floats", "c": "complex numbers", "U": "strings", "S": "bytes",
+                "O": "Python objects", "M": "datetimes", "m": "timedeltas"}
+
+
+def numpy_labels(value: Any, what: str = "class labels") -> Tensor:
+    """An int64 CPU tensor (a copy) of NumPy integer labels: a scalar gives a 0-dim tensor, an array
+    one of the same shape. ``TypeError`` for any other NumPy dtype (floats, bools, ...), naming it;
+    ``ValueError`` for an unsigned value beyond the int64 range."""
+    arr = _np.asarray(value)
+    scalar = not isinstance(value, _np.ndarray)
+    if arr.dtype.kind not in "iu":
+        kind = _NUMPY_KINDS.get(arr.dtype.kind, "values")
+        hint = "; cast it with .astype(np.int64) if the values are whole numbers" if arr.dtype.kind == "f" else ""
+        raise TypeError(f"{what} must be integers, got a NumPy {'scalar' if scalar else 'array'} of {kind} "
+                        f"(dtype {arr.dtype}){hint}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > _np.iinfo(_np.int64).max:
+        raise ValueError(f"{what}: label {int(arr.max())} does not fit in int64")
+    return torch.tensor(_np.ascontiguousarray(arr, dtype=_np.int64))
+
+
+def _follow(labels: Tensor, device: torch.device, host: bool, what: str) -> Tensor:
+    """``labels`` on ``device``: host labels (Python ints, NumPy values) are moved there; tensors on
+    another device raise ``ValueError``."""
+    if labels.device == device:
+        return labels
+    if host:
+        return labels.to(device)
+    raise ValueError(f"{what}the labels are on {labels.device} but the inputs on {device}")
+
+
 def _promote(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def constraint_per_sample(logits: Tensor, target: Tensor) -> Tensor:
     """``max_i z_i − z_target`` per row of ``logits [B, C]``; differentiable, vmap-friendly, through
-    the kernel dispatcher (the compiled op where it is built, the reference otherwise)."""
-    return dispatch.edit_constraint(_promote(logits), target)
+    the kernel dispatcher (the compiled op where it is built, the reference otherwise). ≤ 0 exactly
+    where ``logits.argmax(-1) == target`` (see :func:`_argmax_ties`)."""
+    z = _promote(logits)
+    return _argmax_ties(dispatch.edit_constraint(z, target), z, target)
+
+
+def _argmax_ties(margin: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+    """``margin`` (``max_i z_i − z_target``, 0 when the target attains the maximum) raised by the
+    smallest normal float where an earlier class ties with the target, so that ``margin ≤ 0`` iff
+    ``torch.argmax`` (first maximal index) picks the target. Low-precision logits tie often (bfloat16
+    has 8 significant bits). Added, not substituted: the gradient stays the margin's (at a tie the
+    maximum's gradient is shared, so a step still raises the target above the other class)."""
+    lost_tie = (margin == 0) & (logits.argmax(-1) != target)
+    return margin + lost_tie.to(margin.dtype) * torch.finfo(margin.dtype).tiny
 
 
 def reduce_constraint(per_sample: Tensor, reduction: str = "max") -> Tensor:
@@ -105,7 +167,8 @@ class Constraint:
                              f"(or a 0-dim value), got {value!r:.80}")
 
     def check_device(self, device: torch.device) -> None:
-        """``ValueError`` if a label tensor is on another device than the model."""
+        """``ValueError`` if a label tensor is on another device than the model; labels given as
+        Python ints or NumPy values are moved to ``device`` instead."""
 
     def num_units(self, num_rows: int) -> int:
         if self.rows_per_unit is None:
@@ -127,26 +190,36 @@ class Constraint:
 
 class Classification(Constraint):
     """``l_e = max_i z_i − z_y`` per row of logits ``[B, C]``; ``labels [B]`` int64 (see the module
-    docstring). The default constraint: an int or integer tensor target means this."""
+    docstring). The default constraint: an int or integer tensor target means this.
+
+    ``labels``: an int, an integer tensor (0-dim or ``[B]``), a NumPy integer or a NumPy integer
+    array (copied); host labels (ints, NumPy) follow the model's device in :meth:`check_device`."""
 
     rows_per_unit = 1
 
     def __init__(self, labels):
-        if isinstance(labels, bool) or not isinstance(labels, (int, Tensor)):
-            raise TypeError(f"class labels must be an int or an integer tensor, got {type(labels).__name__}")
+        host = True
+        if is_numpy(labels):
+            labels = numpy_labels(labels, "class labels")
+        elif isinstance(labels, bool) or not isinstance(labels, (int, Tensor)):
+            raise TypeError(f"class labels must be an int, an integer tensor or a NumPy integer (array), got "
+                            f"{type(labels).__name__}")
+        elif isinstance(labels, Tensor):
+            host = False
         labels = torch.as_tensor(labels)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"class labels must be integers, got dtype {labels.dtype}")
         if labels.dim() > 1:
-            raise ValueError(f"class labels must be one label per sample [B], got shape {tuple(labels.shape)}")
+            raise ValueError(f"class labels must be one label per sample [B], got shape {tuple(labels.shape)}; "
+                             "for token labels [B, T] use fe.TokenTargets")
         self.labels = labels.reshape(-1).to(torch.int64)
+        self._host = host
 
     def per_sample(self, logits: Tensor) -> Tensor:
         return constraint_per_sample(logits, self.labels)
 
     def check_device(self, device: torch.device) -> None:
-        if self.labels.device != device:
-            raise ValueError(f"the labels are on {self.labels.device} but the inputs on {device}")
+        self.labels = _follow(self.labels, device, getattr(self, "_host", False), "")
 
     def check_rows(self, num_rows: int) -> None:
         if self.labels.shape[0] != num_rows:
@@ -180,9 +253,12 @@ class _TokenLabels(Constraint):
     rows_per_unit = 1
 
     def __init__(self, labels, causal: bool):
+        host = is_numpy(labels)
+        if host:
+            labels = numpy_labels(labels, f"{type(self).__name__}: labels")
         if not isinstance(labels, Tensor):
-            raise TypeError(f"{type(self).__name__}: labels must be an integer tensor [B, T], got "
-                            f"{type(labels).__name__}")
+            raise TypeError(f"{type(self).__name__}: labels must be an integer tensor [B, T] (or a NumPy integer "
+                            f"array), got {type(labels).__name__}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"{type(self).__name__}: labels must hold integer token ids, got dtype {labels.dtype}")
         if labels.dim() != 2:
@@ -191,6 +267,7 @@ class _TokenLabels(Constraint):
             raise TypeError(f"causal must be True or False, got {causal!r}")
         self.labels = labels.to(torch.int64)
         self.causal = causal
+        self._host = host
 
     def aligned(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, labels)`` position by position (shifted when causal)."""
@@ -206,8 +283,7 @@ class _TokenLabels(Constraint):
         return self.labels[..., 1:] if self.causal else self.labels
 
     def check_device(self, device: torch.device) -> None:
-        if self.labels.device != device:
-            raise ValueError(f"{type(self).__name__}: the labels are on {self.labels.device} but the inputs on {device}")
+        self.labels = _follow(self.labels, device, getattr(self, "_host", False), f"{type(self).__name__}: ")
 
     def validate(self, logits: Tensor, *, allow_unlabelled_rows: bool = False, row_offset: int = 0) -> None:
         """As :meth:`Constraint.validate`; ``row_offset`` numbers the rows in messages (a slice's first row)."""
@@ -249,7 +325,8 @@ class TokenTargets(_TokenLabels):
         z, labels = self.aligned(_promote(logits))
         mask = labels != IGNORE_INDEX
         b, t, v = z.shape
-        m = dispatch.edit_constraint(z.reshape(b * t, v), labels.clamp_min(0).reshape(b * t)).reshape(b, t)
+        flat, picked = z.reshape(b * t, v), labels.clamp_min(0).reshape(b * t)
+        m = _argmax_ties(dispatch.edit_constraint(flat, picked), flat, picked).reshape(b, t)
         return m.masked_fill(~mask, float("-inf"))
 
     def per_sample(self, logits: Tensor) -> Tensor:
@@ -326,10 +403,13 @@ def validate(c: Constraint, logits: Tensor, what: str, *, row_offset: int = 0,
 
 
 def as_constraint(target: Any, what: str = "target") -> Constraint:
-    """A :class:`Constraint` for ``target``: itself, :class:`Classification` for an int or an integer
-    tensor, :class:`FunctionConstraint` for a callable."""
+    """A :class:`Constraint` for ``target``: itself, :class:`Classification` for an int, an integer
+    tensor, a NumPy integer or a NumPy integer array, :class:`FunctionConstraint` for a callable."""
     if isinstance(target, Constraint):
         return target
+    if is_numpy(target):  # before the float/bool checks: np.float64 is a float, np.bool_ no bool
+        numpy_labels(target, f"{what} (class labels)")  # a TypeError naming `what` for other dtypes
+        return Classification(target)
     if isinstance(target, bool):
         raise TypeError(f"{what} must be an int, an integer tensor, a fe.Constraint or a callable, got a bool")
     if isinstance(target, (int, Tensor)):

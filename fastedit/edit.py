@@ -72,11 +72,13 @@ def _finite_per_edit(grads: Sequence[Tensor], batched: bool) -> Tensor:
 
 
 def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
-               max_steps: int, early_exit: bool, batched: bool, penalised: bool = False) -> EditLoopOutput:
+               max_steps: int, early_exit: bool, batched: bool, penalised: bool = False,
+               names: Sequence[str] | None = None) -> EditLoopOutput:
     """The loop shared by :func:`run_edit_loop` (0-dim loss) and :func:`run_edit_loop_batched`
     (``[E]`` losses, a leading edit dimension on ``params``, per-edit masks). With ``penalised``,
     ``forward`` returns ``(objective, constraint)``: the steps follow the objective's gradient, while
-    activity, success and the reported losses are the constraint's (EWC editing)."""
+    activity, success and the reported losses are the constraint's (EWC editing). ``names`` (one per
+    parameter) name the parameters in the step kernel's error messages."""
     theta = [p.detach().clone() for p in params]  # updated in place by the fused step
     state = editor.init_state(theta, batched=batched)
     shape = (theta[0].shape[0],) if batched else ()
@@ -110,13 +112,13 @@ def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tenso
             bad_grad = active & ~_finite_per_edit(grads, batched)
             bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
             active = active & ~bad_grad
-            editor_step_(editor, theta, [g.contiguous() for g in grads], state, active, batched=batched)
+            editor_step_(editor, theta, grads, state, active, batched=batched, names=names)
             steps = steps + active
     return EditLoopOutput(theta, loss, initial, steps, bad_step)
 
 
 def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
-                  max_steps: int, *, early_exit: bool = False) -> EditLoopOutput:
+                  max_steps: int, *, early_exit: bool = False, names: Sequence[str] | None = None) -> EditLoopOutput:
     """Run up to ``max_steps`` steps of ``editor`` on ``loss_fn(params)`` (a 0-dim constraint value).
 
     A step is taken only while ``loss > 0`` (the active mask); a step with a non-finite loss or
@@ -129,11 +131,12 @@ def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Te
     costs ``s + 1`` forwards and ``s`` backwards. Without it the loop always runs ``max_steps``
     masked steps (no host synchronisation), with the same result.
     """
-    return _edit_loop(loss_fn, params, editor, max_steps, early_exit, batched=False)
+    return _edit_loop(loss_fn, params, editor, max_steps, early_exit, batched=False, names=names)
 
 
 def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], params: Sequence[Tensor], inputs: Any,
-                          editor: Editor, max_steps: int, *, early_exit: bool = False) -> EditLoopOutput:
+                          editor: Editor, max_steps: int, *, early_exit: bool = False,
+                          names: Sequence[str] | None = None) -> EditLoopOutput:
     """``G`` independent edits of the same ``params`` side by side: :func:`run_edit_loop` with a
     leading edit dimension, the forward vectorised by :func:`torch.func.vmap`.
 
@@ -149,9 +152,12 @@ def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], param
 
     g = next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)).shape[0]
     batched_loss = vmap(loss_one)
-    expanded = [p.detach().unsqueeze(0).expand(g, *p.shape) for p in params]  # cloned by the loop
+    # contiguous per-edit copies: torch.func.vmap computes wrong conv2d weight gradients for batched
+    # channels_last weights (torch 2.13 CPU; tests/test_memory_formats.py), and the loop's clone
+    # would keep those strides. The edited parameters are returned [G, ...], never written back.
+    expanded = [p.detach().unsqueeze(0).expand(g, *p.shape).contiguous() for p in params]
     return _edit_loop(lambda leaves: batched_loss(leaves, inputs), expanded, editor, max_steps, early_exit,
-                      batched=True)
+                      batched=True, names=names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -614,7 +620,7 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
         mi, constraint = et.check_inputs(inputs, target)
         acts = et.checked_prefix(mi)
         out = run_edit_loop(et.loss_fn(acts, constraint, reduction, mi), et.params, editor, max_steps,
-                            early_exit=resolve_early_exit(early_exit, et.device))
+                            early_exit=resolve_early_exit(early_exit, et.device), names=et.names)
 
     bad_step = int(out.bad_step)  # the one host sync of the edit
     if bad_step >= 0:

@@ -23,6 +23,18 @@ Precision
     thus get fp32 state, as in the fused kernels.
 
 Hyper-parameters may be Python floats or tensors (e.g. learnable, in Editable Training).
+
+Defaults
+    Every hyper-parameter has a default, so ``fe.edit(model, x, y, editor="gd")`` and
+    ``fe.GD()`` work. The learning rates of GD, Scaled GD, RProp, Momentum and Adam are the ones
+    :func:`fastedit.tune` chose for the pretrained CIFAR ResNet-20 with ``layer3`` editable (the
+    paper's protocol: least drawdown with ≥ 95% success within k = 10 steps, 1,000 reported edits,
+    tuning edits from training images; README "The paper's editor comparison (Table 1)",
+    ``benchmarks/results/evaluation/cells/resnet20_layer3_<editor>.json``). RMSProp keeps the
+    official Editable code's ``lr = 1e-3, β = 0.5``. The other defaults (``eps``, Momentum's
+    ``μ = 0.9``, Adam's ``betas = (0.5, 0.999)``) are those the tuning runs used. A learning rate
+    suits one model and one choice of editable parameters: for others, search it with
+    :func:`fastedit.tune`.
 """
 from __future__ import annotations
 
@@ -34,8 +46,13 @@ from torch import Tensor
 
 __all__ = [
     "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam",
-    "EDITORS", "make_editor",
+    "EDITORS", "make_editor", "TUNED_LR",
 ]
+
+#: lr ≈ 3.16e-4 (10^-3.5, a point of :data:`fastedit.tuning.DEFAULT_LRS`): the learning rate
+#: :func:`fastedit.tune` chose for GD, RProp and Adam on the pretrained ResNet-20's ``layer3`` (see
+#: "Defaults" above)
+TUNED_LR: float = 10.0 ** -3.5
 
 EditorState = dict  # {"t": Tensor, <slot name>: list[Tensor], ...}; a pytree, so torch.func sees through it
 
@@ -228,11 +245,14 @@ class Editor:
 
 
 class GD(Editor):
-    """Gradient descent: ``θ ← θ − lr·g``."""
+    """Gradient descent: ``θ ← θ − lr·g``.
+
+    Default ``lr = 10^-3.5 ≈ 3.16e-4`` (:data:`TUNED_LR`): tuned on the pretrained ResNet-20's
+    ``layer3`` (module docstring, "Defaults")."""
 
     name = "gd"
 
-    def __init__(self, lr: float | Tensor):
+    def __init__(self, lr: float | Tensor = TUNED_LR):
         _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
         self.lr = lr
 
@@ -246,12 +266,15 @@ class ScaledGD(Editor):
     ``‖g‖₂`` is the global L2 norm of the gradient over *all* editable parameters of one edit (per
     edit when batched), so every step moves the parameters by exactly ``lr`` in L2 (unless the
     gradient is smaller than ``eps``).
+
+    Default ``lr = 0.1``: tuned on the pretrained ResNet-20's ``layer3`` (module docstring,
+    "Defaults"); also the default editor of :func:`fastedit.surgery`.
     """
 
     name = "scaled_gd"
     hyperparameter_names = ("lr", "eps")
 
-    def __init__(self, lr: float | Tensor, eps: float = 1e-12):
+    def __init__(self, lr: float | Tensor = 0.1, eps: float = 1e-12):
         _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
         _check_range("eps", eps, 0.0, math.inf, low_open=True, high_open=True)
         self.lr, self.eps = lr, eps
@@ -270,11 +293,14 @@ class RProp(Editor):
 
     ``sign`` has zero derivative, so in Editable Training the step's Jacobian w.r.t. θ is the
     identity.
+
+    Default ``lr = 10^-3.5 ≈ 3.16e-4`` (:data:`TUNED_LR`): tuned on the pretrained ResNet-20's
+    ``layer3`` (module docstring, "Defaults").
     """
 
     name = "rprop"
 
-    def __init__(self, lr: float | Tensor):
+    def __init__(self, lr: float | Tensor = TUNED_LR):
         _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
         self.lr = lr
 
@@ -288,6 +314,9 @@ SignGD = RProp
 class RMSProp(Editor):
     """RMSProp as in the official Editable code: ``s₀ = g₀²``, ``s ← β·s + (1−β)·g²``,
     ``θ ← θ − lr·g / √(s + eps)`` (eps inside the root). The first step is ≈ ``lr·sign(g)``.
+
+    Defaults ``lr = 1e-3, beta = 0.5, eps = 1e-6``: the official Editable code's (the tuned value
+    on the pretrained ResNet-20's ``layer3`` is ``lr ≈ 3.16e-4``, β = 0.5).
     """
 
     name = "rmsprop"
@@ -308,13 +337,16 @@ class RMSProp(Editor):
 
 
 class Momentum(Editor):
-    """Momentum: ``v₀ = 0``, ``v ← lr·g + μ·v``, ``θ ← θ − v``."""
+    """Momentum: ``v₀ = 0``, ``v ← lr·g + μ·v``, ``θ ← θ − v``.
+
+    Defaults ``lr = 1e-4`` (tuned on the pretrained ResNet-20's ``layer3``, module docstring,
+    "Defaults") and ``momentum = 0.9``."""
 
     name = "momentum"
     slots = ("velocity",)
     hyperparameter_names = ("lr", "momentum")
 
-    def __init__(self, lr: float | Tensor, momentum: float | Tensor = 0.9):
+    def __init__(self, lr: float | Tensor = 1e-4, momentum: float | Tensor = 0.9):
         _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
         _check_range("momentum", momentum, 0.0, 1.0, high_open=True)
         self.lr, self.momentum = lr, momentum
@@ -331,13 +363,16 @@ class Adam(Editor):
 
     β₁ is restricted to [0.1, 1) as in the paper (β₁ = 1 would leave m at zero and make m̂ = 0/0);
     β₂ to [0, 1).
+
+    Defaults ``lr = 10^-3.5 ≈ 3.16e-4`` (:data:`TUNED_LR`, tuned on the pretrained ResNet-20's
+    ``layer3``, module docstring, "Defaults"), ``betas = (0.5, 0.999)``, ``eps = 1e-8``.
     """
 
     name = "adam"
     slots = ("exp_avg", "exp_avg_sq")
     hyperparameter_names = ("lr", "betas", "eps")
 
-    def __init__(self, lr: float | Tensor, betas: tuple = (0.5, 0.999), eps: float | Tensor = 1e-8):
+    def __init__(self, lr: float | Tensor = TUNED_LR, betas: tuple = (0.5, 0.999), eps: float | Tensor = 1e-8):
         _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -363,8 +398,9 @@ EDITORS: dict[str, type[Editor]] = {
 
 
 def make_editor(spec: str | Editor, **hparams: Any) -> Editor:
-    """An editor from its name (``"rmsprop"``, ``"scaled-gd"``, …) and hyper-parameters, or the
-    editor itself."""
+    """An editor from its name (``"rmsprop"``, ``"scaled-gd"``, …) and hyper-parameters (those not
+    given take the class defaults, see the module docstring), or the editor itself (a copy with
+    ``hparams`` replaced, if any)."""
     if isinstance(spec, Editor):
         return spec.with_hparams(**hparams) if hparams else spec
     key = str(spec).lower().replace("-", "_")

@@ -78,6 +78,11 @@ class EvalReport:
     sequence_base_error: float | None = None
     sequence_drawdown: float | None = None
     num_control_tokens: int | None = None
+    #: edits whose constraint or gradient became non-finite (NaN/±inf) at some step
+    #: (``per_edit["nonfinite"]``): such an edit stops before that step, counts as failed (success 0),
+    #: and its control metrics are those of its parameters before that step (the original model's
+    #: when it was step 0, e.g. for a non-finite input). :func:`evaluate` warns when it is not 0.
+    num_nonfinite: int = 0
 
     @property
     def metrics(self) -> list[str]:
@@ -93,7 +98,7 @@ class EvalReport:
         out = {k: getattr(self, k) for k in (
             "base_error", "drawdown", "success_rate", "mean_steps", "flip_rate",
             "flip_rate_correct_to_wrong", "flip_rate_wrong_to_correct", "mean_kl",
-            "num_edits", "num_control", "editor", "params", "max_steps", "seconds")}
+            "num_edits", "num_nonfinite", "num_control", "editor", "params", "max_steps", "seconds")}
         out["num_classes"] = self.num_classes
         out["edit_class_source"] = self.edit_class_source
         out["strategy"], out["edits_per_group"], out["world_size"] = self.strategy, self.edits_per_group, self.world_size
@@ -375,7 +380,7 @@ class _GroupRunner:
                 mi, c = edits[i]
                 ti = t.for_inputs(mi)  # the same parameters; the split for this edit's call signature
                 outs.append(run_edit_loop(ti.loss_fn(ti.prefix(mi), c, self.reduction, mi), ti.params,
-                                          self.editor, self.max_steps, early_exit=self.early))
+                                          self.editor, self.max_steps, early_exit=self.early, names=ti.names))
             params = [torch.stack(ps) for ps in zip(*(o.params for o in outs))]
             return params, *(torch.stack([getattr(o, k) for o in outs]) for k in ("steps", "loss", "bad_step"))
         cases = [edits[i] for i in idx]
@@ -388,7 +393,7 @@ class _GroupRunner:
             return reduce_constraint(c.pack(c.per_sample(t.logits(a, theta))), self.reduction)
 
         out = run_edit_loop_batched(loss_one, t.params, (acts, constraints), self.editor, self.max_steps,
-                                    early_exit=self.early)
+                                    early_exit=self.early, names=t.names)
         return out.params, out.steps, out.loss, out.bad_step
 
     def control_pass(self, strategy: str, params: list[Tensor]) -> dict[str, Tensor]:
@@ -484,7 +489,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
              early_exit: bool | str = "auto", progress: bool = True, edit_labels=None,
              keep_kl_vectors: bool = False, strategy: str = "auto", edits_per_group: int | None = None,
              cache_budget: float = DEFAULT_CACHE_BUDGET, distributed: bool | str = "auto",
-             output: OutputSpec = None) -> EvalReport:
+             output: OutputSpec = None, include_frozen: bool = False) -> EvalReport:
     """Apply each edit independently to the original model and measure its side effects on ``control``.
 
     Args:
@@ -495,7 +500,8 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         control: ``(inputs, labels [N])`` (a classifier: per-sample metrics) or ``(inputs,
             fe.TokenTargets(labels))`` (per labelled token: token error, token flips, mean per-token
             KL; and per row: sequence exact match, a row being right iff all its labelled tokens are).
-        editor, params, max_steps, reduction, use_prefix, early_exit, output: as in :func:`fastedit.edit`.
+        editor, params, max_steps, reduction, use_prefix, early_exit, output, include_frozen: as in
+            :func:`fastedit.edit`.
         batch_size: control rows per forward pass (a chunk); default 256 for classifiers, and for
             token controls as many rows as keep a chunk's logits under 2**25 elements.
         progress: show a progress bar with edits/s.
@@ -528,6 +534,10 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     class occurs in the control set). Token controls report ``sequence_base_error``,
     ``sequence_drawdown`` and ``per_edit["sequence_errors"]`` as well; ``metrics`` lists what applies.
 
+    An edit whose constraint or gradient becomes non-finite stops before that step and counts as
+    failed; ``num_nonfinite`` counts them (``per_edit["nonfinite"]`` says which), and a
+    :class:`UserWarning` names how many and the first few indices.
+
     An edit satisfied before its first step leaves the parameters untouched, so its control metrics
     are the original model's and its control pass is skipped (with ``early_exit``, where the step
     count is read anyway). Every edit's constraint is checked against the model's logits before
@@ -551,7 +561,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     rank, world = _shard_info(distributed)
     start = time.perf_counter()
     with eval_mode(model):
-        target = EditTarget.build(model, params, use_prefix, output=output)
+        target = EditTarget.build(model, params, use_prefix, output=output, include_frozen=include_frozen)
         edit_set = _Edits(target, edits)
         target = target.for_inputs(edit_set.first_inputs())
         early = resolve_early_exit(early_exit, target.device)
@@ -601,6 +611,9 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     pe = {k: torch.cat([r[k] for r in rows]) if rows else torch.empty(0) for k in (rows[0] if rows else {})}
     if world > 1:
         pe = _gather_per_edit(pe, world)
+    num_nonfinite = int(pe["nonfinite"].sum())
+    if num_nonfinite and rank == 0:
+        warnings.warn(_nonfinite_message(pe["nonfinite"]), UserWarning, stacklevel=2)
     n_units = control_set.num_units
     base_error = int(base_per_class.sum()) / n_units
     error = pe["errors"].double() / n_units
@@ -631,8 +644,18 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         params=list(target.names), max_steps=max_steps, seconds=time.perf_counter() - start, per_edit=pe,
         per_class_drawdown=per_class, num_classes=int(num_classes) if not tokens else 0,
         edit_class_source=edit_class_source, strategy=strategy, edits_per_group=group, world_size=world,
-        control_kind=control_set.kind, strategy_fallback=runner.fallback, **split_info(target), **extra,
+        control_kind=control_set.kind, strategy_fallback=runner.fallback, num_nonfinite=num_nonfinite,
+        **split_info(target), **extra,
     )
+
+
+def _nonfinite_message(nonfinite: Tensor, shown: int = 5) -> str:
+    """The warning about edits with a non-finite constraint or gradient: how many, and the first few."""
+    idx = nonfinite.nonzero().flatten().tolist()
+    first = ", ".join(map(str, idx[:shown])) + (", ..." if len(idx) > shown else "")
+    return (f"fastedit.evaluate: {len(idx)} of {nonfinite.numel()} edits had a non-finite constraint or gradient "
+            f"(NaN/inf; edits {first}) and count as failed: check those edits' inputs for NaN/inf values, or use "
+            "a smaller editor learning rate if the steps diverge (report.num_nonfinite, per_edit['nonfinite'])")
 
 
 def _base_row(control_set: _ControlSet, base_per_class: Tensor) -> dict[str, Tensor]:

@@ -486,7 +486,7 @@ class _Tuner:
                     pass  # constraint holds: the hinge has zero gradient, no editor step
                 else:
                     _, grads = self.gradient(theta, batch)
-                    editor_step_(self.editor, theta, grads, state, mask=masks)
+                    editor_step_(self.editor, theta, grads, state, mask=masks, names=self.goal.target.names)
                     self.steps += 1
                 if tau is not None:
                     self.prox(theta, tau)

@@ -57,8 +57,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .constraint import (IGNORE_INDEX, Classification, Constraint, TokenTargets, as_constraint, reduce_constraint,
-                         validate)
+from .constraint import (IGNORE_INDEX, Classification, Constraint, TokenTargets, as_constraint, is_numpy,
+                         reduce_constraint, validate)
 from .edit import cached_entry, check_common, eval_mode, math_attention, resolve_aliases, resolve_early_exit
 from .editors import Adam, Editor, RMSProp, make_editor
 from .kernels.differentiable import editor_step
@@ -308,11 +308,14 @@ class EditableTraining(nn.Module):
             (:func:`fastedit.kernels.differentiable.editor_step`) instead of ``Editor.step``'s chain
             of elementwise ops; same values and derivatives, fewer saved tensors.
         output: where the logits are in the model's output (as in :func:`fastedit.edit`).
+        include_frozen: also edit parameters with ``requires_grad=False`` (as in :func:`fastedit.edit`:
+            by default a module prefix skips them and naming one raises).
 
     ``loss, stats = et(inputs, target)``: ``inputs`` as in :func:`fastedit.edit` (a tensor, a tuple,
-    a mapping such as a tokenizer's output), ``target`` class labels ``[B]`` (``L_base`` is the
-    cross-entropy, ``L_loc`` the batch-mean KL) or ``fe.TokenTargets`` (token cross-entropy over the
-    labelled positions, ``L_loc`` the mean per-token KL over them). Edits may be given per batch,
+    a mapping such as a tokenizer's output), ``target`` class labels ``[B]`` (an integer tensor or a
+    NumPy integer array; ``L_base`` is the cross-entropy, ``L_loc`` the batch-mean KL) or
+    ``fe.TokenTargets`` (token cross-entropy over the labelled positions, ``L_loc`` the mean
+    per-token KL over them; at least one position of the batch must be labelled). Edits may be given per batch,
     ``et(inputs, target, edit_inputs, edit_target)``, with any constraint; each unit of
     ``edit_target`` is one edit (a row, a group of ranking candidates; a callable covers all rows).
     The inner editor steps run under the math SDPA backend, so models with fused attention
@@ -321,13 +324,22 @@ class EditableTraining(nn.Module):
     It returns the objective and a dict of detached 0-dim tensors:
     ``loss_base``, ``loss_edit``, ``loss_loc``, ``edit_success`` (share of edits satisfied within
     ``k`` steps), ``edit_steps`` (mean steps taken), ``objective``.
+
+    Bad input raises ``TypeError`` (labels that are not integers, a target of the wrong kind) or
+    ``ValueError`` (an empty batch, a label count that does not match the samples, a label out of
+    range for the model's classes or vocabulary, a ``fe.TokenTargets`` batch with no labelled
+    position, labels on another device than the logits, a given edit that does not fit), naming the
+    problem, and leaves the model as it was: parameters, buffers (the train-mode forward's BatchNorm
+    running statistics are put back: every buffer is copied before a step and restored if it raises),
+    every module's mode and ``requires_grad``. Checks that need no forward (types, counts, labelled
+    positions, given edits' shapes) run before the model does.
     """
 
     def __init__(self, model: nn.Module, params: ParamSpec = "layer3", editor: Editor | str | None = None,
                  max_steps: int = 10, c_edit: float = 0.01, c_loc: float = 0.01, *,
                  learn: Iterable[str] | None = None, num_edits: int = 1, rematerialize: bool = False,
                  reduction: str = "max", loc_mode: str = "shared", early_exit: bool | str = "auto",
-                 closed_form: bool = True, output: OutputSpec = None):
+                 closed_form: bool = True, output: OutputSpec = None, include_frozen: bool = False):
         super().__init__()
         check_common(max_steps, reduction)
         if isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1:
@@ -338,7 +350,7 @@ class EditableTraining(nn.Module):
             raise ValueError(f"c_edit and c_loc must be finite and ≥ 0, got {c_edit}, {c_loc}")
         self.model = model
         self.learned_editor = LearnableEditor(editor if editor is not None else RMSProp(1e-3, beta=0.5), learn)
-        self.param_names = [n for n, _ in select_parameters(model, params)]
+        self.param_names = [n for n, _ in select_parameters(model, params, include_frozen=include_frozen)]
         self.max_steps, self.c_edit, self.c_loc = max_steps, float(c_edit), float(c_loc)
         self.num_edits, self.rematerialize = num_edits, rematerialize
         self.reduction, self.loc_mode, self.early_exit = reduction, loc_mode, early_exit
@@ -446,19 +458,29 @@ class EditableTraining(nn.Module):
             if edit_inputs is not None or edit_target is not None:
                 raise TypeError("pass edit_inputs/edit_target or edit_x/edit_y, not both")
             edit_inputs, edit_target = edit_x, edit_y
+        # every check that needs no forward, before the model runs
         mi = ModelInputs.of(inputs)
         base = _batch_target(target, mi)
+        given = None
+        if edit_inputs is not None:
+            given = _given_edits(edit_inputs, edit_target)
+        elif edit_target is not None:
+            raise ValueError("edit_target (edit_y) was given without edit_inputs (edit_x)")
+        with _buffers_restored_on_error(self.model):
+            return self._objective(mi, base, given)
+
+    def _objective(self, mi: ModelInputs, base: Constraint, given: tuple[ModelInputs, Constraint] | None):
         split = self._split(mi)
         acts, out = split.prefix_and_output(mi)  # (1) the module's own mode; BN statistics move here only
         logits = self._read(out)
+        _on_device(base, logits.device, _BATCH)
         loss_base = _base_loss(logits, base)
-        given = edit_inputs is not None
-        if not given:
-            if edit_target is not None:
-                raise ValueError("edit_target (edit_y) was given without edit_inputs (edit_x)")
+        if given is None:
             edit_rows, edits = self._sample_edits(mi, base, logits)
         else:
-            edit_rows, edits = _given_edits(edit_inputs, edit_target, logits.device)
+            edit_rows, c = given
+            _on_device(c, logits.device, "edit_target (edit_y)")
+            edits = _edit_units(edit_rows, c)
 
         with eval_mode(self.model):           # (2) edits in eval mode, as fastedit.edit
             if self.loc_mode == "eval":
@@ -501,48 +523,95 @@ class EditableTraining(nn.Module):
         return objective, stats
 
 
+@contextlib.contextmanager
+def _buffers_restored_on_error(model: nn.Module):
+    """Copy every buffer of ``model`` and put the copies back if the body raises: the batch's forward
+    in the module's own mode moves BatchNorm running statistics before the labels can be checked
+    against the logits, and a step that fails must leave the model as it was. Buffers are small
+    (statistics, position ids), so the copy costs little next to a training step."""
+    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
+             if b is not None]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, name, b, copy in saved:
+                b.copy_(copy)
+                m._buffers[name] = b  # also when the forward replaced the tensor
+        raise
+
+
+_BATCH = "the batch's target"
+
+
 def _batch_target(target, inputs: ModelInputs) -> Constraint:
-    """The batch's labels as a constraint: class labels ``[B]`` or ``fe.TokenTargets``."""
+    """The batch's labels as a constraint, checked before the model runs: class labels ``[B]`` (an
+    integer tensor or a NumPy integer array) or ``fe.TokenTargets`` with one row per sample and, for
+    tokens, at least one labelled position."""
     if isinstance(target, TokenTargets):
         c = target
-    elif isinstance(target, Tensor) and not isinstance(target, bool):
-        c = as_constraint(target, "the batch's target")
+    elif isinstance(target, Tensor) or is_numpy(target):
+        try:
+            c = as_constraint(target, _BATCH)
+        except ValueError as exc:
+            raise ValueError(f"{_BATCH}: {exc}") from None
+    elif isinstance(target, Constraint):
+        raise TypeError(f"{_BATCH} must be class labels [B] or fe.TokenTargets(labels), got {type(target).__name__}: "
+                        "other constraints are edits (pass them as edit_target with edit_inputs)")
     else:
-        raise TypeError("the batch's target must be class labels [B] or fe.TokenTargets(labels), got "
-                        f"{type(target).__name__}")
+        raise TypeError(f"{_BATCH} must be class labels [B] (an integer tensor or NumPy integer array) or "
+                        f"fe.TokenTargets(labels), got {type(target).__name__}")
     from .edit import check_rows
-    check_rows(c, inputs.num_samples)
+    try:
+        check_rows(c, inputs.num_samples)
+    except ValueError as exc:
+        raise ValueError(f"{_BATCH}: {exc}") from None
+    if isinstance(c, TokenTargets) and not bool(c.mask().any()):
+        shift = " after the causal shift (labels[:, 1:])" if c.causal else ""
+        raise ValueError(f"{_BATCH}: no position of the batch is labelled{shift}: every label is {IGNORE_INDEX}; "
+                         "L_base and the sampled edits need at least one labelled token")
     return c
+
+
+def _on_device(c: Constraint, device: torch.device, what: str) -> None:
+    """Labels on the logits' device (host labels are moved there), else ``ValueError``."""
+    try:
+        c.check_device(device)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def _base_loss(logits: Tensor, target: Constraint) -> Tensor:
     """L_base: cross-entropy over the batch (class labels) or its labelled tokens (``-100`` ignored)."""
     if isinstance(target, TokenTargets):
-        target.validate(logits.detach(), allow_unlabelled_rows=True)
+        validate(target, logits.detach(), _BATCH, allow_unlabelled_rows=True)
         z, labels = target.aligned(logits)
         return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    target.validate(logits.detach())
+    validate(target, logits.detach(), _BATCH)
     return F.cross_entropy(logits, target.labels)
 
 
-def _given_edits(edit_inputs, edit_target, device) -> tuple[ModelInputs, list]:
-    """Edits given for the batch: each unit of ``edit_target`` is one edit (rows ``lo:hi``)."""
+def _given_edits(edit_inputs, edit_target) -> tuple[ModelInputs, Constraint]:
+    """The edits given for the batch, checked before the model runs (types, one label per row)."""
     if edit_target is None:
         raise ValueError("edit_target (edit_y) is missing: give the edits' constraint (e.g. their target classes, "
                          "one per row of edit_inputs)")
     mi = ModelInputs.of(edit_inputs, "edit_inputs")
-    if isinstance(edit_target, int) and not isinstance(edit_target, bool):
-        edit_target = torch.tensor([edit_target], device=device)
-    c = as_constraint(edit_target, "edit_target (edit_y)")
+    c = as_constraint(edit_target, "edit_target (edit_y)")  # ints, NumPy: host labels, moved to the logits' device
     from .edit import check_rows
     try:
         check_rows(c, mi.num_samples)
     except ValueError as exc:
         raise ValueError(f"edit_target (edit_y): {exc}") from None
+    return mi, c
+
+
+def _edit_units(mi: ModelInputs, c: Constraint) -> list:
+    """Each unit of the given edits' constraint is one edit: ``(first row, end row, constraint)``."""
     if c.rows_per_unit is None:
-        return mi, [(0, mi.num_samples, c)]
+        return [(0, mi.num_samples, c)]
     r = c.rows_per_unit
-    return mi, [(i * r, (i + 1) * r, c.units(i, i + 1)) for i in range(c.num_units(mi.num_samples))]
+    return [(i * r, (i + 1) * r, c.units(i, i + 1)) for i in range(c.num_units(mi.num_samples))]
 
 
 def _check_given_edit(c: Constraint, logits: Tensor, k: int, lo: int, hi: int) -> None:

@@ -113,8 +113,10 @@ def _check_grid(cls: type[Editor], grid: dict[str, Sequence]) -> dict[str, list]
     return out
 
 
-def _base_hparams(editor: Editor | str, cls: type[Editor]) -> dict[str, Any]:
-    """The non-searched hyper-parameters: the instance's, or the class defaults for a name."""
+def _base_hparams(editor: Editor | str | type, cls: type[Editor]) -> dict[str, Any]:
+    """The non-searched hyper-parameters: the instance's, or the constructor's defaults for a name or a
+    class (every built-in editor has one for each hyper-parameter; a user's subclass without some
+    default needs them in the grid, :func:`_build` says so)."""
     if isinstance(editor, Editor):
         return editor.hparams()
     sig = inspect.signature(cls.__init__)
@@ -146,7 +148,7 @@ def _progress(total: int, name: str, enabled: bool):
     return tqdm(total=total, desc=f"tune ({name})", unit="point")
 
 
-def tune(model: nn.Module, edits, control, editor: Editor | str = "rmsprop", params: ParamSpec = None,
+def tune(model: nn.Module, edits, control, editor: Editor | str | type = "rmsprop", params: ParamSpec = None,
          max_steps: int = 10, *, grid: dict[str, Sequence] | None = None, min_success: float = 0.95,
          batch_size: int = 256, progress: bool = True, **evaluate_kwargs) -> TuneResult:
     """Search an editor's hyper-parameters by the paper's protocol: minimise drawdown subject to
@@ -165,8 +167,9 @@ def tune(model: nn.Module, edits, control, editor: Editor | str = "rmsprop", par
 
     Args:
         model, edits, control, params, max_steps, batch_size: as in :func:`fastedit.evaluate`.
-        editor: a name (class defaults for the non-searched hyper-parameters) or an
-            :class:`~fastedit.Editor` instance (its non-searched hyper-parameters are kept).
+        editor: a name or an :class:`~fastedit.Editor` class (the class defaults, see
+            :mod:`fastedit.editors`, for the hyper-parameters not in ``grid``) or an instance (its
+            hyper-parameters not in ``grid`` are kept).
         grid: ``{hyper-parameter name: list of values}``, searched as a full cartesian product (in
             the dict's order, the last name varying fastest). Names must be hyper-parameters of the
             editor; for Adam, ``"beta1"``/``"beta2"`` set the two entries of ``betas``. Default:

@@ -132,13 +132,25 @@ def test_classification_satisfied_iff_argmax_is_label_ties_included():
     c = fe.Classification(y)
     assert c.satisfied(z).tolist() == [True, True, True, False, False, False]
     assert (c.satisfied(z) == (z.argmax(-1) == y)).all()
-    # ties: the label ties the maximum (not the first maximal index) -> value exactly 0, satisfied
-    z[3, y[3]] = z[3].max()
-    z[4, 0] = z[4, 1] = 9.0
-    y4 = torch.tensor([0, 1])
-    assert fe.Classification(y[3:4]).per_sample(z[3:4]).item() == 0.0
-    assert fe.Classification(y4).satisfied(z[[4, 4]]).tolist() == [True, True]
-    assert fe.Classification(y4).per_sample(z[[4, 4]]).tolist() == [0.0, 0.0]
+    # ties break like torch.argmax: the first maximal index wins
+    z[4, 0] = z[4, 1] = z[4, 3] = 9.0
+    y4 = torch.tensor([0, 1, 3])
+    rows = z[[4, 4, 4]]
+    assert fe.Classification(y4).satisfied(rows).tolist() == [True, False, False]
+    assert (fe.Classification(y4).satisfied(rows) == (rows.argmax(-1) == y4)).all()
+    got = fe.Classification(y4).per_sample(rows)
+    tiny = torch.finfo(torch.float64).tiny
+    assert got.tolist() == [0.0, tiny, tiny]  # a lost tie is just above 0
+    # ... and its gradient is the margin's: the maximum's gradient shared by the tied classes
+    leaf = rows.clone().requires_grad_()
+    fe.Classification(y4).per_sample(leaf).sum().backward()
+    plain = rows.clone().requires_grad_()
+    (plain.amax(-1) - plain.gather(1, y4[:, None]).squeeze(1)).sum().backward()
+    assert torch.equal(leaf.grad, plain.grad)
+    # low precision: bfloat16 logits tie often, the rule still follows argmax
+    zb = torch.tensor([[1.0, 1.0, 0.5]], dtype=torch.bfloat16)
+    assert fe.Classification(torch.tensor([1])).satisfied(zb).tolist() == [False]
+    assert fe.Classification(torch.tensor([0])).satisfied(zb).tolist() == [True]
 
 
 def test_classification_gradient_is_onehot_argmax_minus_onehot_label():
@@ -222,10 +234,11 @@ def test_token_targets_satisfied_iff_greedy_reproduces_labels():
     z_bad[2, t2, other] = z_bad[2, t2, y2] + 0.25
     assert c.satisfied(z_bad).tolist() == [True, True, False, True]
     assert c.per_sample(z_bad)[2].item() == pytest.approx(0.25, abs=1e-12)
-    # a tie with the label is satisfied, like torch.max
+    # a tie with the label is satisfied iff the label is the first maximal index, like torch.argmax
     z_tie = z.clone()
     z_tie[2, t2, other] = z_tie[2, t2, y2]
-    assert c.satisfied(z_tie).all()
+    assert c.satisfied(z_tie)[2].item() == (y2 < other)
+    assert c.satisfied(z_tie)[2].item() == bool((z_tie[2, t2].argmax() == y2))
     # perturbing an ignored position changes nothing
     ignored = (~lab).nonzero()
     if len(ignored):

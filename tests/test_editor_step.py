@@ -10,6 +10,10 @@ Tolerances: GD, Scaled GD, sign and Momentum are compared bit for bit. RMSProp a
 correctly rounded sqrt, torch's CPU sqrt (MKL VML) is not, and Adam's beta**t goes through pow.
 float16/bfloat16 parameters: ≤ 1 ulp of the parameter dtype (the Triton interpreter truncates
 bf16 casts instead of rounding, DESIGN.md §3).
+
+Hyper-parameters are asymmetric everywhere a kernel is compared with the rule (RMSProp β = 0.7,
+Adam β = (0.9, 0.999)): with β = 0.5, β and 1 − β are the same number, and a kernel that swapped
+them would pass.
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ EXACT_RULES = {"gd", "scaled_gd", "rprop", "momentum"}
 
 
 def editors():
-    return [fe.GD(0.1), fe.ScaledGD(0.05), fe.RProp(0.01), fe.RMSProp(1e-2, beta=0.5, eps=1e-6),
-            fe.Momentum(0.1, momentum=0.9), fe.Adam(0.01, betas=(0.5, 0.999), eps=1e-8)]
+    return [fe.GD(0.1), fe.ScaledGD(0.05), fe.RProp(0.01), fe.RMSProp(1e-2, beta=0.7, eps=1e-6),
+            fe.Momentum(0.1, momentum=0.9), fe.Adam(0.01, betas=(0.9, 0.999), eps=1e-8)]
 
 
 EDITOR_IDS = [e.name for e in editors()]
@@ -57,10 +61,10 @@ def clone_state(state):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else [x.clone() for x in v]) for k, v in state.items()}
 
 
-def step(backend, editor, params, grads, state, active=None, *, batched=False, mask=None):
+def step(backend, editor, params, grads, state, active=None, *, batched=False, mask=None, names=None):
     """editor_step_ through one named backend (bypassing the dispatcher's choice)."""
     with torch.no_grad():
-        es._editor_step(editor, params, grads, state, active, batched, mask, backend=backend)
+        es._editor_step(editor, params, grads, state, active, batched, mask, backend=backend, names=names)
 
 
 def tolerance(ref: torch.Tensor, old: torch.Tensor, rule: str, backend: str) -> torch.Tensor:
@@ -158,7 +162,7 @@ def test_matches_editor_step(backend, editor, dtype, batched):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inactive_edits_untouched_even_with_nan_gradients(backend):
-    editor = fe.Adam(0.1)
+    editor = fe.Adam(0.1, betas=(0.9, 0.999))
     params, state, gen = make(editor, torch.float32, True, [5, 33], E=4)
     state["t"] += torch.tensor([0.0, 3.0, 1.0, 7.0])
     for s in editor.slots:
@@ -236,7 +240,7 @@ def test_sparse_mask(backend, editor, batched):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_index_masks_equal_bool_masks(backend):
-    editor = fe.RMSProp(0.01)
+    editor = fe.RMSProp(0.01, beta=0.7)
     params = [torch.randn(50), torch.randn(4, 6)]
     grads = [torch.randn_like(p) for p in params]
     idx = [torch.tensor([0, 7, 49]), torch.tensor([3, 23])]
@@ -290,39 +294,61 @@ def test_property_cpu_vs_oracle(sizes, rule, scale, batched, seed):
 
 
 def _inputs(editor=None, **over):
-    editor = editor or fe.RMSProp(0.1)
+    editor = editor or fe.RMSProp(0.1, beta=0.7)
     params = [torch.randn(3, 4), torch.randn(5)]
     grads = [torch.randn(3, 4), torch.randn(5)]
     state = editor.init_state(params)
     return editor, params, grads, state
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case, error, match", [
-    ("noncontiguous_param", ValueError, "contiguous"),
-    ("noncontiguous_grad", ValueError, "contiguous"),
-    ("grad_dtype", TypeError, "gradient 0 is torch.float64"),
-    ("grad_shape", ValueError, "shape"),
-    ("grad_device", ValueError, "must be on"),
-    ("int_param", TypeError, "dtype torch.int64"),
+# every case that concerns one tensor names its parameter: "parameter 0" without names, the
+# name with names= (the same cases run both ways)
+BAD_CASES = [
+    ("overlapping_param", ValueError, "parameter 0 overlaps itself in memory"),
+    ("overlapping_state", ValueError, r"state\['square_avg'\] of parameter 1 overlaps itself"),
+    ("overlapping_t", ValueError, r"state\['t'\] overlaps itself"),
+    ("grad_dtype", TypeError, "the gradient of parameter 0 is torch.float64"),
+    ("grad_shape", ValueError, r"parameter 1 has shape \(5,\) but its gradient \(6,\)"),
+    ("grad_device", ValueError, "parameter 1 .* must be on"),
+    ("int_param", TypeError, "parameter 0 has dtype torch.int64"),
     ("fewer_grads", ValueError, "2 parameter tensors but 1 gradients"),
-    ("state_dtype", ValueError, r"state\['square_avg'\]\[0\] must be a contiguous torch.float32"),
+    ("state_dtype", ValueError, r"state\['square_avg'\] of parameter 0 must be a torch.float32"),
+    ("state_alias", ValueError, r"state\['square_avg'\] of parameter 1 aliases the parameter"),
     ("state_missing", ValueError, "slot 'square_avg'"),
     ("t_dtype", TypeError, "state\\['t'\\] is torch.float64"),
     ("active_shape", ValueError, "active must have shape"),
     ("active_dtype", TypeError, "active must be a bool"),
-    ("mask_shape", ValueError, "mask 1 has shape"),
-    ("mask_dtype", TypeError, "mask 0 must be bool"),
-    ("mixed_fp64", TypeError, "cannot be mixed"),
+    ("mask_shape", ValueError, "the mask of parameter 1 has shape"),
+    ("mask_dtype", TypeError, "the mask of parameter 0 must be bool"),
+    ("mask_index", IndexError, r"the index mask of parameter 1 holds a flat index outside \[-5, 5\)"),
+    ("mixed_fp64", TypeError, "parameter 1 is torch.float64 but parameter 0 is torch.float32: float64"),
     ("not_editor", TypeError, "fastedit Editor"),
-])
-def test_bad_inputs_rejected_before_writing(backend, case, error, match):
+    ("names_length", ValueError, "1 names for 2 parameter tensors"),
+    ("names_type", TypeError, r"names\[1\] must be a string"),
+]
+NAMES = ["layer.weight", "layer.bias"]
+
+
+def _named(match: str) -> str:
+    """The expected message when the call names its parameters (NAMES)."""
+    return match.replace("parameter 0", f"parameter '{NAMES[0]}'").replace("parameter 1", f"parameter '{NAMES[1]}'")
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["positions", "names"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, error, match", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_inputs_rejected_before_writing(backend, case, error, match, named):
     editor, params, grads, state = _inputs()
     active, mask = None, None
-    if case == "noncontiguous_param":
-        params[0] = torch.randn(4, 3).t()
-    elif case == "noncontiguous_grad":
-        grads[0] = torch.randn(4, 3).t()
+    names = list(NAMES) if named else None
+    if case == "overlapping_param":
+        params[0] = torch.randn(4).expand(3, 4)
+    elif case == "overlapping_state":
+        state["square_avg"][1] = torch.zeros(1).expand(5)
+    elif case == "overlapping_t":
+        params, grads = [torch.randn(3, 4)], [torch.randn(3, 4)]
+        state = editor.init_state(params, batched=True)
+        state["t"] = torch.zeros(1).expand(3)
     elif case == "grad_dtype":
         grads[0] = grads[0].double()
     elif case == "grad_shape":
@@ -336,6 +362,8 @@ def test_bad_inputs_rejected_before_writing(backend, case, error, match):
         grads = grads[:1]
     elif case == "state_dtype":
         state["square_avg"][0] = state["square_avg"][0].double()
+    elif case == "state_alias":
+        state["square_avg"][1] = params[1]
     elif case == "state_missing":
         del state["square_avg"]
     elif case == "t_dtype":
@@ -348,15 +376,30 @@ def test_bad_inputs_rejected_before_writing(backend, case, error, match):
         mask = [torch.ones(3, 4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)]
     elif case == "mask_dtype":
         mask = [torch.ones(3, 4), torch.ones(5)]
+    elif case == "mask_index":
+        mask = [torch.tensor([0, 11]), torch.tensor([2, 5])]
     elif case == "mixed_fp64":
         params[1], grads[1] = params[1].double(), grads[1].double()
     elif case == "not_editor":
         editor = torch.optim.SGD
+    elif case == "names_length":
+        names = ["only.one"]
+    elif case == "names_type":
+        names = ["layer.weight", 3]
+    if case == "overlapping_t" and names is not None:
+        names = names[:1]
     snap = [p.clone() for p in params if p.device.type == "cpu"]
-    with pytest.raises(error, match=match):
-        step(backend, editor, params, grads, state, active, mask=mask)
+    state_snap = clone_state(state) if case not in ("state_missing",) else None
+    with pytest.raises(error, match=_named(match) if named else match):
+        step(backend, editor, params, grads, state, active, mask=mask, names=names,
+             batched=case == "overlapping_t")
     for a, b in zip([p for p in params if p.device.type == "cpu"], snap):
         assert torch.equal(a, b)
+    if state_snap is not None:
+        for key, value in state_snap.items():
+            for a, b in zip(value if isinstance(value, list) else [value],
+                            state[key] if isinstance(value, list) else [state[key]]):
+                assert torch.equal(a, b), f"state[{key!r}] was written"
 
 
 def test_batched_shape_errors():
@@ -378,14 +421,36 @@ def test_compiled_op_checks_its_inputs():
         op(p, g, [], [], t, None, None, [], 9, 0.1, 0.5, 0.9, 1e-6, False)
     with pytest.raises(RuntimeError, match="needs 1 \\+ 0 state tensors"):
         op(p, g, [], [], t, None, None, [], 3, 0.1, 0.5, 0.9, 1e-6, False)
-    with pytest.raises(RuntimeError, match="must be contiguous"):
-        op([torch.randn(4, 2).t()], [torch.randn(2, 4)], [], [], t, None, None, [], 0, 0.1, 0, 0, 0, False)
+    with pytest.raises(RuntimeError, match="parameter 0 overlaps itself in memory"):
+        op([torch.randn(2).expand(4, 2)], [torch.randn(4, 2)], [], [], t, None, None, [], 0, 0.1, 0, 0, 0, False)
     with pytest.raises(RuntimeError, match="ScaledGD needs inv_norm"):
         op(p, g, [], [], t, None, None, [], 1, 0.1, 0, 0, 0, False)
-    with pytest.raises(RuntimeError, match="state of parameter 0 must be"):
+    with pytest.raises(RuntimeError, match="the state of parameter 0 must be"):
         op(p, g, [torch.zeros(4, dtype=torch.float64)], [], t, None, None, [], 3, 0.1, 0.5, 0, 1e-6, False)
     with pytest.raises(RuntimeError, match="t must be 0-dim"):
         op(p, g, [], [], torch.zeros(1), None, None, [], 0, 0.1, 0, 0, 0, False)
+    # names=: every per-tensor message names the parameter
+    named = ["head.weight"]
+    with pytest.raises(RuntimeError, match="the state of parameter 'head.weight' must be"):
+        op(p, g, [torch.zeros(4, dtype=torch.float64)], [], t, None, None, [], 3, 0.1, 0.5, 0, 1e-6, False, named)
+    with pytest.raises(RuntimeError, match="the gradient of parameter 'head.weight' is Double"):
+        op(p, [torch.randn(4, dtype=torch.float64)], [], [], t, None, None, [], 0, 0.1, 0, 0, 0, False, named)
+    with pytest.raises(RuntimeError, match=r"parameter 'head.weight' has shape \[4\] but its gradient \[5\]"):
+        op(p, [torch.randn(5)], [], [], t, None, None, [], 0, 0.1, 0, 0, 0, False, names=named)
+    with pytest.raises(RuntimeError, match="parameter 'head.weight' overlaps itself"):
+        op([torch.randn(1).expand(4)], g, [], [], t, None, None, [], 0, 0.1, 0, 0, 0, False, names=named)
+    with pytest.raises(RuntimeError, match="the state of parameter 'head.weight' aliases the parameter"):
+        op(p, g, p, [], t, None, None, [], 4, 0.1, 0.5, 0, 0, False, names=named)
+    with pytest.raises(RuntimeError, match="the mask of parameter 'head.weight' must have the shape"):
+        op(p, g, [], [], t, None, None, [torch.ones(3, dtype=torch.bool)], 0, 0.1, 0, 0, 0, False, names=named)
+    with pytest.raises(RuntimeError, match="the mask of parameter 'head.weight' must be a bool tensor"):
+        op(p, g, [], [], t, None, None, [torch.ones(4)], 0, 0.1, 0, 0, 0, False, names=named)
+    with pytest.raises(RuntimeError, match="parameter 'head.weight' must be float32, float64"):
+        op([torch.ones(4, dtype=torch.long)], [torch.ones(4, dtype=torch.long)], [], [], t, None, None, [], 0,
+           0.1, 0, 0, 0, False, names=named)
+    with pytest.raises(RuntimeError, match="2 names for 1 parameter tensors"):
+        op(p, g, [], [], t, None, None, [], 0, 0.1, 0, 0, 0, False, names=["a", "b"])
+    assert torch.equal(t, torch.zeros(())), "a rejected call advanced t"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +515,7 @@ def _op_args(rule, batched, masked):
     active = torch.tensor([True, False]) if batched else torch.tensor(True)
     inv = torch.full(lead, 0.5) if rule == 1 else None
     masks = [torch.rand(p.shape, generator=gen) < 0.5 for p in params] if masked else []
-    return (params, grads, slot1, slot2, t, active, inv, masks, rule, 0.1, 0.5, 0.9, 1e-6, batched)
+    return (params, grads, slot1, slot2, t, active, inv, masks, rule, 0.1, 0.7, 0.999, 1e-6, batched)
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="fastedit._C not built")
@@ -458,6 +523,13 @@ def _op_args(rule, batched, masked):
 def test_opcheck(rule):
     for batched, masked in ((False, False), (True, True)):
         torch.library.opcheck(torch.ops.fastedit.editor_step_.default, _op_args(rule, batched, masked))
+    # with names=, and with non-contiguous parameters and state (stepped through stand-ins)
+    args = _op_args(rule, True, True)
+    args[0][1] = args[0][1].transpose(1, 2).contiguous().transpose(1, 2)
+    for slot in args[2] + args[3]:
+        slot.set_(slot.transpose(-1, -2).contiguous().transpose(-1, -2))
+    assert not args[0][1].is_contiguous()
+    torch.library.opcheck(torch.ops.fastedit.editor_step_.default, args, {"names": ["a", "b"]})
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="fastedit._C not built")
@@ -465,7 +537,7 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 
     def f(params, grads, slot1, t, active):
-        torch.ops.fastedit.editor_step_(params, grads, slot1, [], t, active, None, [], 3, 0.01, 0.5, 0.0,
+        torch.ops.fastedit.editor_step_(params, grads, slot1, [], t, active, None, [], 3, 0.01, 0.7, 0.0,
                                         1e-6, True)
         return params[0].sum()
 
@@ -488,7 +560,7 @@ def test_torch_compile_fullgraph():
 def test_torch_compile_fullgraph_public_api(monkeypatch):
     monkeypatch.delenv("FASTEDIT_BACKEND", raising=False)
     torch._dynamo.reset()
-    editor = fe.RMSProp(0.01, beta=0.5)
+    editor = fe.RMSProp(0.01, beta=0.7)
 
     def f(params, grads, state, active):
         editor_step_(editor, params, grads, state, active, batched=True)
@@ -626,7 +698,7 @@ def test_triton_one_launch_per_dtype_group(monkeypatch):
     counter = _count_launches(monkeypatch)
     BLOCK = 1024
     for dtypes, E in (([torch.float32], 3), ([torch.float64], 2), ([torch.float32, torch.float16, torch.bfloat16], 2)):
-        editor = fe.Adam(0.01)
+        editor = fe.Adam(0.01, betas=(0.9, 0.999))
         params, grads, state, masks = _mt_inputs(editor, dtypes, True, E, seed=0, masked=True)
         counter.grids.clear(), counter.dtypes.clear()
         step("triton", editor, params, grads, state, torch.tensor([True, False] * (E // 2) + [True] * (E % 2)),

@@ -420,3 +420,105 @@ def test_cmake_built_module():
     assert out["info"]["torch_version"] == torch.__version__.split("+")[0]
     if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
         assert out["info"]["intra_op_parallel"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled CPU kernels are what runs (not a quiet fallback to the reference)
+
+
+_OPS = ("editor_step_", "edit_constraint", "edit_metrics")
+
+
+def _spy_on_compiled_ops(monkeypatch) -> dict:
+    """Count the calls of every ``torch.ops.fastedit`` op (the callers look the op up at each call)
+    and make the pure-PyTorch fallbacks raise, so a path that stopped using the compiled kernel
+    fails instead of passing quietly."""
+    from fastedit.kernels import editor_step as es
+    from fastedit.kernels import reference
+
+    monkeypatch.delenv("FASTEDIT_BACKEND", raising=False)
+    calls = {name: 0 for name in _OPS}
+    for name in _OPS:
+        # the dispatcher's CPU entry is the C++ kernel of csrc/cpu/ (not a Python registration)
+        table = torch._C._dispatch_dump_table(f"fastedit::{name}")
+        source = {"editor_step_": "editor_step", "edit_constraint": "edit_constraint", "edit_metrics": "edit_metrics"}
+        assert re.search(rf"^CPU: registered at \S*csrc/cpu/{source[name]}\.cpp:\d+ \[kernel\]", table, re.M), table
+        real = getattr(torch.ops.fastedit, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            tensors = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])
+                       if isinstance(x, torch.Tensor)]
+            assert all(x.device.type == "cpu" for x in tensors)  # so the dispatcher picks the CPU kernel
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.ops.fastedit, name, counted)
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("a pure-PyTorch fallback ran instead of the compiled kernel")
+
+    monkeypatch.setattr(es, "_reference_", fallback)
+    monkeypatch.setattr(es, "_triton_", fallback)
+    monkeypatch.setattr(reference, "edit_constraint", fallback)
+    monkeypatch.setattr(reference, "edit_metrics", fallback)
+    return calls
+
+
+def _spy_model():
+    import fastedit as fe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(10, 6)
+    with torch.no_grad():
+        y = model(x).topk(2, dim=1).indices[:, 1]  # runner-up classes: edits that need a few steps
+    return fe, model, x, y
+
+
+def test_compiled_cpu_kernels_run_in_edit_evaluate_and_training(monkeypatch):
+    """fe.edit, fe.evaluate (loop and vmap) and an Editable Training step on the CPU call the compiled
+    ops, and the dispatcher's CPU kernel for them is the C++ one (csrc/cpu/). Editable Training's
+    inner steps are the differentiable editor step (pure torch ops, fastedit.kernels.differentiable);
+    the compiled op it runs is the edit constraint."""
+    _require_extension()
+    calls = _spy_on_compiled_ops(monkeypatch)
+    fe, model, x, y = _spy_model()
+    editor = fe.RMSProp(0.05, beta=0.7)
+
+    r = fe.edit(model, x[:2], y[:2], editor=editor, max_steps=20)
+    assert r.success and r.steps > 0
+    assert calls["editor_step_"] == r.steps  # one fused step per editor step (early exit on the CPU)
+    assert calls["edit_constraint"] >= r.steps + 1
+    r.revert()
+
+    for strategy in ("loop", "vmap"):
+        calls.update({k: 0 for k in calls})
+        rep = fe.evaluate(model, (x[:3], y[:3]), (x, y), editor=editor, max_steps=20, progress=False,
+                          strategy=strategy, edits_per_group=3)
+        assert rep.strategy == strategy and rep.strategy_fallback is None
+        steps = int(rep.per_edit["steps"].sum())
+        assert steps > 0
+        # the loop: one call per step of each edit; vmap: one batched call per step of the group
+        want = steps if strategy == "loop" else int(rep.per_edit["steps"].max())
+        assert calls["editor_step_"] == want, (strategy, calls)
+        assert calls["edit_metrics"] >= 1 and calls["edit_constraint"] >= 1
+
+    calls.update({k: 0 for k in calls})
+    et = fe.EditableTraining(model.train(), params=None, editor=editor, max_steps=3)
+    loss, _ = et(x, y, x[:2], y[:2])
+    loss.backward()
+    assert calls["edit_constraint"] >= 1
+    assert calls["editor_step_"] == 0  # the differentiable step is not the in-place kernel
+
+
+def test_spy_sees_a_fallback(monkeypatch):
+    """The spy above can fail: with the dispatcher forced to the reference, the fallback is caught."""
+    _require_extension()
+    _spy_on_compiled_ops(monkeypatch)
+    fe, model, x, y = _spy_model()
+    from fastedit.kernels import dispatch
+
+    monkeypatch.setenv("FASTEDIT_BACKEND", "reference")
+    monkeypatch.setattr(dispatch, "_CHOICE_CACHE", {})
+    with pytest.raises(AssertionError, match="fallback ran"):
+        fe.edit(model, x[:2], y[:2], editor=fe.GD(0.1), max_steps=5)

@@ -209,6 +209,38 @@ def test_frozen_parameters_are_skipped_named_ones_raise():
     assert_same(model, before)
 
 
+def test_frozen_parameters_in_evaluate_tune_and_editable_training():
+    model = _mlp()
+    model[2].bias.requires_grad_(False)
+    torch.manual_seed(1)
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        y = (model(x).argmax(-1) + 1) % 3
+    before = state(model)
+    rep = fe.evaluate(model, (x[:2], y[:2]), (x, y), editor=fe.GD(1.0), params="2", progress=False)
+    assert rep.params == ["2.weight"]
+    with pytest.raises(ValueError, match="include_frozen"):
+        fe.evaluate(model, (x[:2], y[:2]), (x, y), params="2.bias", progress=False)
+    rep = fe.evaluate(model, (x[:2], y[:2]), (x, y), editor=fe.GD(1.0), params="2", progress=False,
+                      include_frozen=True)
+    assert rep.params == ["2.weight", "2.bias"]
+    with pytest.raises(ValueError, match="include_frozen"):
+        fe.tune(model, (x[:2], y[:2]), (x, y), editor="gd", params=["2.bias"], grid={"lr": [0.1]},
+                progress=False)
+    assert fe.tune(model, (x[:2], y[:2]), (x, y), editor="gd", params="2", grid={"lr": [0.1]},
+                   progress=False, include_frozen=True).report.params == ["2.weight", "2.bias"]
+    assert_same(model, before)
+    assert fe.EditableTraining(model, params="2").param_names == ["2.weight"]
+    with pytest.raises(ValueError, match="include_frozen"):
+        fe.EditableTraining(model, params=["2.bias"])
+    et = fe.EditableTraining(model, params="2", include_frozen=True, editor=fe.GD(0.1), max_steps=2)
+    assert et.param_names == ["2.weight", "2.bias"]
+    loss, _ = et(x, y)
+    loss.backward()
+    assert model[2].bias.grad is None  # frozen: the outer optimiser does not train it
+    assert model[2].weight.grad is not None
+
+
 # ------------------------------------------------------------------------------------------------
 # 8. inference mode and meta tensors: say what is wrong and what to do
 # ------------------------------------------------------------------------------------------------

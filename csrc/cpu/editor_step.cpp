@@ -39,6 +39,7 @@
 
 #include "editor_step_checks.h"
 #include "editor_step_math.h"
+#include "editor_step_strided.h"
 
 namespace fastedit {
 namespace {
@@ -289,17 +290,25 @@ void editor_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList slot2, at::Tensor t, const std::optional<at::Tensor>& active,
                      const std::optional<at::Tensor>& inv_norm, at::TensorList masks,
                      int64_t rule, double lr, double beta1, double beta2, double eps,
-                     bool batched) {
+                     bool batched, const EditorStepNames& names) {
   const EditorStepGeometry geo =
       check_editor_step_inputs(params, grads, slot1, slot2, t, active, inv_norm, masks, rule,
-                               batched, c10::DeviceType::CPU, "CPU");
-  if (geo.fp64) {
-    editor_step_typed<double>(params, grads, slot1, slot2, t, active, inv_norm, masks, rule,
-                              make_coef<double>(lr, beta1, beta2, eps), geo);
-  } else {
-    editor_step_typed<float>(params, grads, slot1, slot2, t, active, inv_norm, masks, rule,
-                             make_coef<float>(lr, beta1, beta2, eps), geo);
-  }
+                               batched, c10::DeviceType::CPU, "CPU", names);
+  // Any strides: contiguous tensors are stepped in place, others through contiguous stand-ins
+  // written back afterwards (csrc/editor_step_strided.h).
+  editor_step_on_contiguous(
+      params, grads, slot1, slot2, t, active, inv_norm, masks,
+      [&](at::TensorList p, at::TensorList g, at::TensorList s1, at::TensorList s2, at::Tensor& tc,
+          const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& inv,
+          at::TensorList m) {
+        if (geo.fp64) {
+          editor_step_typed<double>(p, g, s1, s2, tc, a, inv, m, rule,
+                                    make_coef<double>(lr, beta1, beta2, eps), geo);
+        } else {
+          editor_step_typed<float>(p, g, s1, s2, tc, a, inv, m, rule,
+                                   make_coef<float>(lr, beta1, beta2, eps), geo);
+        }
+      });
 }
 
 }  // namespace

@@ -196,7 +196,8 @@ def _per_sample_grads(batched, single, theta, xb: ModelInputs, yb: Tensor, use_v
 # the penalised loop
 # ------------------------------------------------------------------------------------------------
 def run_penalised_loop(objective_fn: Callable[[list[Tensor]], tuple[Tensor, Tensor]], params: Sequence[Tensor],
-                       editor: Editor, max_steps: int, *, early_exit: bool = False) -> EditLoopOutput:
+                       editor: Editor, max_steps: int, *, early_exit: bool = False,
+                       names: Sequence[str] | None = None) -> EditLoopOutput:
     """:func:`fastedit.edit.run_edit_loop` for an objective that differs from the constraint.
 
     ``objective_fn(theta)`` returns ``(objective, constraint)`` (0-dim each). The editor steps on
@@ -205,7 +206,8 @@ def run_penalised_loop(objective_fn: Callable[[list[Tensor]], tuple[Tensor, Tens
     ``params`` are not modified. It is fe.edit's loop itself, so an objective equal to the
     constraint gives its result bit for bit.
     """
-    return _edit_loop(objective_fn, params, editor, max_steps, early_exit, batched=False, penalised=True)
+    return _edit_loop(objective_fn, params, editor, max_steps, early_exit, batched=False, penalised=True,
+                      names=names)
 
 
 def ewc_penalty(theta: Sequence[Tensor], anchor: Sequence[Tensor], fisher: Sequence[Tensor]) -> Tensor:
@@ -309,7 +311,7 @@ def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Te
             return c + lam * ewc_penalty(theta, a_list, f_list), c
 
         out = run_penalised_loop(objective, et.params, editor, max_steps,
-                                 early_exit=resolve_early_exit(early_exit, et.device))
+                                 early_exit=resolve_early_exit(early_exit, et.device), names=et.names)
 
     bad_step = int(out.bad_step)
     if bad_step >= 0:

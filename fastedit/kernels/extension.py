@@ -220,7 +220,7 @@ class _EditConstraint(torch.autograd.Function):
 
 
 def _editor_step_fake(params, grads, slot1, slot2, t, active, inv_norm, masks, rule, lr, beta1, beta2,
-                      eps, batched) -> None:
+                      eps, batched, names=None) -> None:
     # In place, no outputs: nothing to allocate. The checks that need no data (lengths, dtypes)
     # run here too, so torch.compile rejects what the kernels would reject.
     torch._check(len(grads) == len(params),
@@ -231,9 +231,13 @@ def _editor_step_fake(params, grads, slot1, slot2, t, active, inv_norm, masks, r
     for x in tensors:
         torch._check(x.device == t.device, lambda: f"fastedit::editor_step_: a tensor is on {x.device}, "
                                                    f"t on {t.device}: all tensors must be on one device")
+    torch._check(names is None or len(names) == len(params),
+                 lambda: f"fastedit::editor_step_: {len(names)} names for {len(params)} parameter tensors")
     for i, (p, g) in enumerate(zip(params, grads)):
+        what = f"parameter {names[i]!r}" if names is not None else f"parameter {i}"
         torch._check(g.dtype == p.dtype and g.shape == p.shape,
-                     lambda: f"fastedit::editor_step_: gradient {i} does not match its parameter")
+                     lambda: f"fastedit::editor_step_: the gradient of {what} does not match the parameter "
+                             f"({g.dtype} {tuple(g.shape)} vs {p.dtype} {tuple(p.shape)})")
     return None
 
 
