@@ -1,4 +1,4 @@
-"""The differentiable editor step: closed-form backward (``fastedit.kernels.differentiable.editor_step``)
+"""The differentiable editor step: closed-form backward (``fastedit.ops.editor_step``)
 against autograd through ``Editor.step``, on the inner loop of Editable Training alone.
 
 Workload: the editable parameters of the CIFAR ResNet-20's ``layer3`` (their shapes: 14 tensors,
@@ -24,8 +24,8 @@ import time
 import torch
 
 import fastedit as fe
-from fastedit.kernels.differentiable import editor_step
 from fastedit.models import resnet20
+from fastedit.ops.editor_step import editor_step
 
 EDITORS = {"gd": fe.GD(1e-3), "scaled_gd": fe.ScaledGD(1e-2), "rprop": fe.RProp(1e-3), "rmsprop": fe.RMSProp(1e-3),
            "momentum": fe.Momentum(1e-3), "adam": fe.Adam(1e-3)}

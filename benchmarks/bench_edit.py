@@ -28,7 +28,7 @@ import torch
 
 import fastedit as fe
 from fastedit import data as fdata
-from fastedit.edit import EditTarget
+from fastedit._core import EditTarget
 from fastedit.models import load_pretrained_cifar_resnet
 
 

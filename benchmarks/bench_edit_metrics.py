@@ -2,7 +2,7 @@
 
 For ``E`` edits, ``N`` control samples and ``C`` classes (default: E = 32, N = 10,000, C = 10 and
 1000, float32), times (median of --repeats) every backend usable here: the fused compiled op (CPU
-or CUDA), the Triton kernel (GPU only), the PyTorch reference (``fastedit.kernels.reference``, the
+or CUDA), the Triton kernel (GPU only), the PyTorch reference (``fastedit.ops.edit_metrics.reference``, the
 formulation ``fastedit.evaluate`` used: it materialises [E, N, C] log-softmaxes) and
 ``torch.compile`` of that reference. Reported per method: time, bytes read by a one-pass method
 (ref + edited + labels) and the achieved GB/s against a ``copy_`` bandwidth measured in the same
@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from fastedit.kernels import extension, reference
+from fastedit.ops import _extension as extension
+from fastedit.ops.edit_metrics import reference
 
 
 def _cpu_model() -> str:
@@ -144,13 +145,13 @@ def _methods(ref, labels, edited, device: torch.device, no_compile: bool) -> tup
     else:
         skipped["fused_" + device.type] = extension.unavailable_reason() or "no CUDA kernels in this build"
     if device.type == "cuda":
-        from fastedit.kernels.triton.edit_metrics import edit_metrics_triton
+        from fastedit.ops.triton.edit_metrics import edit_metrics_triton
         methods["triton"] = lambda: edit_metrics_triton(ref, labels, edited, False)
     else:
         skipped["triton"] = "Triton needs a GPU (the CPU interpreter has no timing value)"
-    methods["pytorch_reference"] = lambda: reference.edit_metrics(ref, labels, edited)
+    methods["pytorch_reference"] = lambda: reference(ref, labels, edited)
     if not no_compile:
-        compiled = torch.compile(reference.edit_metrics)
+        compiled = torch.compile(reference)
         methods["pytorch_compiled"] = lambda: compiled(ref, labels, edited)
     return methods, skipped
 

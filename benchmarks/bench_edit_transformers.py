@@ -38,10 +38,9 @@ import sys
 import time
 
 import torch
-from torch.func import functional_call
 
 import fastedit as fe
-from fastedit.edit import EditTarget, clear_split_cache, eval_mode
+from fastedit._core import EditTarget, clear_split_cache, eval_mode
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ per repetition, on the same batch and edit), median over the repetitions after w
   3. fastedit_remat:   ``fe.EditableTraining(..., rematerialize=True)``;
   3b. fastedit_autograd_step, fastedit_remat_autograd_step: the same with ``closed_form=False``: each
                        editor step is ``Editor.step``'s chain of elementwise ops recorded by autograd
-                       instead of one node with a closed-form backward (``fastedit.kernels.differentiable``);
+                       instead of one node with a closed-form backward (``fastedit.ops.editor_step``);
   4. naive:            written here, like the official code: every inner step a full-model forward of
                        the edit image with ``torch.func.functional_call`` (eval mode), the gradient by
                        ``torch.autograd.grad(create_graph=True)``, ``.item()`` per step for early
@@ -93,7 +93,7 @@ from tqdm import tqdm
 
 import fastedit as fe
 from fastedit import data as fdata
-from fastedit.edit import eval_mode
+from fastedit._core import eval_mode
 from fastedit.models import load_pretrained_cifar_resnet, resnet18_cifar, resnet20
 
 METHODS = ("plain", "fastedit", "fastedit_remat", "fastedit_autograd_step", "fastedit_remat_autograd_step",

@@ -8,7 +8,7 @@ Cases (float32 parameters, float32 state):
   layer3_E32  layer3 with a leading edit dimension E = 32 (batched, 67.2 M values, all active)
 
 Methods:
-  fastedit_<backend>  fastedit.kernels.editor_step.editor_step_ (public API, Python checks included)
+  fastedit_<backend>  fastedit.ops.editor_step_ (public API, Python checks included)
                       on each usable backend for the device (cpu here; cuda and triton on a GPU)
   torch_loop          the rule with in-place torch ops, tensor by tensor (what torch.optim's
                       single-tensor path does)
@@ -45,9 +45,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastedit
 import fastedit as fe  # noqa: E402
-from fastedit.kernels import dispatch, extension  # noqa: E402
-from fastedit.kernels.editor_step import _editor_step  # noqa: E402
 from fastedit.models import resnet18_cifar  # noqa: E402
+from fastedit.ops import _extension as extension  # noqa: E402
+from fastedit.ops import dispatch  # noqa: E402
+from fastedit.ops.editor_step import _editor_step  # noqa: E402
 
 BYTES_PER_VALUE = {"gd": 12, "rprop": 12, "rmsprop": 20, "momentum": 20, "adam": 28}
 HP = dict(lr=1e-3, beta=0.5, eps=1e-6, b1=0.5, b2=0.999, adam_eps=1e-8)
@@ -309,7 +310,8 @@ def run_case(case: str, editors: list[str], device: torch.device, args, compiled
         else:
             flush = torch.empty(args.flush_mb * 2 ** 20 // 4, device=device) if device.type == "cpu" else None
             results = timeit_round_robin(fns, reps, args.warmup, flush)
-        del src, dst, fns
+        fns.clear()
+        src = dst = None  # frees the buffers before the next size allocates its own
 
         copy_ms = results["copy"]["median_ms"]
         torch_paths = [k for k in results if k.startswith("torch_")]

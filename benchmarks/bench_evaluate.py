@@ -37,13 +37,12 @@ import sys
 import time
 
 import torch
+from bench_edit import official_style_steps  # the official loop, shared with the edit-latency benchmark
 
 import fastedit as fe
 from fastedit import data as fdata
-from fastedit.edit import EditTarget
+from fastedit._core import EditTarget
 from fastedit.models import load_pretrained_cifar_resnet
-
-from bench_edit import official_style_steps  # the official loop, shared with the edit-latency benchmark
 
 
 def official_protocol(model, x_e, y_e, x_c, y_c, editor, names, max_steps, control_batch):

@@ -1,8 +1,14 @@
-"""The README's result tables (markdown), made from the committed JSON results.
+"""The result tables of the README and of docs/ (markdown), made from the committed JSON results.
 
-    python benchmarks/readme_tables.py            # print them
-    python benchmarks/readme_tables.py --write    # rewrite them in README.md, between the markers
-                                                  # <!-- table:NAME --> and <!-- end -->
+    python benchmarks/readme_tables.py            # print every table
+    python benchmarks/readme_tables.py --write    # rewrite each table where its marker is
+    python benchmarks/readme_tables.py --check    # exit 1 if a written table differs from the JSON
+    python benchmarks/readme_tables.py --list     # which file holds which table
+
+A table lives between the markers ``<!-- table:NAME -->`` and ``<!-- end -->`` in README.md or in
+any ``docs/**/*.md`` file; the files are searched for markers, so a table can move from one file to
+another without a change here. Every table of :data:`TABLES` must have at least one marker, and every
+marker must name a table of :data:`TABLES`; ``--write`` and ``--check`` fail otherwise.
 """
 from __future__ import annotations
 
@@ -12,7 +18,25 @@ import re
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-README = RESULTS.parents[1] / "README.md"
+ROOT = RESULTS.parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+MARKER = re.compile(r"(<!-- table:([A-Za-z0-9_-]+) -->\n)(.*?)(<!-- end -->)", re.S)
+
+# The benchmark JSON records the commands as they were run: real data and checkpoints read from the
+# folder next to the checkout, and sometimes an interpreter by its absolute path. The documents show
+# the environment variables that name those folders (as the tests and the README use them) and a
+# plain ``python``.
+_FOLDERS = re.compile(r"[.]{2}/shared/(data|models)\b")
+_INTERPRETER = re.compile(r"(?<![\w./-])/\S*/bin/python3?(?=\s)")
+
+
+def portable(text: str) -> str:
+    """``text`` with machine-specific paths replaced by ``$FASTEDIT_DATA``, ``$FASTEDIT_MODELS`` and
+    ``python``."""
+    text = _FOLDERS.sub(lambda m: "$FASTEDIT_" + m.group(1).upper(), text)
+    return _INTERPRETER.sub("python", text)
 
 
 def demo_table(name: str) -> str:
@@ -281,6 +305,89 @@ def edit_metrics_table() -> str:
     return "\n".join(lines)
 
 
+def headline_table() -> str:
+    """The README's headline numbers, one row per experiment family, each with its command and a
+    link to the report that holds the full table (the links are relative to README.md)."""
+    pct = lambda v, d=2: f"{100 * v:.{d}f}%"  # noqa: E731
+    load = lambda *parts: json.loads(RESULTS.joinpath(*parts).read_text())  # noqa: E731
+    rows = []
+
+    demo = load("demo_digits", "results.json")
+    full = [r for r in demo["rows"] if r["success_rate"] == 1.0] or demo["rows"]
+    best = min(full, key=lambda r: r["drawdown"])
+    rows.append((f"The main job: six editors, {demo['num_edits']} edits each, small CNN on digits",
+                 f"least drawdown at {pct(best['success_rate'], 0)} success: {best['label']}, "
+                 f"{pct(best['drawdown'])} ({best['mean_steps']:.2f} steps)", demo["command"],
+                 "docs/results/editing-cifar.md"))
+
+    ev = load("evaluation", "tables.json")
+    t1 = {r["editor"]: r for r in ev["rows"] if r["model"] == "resnet20" and r["stage"] == "layer3"}
+    gd, rms = t1["gd"], t1["rmsprop"]
+    rows.append((f"Paper Table 1: pretrained ResNet-20, CIFAR-10, `layer3`, {gd['num_edits']:,} edits, tuned editors",
+                 f"drawdown GD {pct(gd['drawdown'])} ({pct(gd['success_rate'], 1)} success), RMSProp "
+                 f"{pct(rms['drawdown'])} ({pct(rms['success_rate'], 1)})", gd["command"],
+                 "docs/results/editing-cifar.md"))
+
+    be = load("bench_edit.json")
+    lat = be["edit_latency"]
+    rows.append(("One edit of ResNet-20 `layer3` (RMSProp)",
+                 f"{1e3 * lat['prefix']['seconds_per_edit']:.2f} ms with the frozen prefix, "
+                 f"{1e3 * lat['official']['seconds_per_edit']:.2f} ms official-code style", be["command"],
+                 "docs/results/latency.md"))
+
+    bt = load("bench_edit_transformers.json")
+    m = bt["models"]
+    rows.append(("One edit of a transformer: MiniLM classifier / GPT-2-small-shaped LM",
+                 f"{m['minilm']['latency']['prefix']['ms_per_edit']:.0f} ms / "
+                 f"{m['gpt2']['latency']['prefix']['ms_per_edit']:.0f} ms, {m['minilm']['speedup_vs_naive']:.2f}× / "
+                 f"{m['gpt2']['speedup_vs_naive']:.2f}× faster than the naive loop", bt["command"],
+                 "docs/results/latency.md"))
+
+    bv = load("bench_evaluate.json")
+    loop, off = bv["results"]["fastedit_loop"], bv["results"]["official"]
+    rows.append((f"The paper's evaluation protocol, {bv['control_images']:,} control images",
+                 f"{loop['edits_per_s']:.2f} edits/s, {off['seconds_per_edit'] / loop['seconds_per_edit']:.1f}× "
+                 "the official protocol", bv["command"], "docs/results/latency.md"))
+
+    et = load("bench_editable_training.json")
+    fe_row, naive = et["table"]["fastedit"], et["table"]["naive"]
+    rows.append((f"An Editable Training step ({et['config']['model'].split(' (')[0]}, batch {et['config']['batch']}, k = {et['config']['k']})",
+                 f"{fe_row['time_ratio']:.2f}× a plain step, {fe_row['memory_ratio']:.2f}× its peak memory "
+                 f"(naive unrolled autograd: {naive['time_ratio']:.2f}×, {naive['memory_ratio']:.2f}×)", et["command"],
+                 "docs/results/editable-training.md"))
+
+    se = load("surgery_cifar", "summary_edits.json")
+    dyn = [r for r in se["rows"] if r["method"] == "surgery-dynamic" and r.get("budget")]
+    sparse = max(dyn, key=lambda r: r["budget"])
+    dense = next(r for r in se["rows"] if r["method"] == "rmsprop")
+    commands = sorted(set(_cell_commands("surgery_cifar", "edits")))
+    rows.append(("Neural Network Surgery: ResNet-20 edits changing ≤ "
+                 f"{sparse['budget']:,} scalars of `layer3` (dynamic)",
+                 f"{pct(sparse['success_rate'], 0)} success, {pct(sparse['drawdown'])} drawdown; dense tuned "
+                 f"RMSProp {pct(dense['drawdown'])} ({dense['nnz_mean']:,.0f} scalars changed)",
+                 "; ".join(commands), "docs/results/surgery.md"))
+
+    es = load("bench_editor_step.json")
+    step = next(r for r in es["rows"] if r["case"] == "layer3" and r["editor"] == "rmsprop")
+    f = step["results"]["fastedit_cpu"]
+    rows.append((f"Fused RMSProp step over a ResNet-18 `layer3` ({step['numel'] / 1e6:.1f} M values, C++ CPU)",
+                 f"{f['median_ms']:.3f} ms, {f['fraction_of_copy']:.2f} of `copy_`'s bandwidth, "
+                 f"{f['speedup_vs_fastest_torch']:.2f}× the fastest PyTorch path", es["command"], "docs/kernels.md"))
+
+    em = load("bench_edit_metrics.json")
+    big = max(em["results"], key=lambda r: r["C"])
+    fused, ref = big["methods"]["fused_cpu"], big["methods"]["pytorch_reference"]
+    rows.append((f"Fused per-edit metrics, {big['E']} edits × {big['N']:,} samples × {big['C']:,} classes",
+                 f"{fused['speedup_vs_fastest_pytorch']:.2f}× the fastest PyTorch path, "
+                 f"{fused['peak_extra_bytes'] / 2**20:.1f} MiB extra memory instead of "
+                 f"{ref['peak_extra_bytes'] / 2**30:.1f} GiB", em["command"], "docs/kernels.md"))
+
+    lines = ["| result | headline | command | details |", "|---|---|---|---|"]
+    for what, number, command, report in rows:
+        lines.append(f"| {what} | {number} | `{command}` | [{pathlib.PurePosixPath(report).stem}]({report}) |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "demo_digits": lambda: demo_table("demo_digits"),
     "demo_resnet20": lambda: demo_table("demo_resnet20"),
@@ -297,23 +404,98 @@ TABLES = {
     "bench_evaluate": bench_evaluate_table,
     "kernels_editor_step": editor_step_table,
     "kernels_edit_metrics": edit_metrics_table,
+    "headline": headline_table,
 }
 
 
-def write_readme() -> None:
-    text = README.read_text()
-    for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- end -->)", re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"README.md has no marker <!-- table:{name} -->")
-        table = make()
-        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
-    README.write_text(text)
+def marker_files() -> list[pathlib.Path]:
+    """README.md and every markdown file under docs/, in a fixed order."""
+    files = [README] if README.exists() else []
+    if DOCS.is_dir():
+        files += sorted(DOCS.rglob("*.md"))
+    return files
+
+
+def _where() -> dict[str, list[pathlib.Path]]:
+    """Table name -> the files holding its marker."""
+    found: dict[str, list[pathlib.Path]] = {}
+    for path in marker_files():
+        for m in MARKER.finditer(path.read_text()):
+            found.setdefault(m.group(2), []).append(path)
+    return found
+
+
+def _problems(found: dict[str, list[pathlib.Path]]) -> list[str]:
+    out = [f"no marker <!-- table:{name} --> in README.md or docs/" for name in TABLES if name not in found]
+    out += [f"{_rel(p)}: marker <!-- table:{name} --> names no table of benchmarks/readme_tables.py"
+            for name, paths in found.items() if name not in TABLES for p in paths]
+    return out
+
+
+def _rel(path: pathlib.Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def render() -> dict[pathlib.Path, tuple[str, str, list[str]]]:
+    """For each file with markers: (current text, text with every table regenerated, the names of
+    the tables that differ)."""
+    made: dict[str, str] = {}
+    out = {}
+    for path in marker_files():
+        text = path.read_text()
+        stale: list[str] = []
+
+        def fill(m: re.Match) -> str:
+            name = m.group(2)
+            if name not in TABLES:
+                return m.group(0)
+            if name not in made:
+                made[name] = portable(TABLES[name]())
+            new = m.group(1) + made[name] + "\n" + m.group(4)
+            if new != m.group(0):
+                stale.append(name)
+            return new
+
+        new_text = MARKER.sub(fill, text)
+        if new_text != text or MARKER.search(text):
+            out[path] = (text, new_text, stale)
+    return out
+
+
+def write() -> None:
+    problems = _problems(_where())
+    if problems:
+        raise SystemExit("\n".join(problems))
+    for path, (old, new, stale) in render().items():
+        if new != old:
+            path.write_text(new)
+            print(f"{_rel(path)}: rewrote {', '.join(stale)}")
+
+
+def check() -> int:
+    """0 if every table is where a marker is and equal to what the JSON gives, else 1 (with a list)."""
+    problems = _problems(_where())
+    for path, (_, _, stale) in render().items():
+        problems += [f"{_rel(path)}: table {name} differs from the JSON results "
+                     "(python benchmarks/readme_tables.py --write)" for name in stale]
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def main(argv: list[str]) -> int:
+    if "--write" in argv:
+        write()
+    elif "--check" in argv:
+        return check()
+    elif "--list" in argv:
+        for name, paths in sorted(_where().items()):
+            print(f"{name}: {', '.join(_rel(p) for p in paths)}")
+    else:
+        for make in TABLES.values():
+            print(portable(make()), end="\n\n")
+    return 0
 
 
 if __name__ == "__main__":
-    if "--write" in sys.argv[1:]:
-        write_readme()
-    else:
-        for make in TABLES.values():
-            print(make(), end="\n\n")
+    sys.exit(main(sys.argv[1:]))

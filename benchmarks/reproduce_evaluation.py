@@ -4,7 +4,7 @@ on the pretrained CIFAR-10 ResNets, with fastedit's evaluation protocol.
 Table 1: the six editors on ResNet-20 and ResNet-56 editing the last stage (``layer3``).
 Table 2: GD and RMSProp editing each stage (``layer1``, ``layer2``, ``layer3``) and the whole model.
 
-Protocol (DESIGN.md §1):
+Protocol (docs/design.md):
 - reported edits: ``--edits`` of the 1,017 exact CIFAR-10 test images (a seeded permutation), each with
   a label drawn uniformly from the 10 classes (seeded); control set: all 1,017 exact test images;
 - every editor is tuned by :func:`fastedit.tune` on a disjoint tuning split (``--tune-edits`` exact
@@ -118,6 +118,7 @@ def assemble(out_dir: pathlib.Path, cells: dict, meta: dict) -> dict:
 def draw_figures(out_dir: pathlib.Path, cells: dict) -> None:
     """Figures from the stored cells (so a resumed run draws them too)."""
     from types import SimpleNamespace
+
     from fastedit import plots
     classes = fdata.CIFAR10_CLASSES
     for model_name in sorted({m for m, _, _ in cells}):

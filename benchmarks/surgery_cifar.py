@@ -80,7 +80,7 @@ import torch
 
 import fastedit as fe
 from fastedit import data as fdata
-from fastedit.edit import EditTarget, eval_mode
+from fastedit._core import EditTarget, eval_mode
 from fastedit.models import load_pretrained_cifar_resnet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -728,7 +728,7 @@ def dknn_cell(args, model, d, original) -> dict:
 
 
 def cnp_cell(args, model, d, original) -> dict:
-    from fastedit.baselines import ConditionEncoder, ConditionedModel, cnp_evaluate, train_cnp
+    from fastedit.baselines import ConditionedModel, ConditionEncoder, cnp_evaluate, train_cnp
     torch.manual_seed(args.seed)  # the encoder's initialisation
     x_tr = d["train"][0]
     encoder = ConditionEncoder.for_model(model, args.cnp_chain, x_tr[:1])

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "binding_utils.h"  // is_kernel_dtype
+
 namespace fastedit {
 
 // Checks everything that can be checked without reading tensor data: device, dtype, dims,
@@ -21,8 +23,7 @@ inline void check_edit_constraint_inputs(const at::Tensor& logits, const at::Ten
   TORCH_CHECK(target.dim() == 1, "fastedit::edit_constraint: target must be 1-D [B], got a ",
               target.dim(), "-D tensor of shape ", target.sizes());
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
+  TORCH_CHECK(is_kernel_dtype(dtype),
               "fastedit::edit_constraint: logits must be float32, float64, float16 or bfloat16, "
               "got ", dtype);
   TORCH_CHECK(target.scalar_type() == at::kLong,

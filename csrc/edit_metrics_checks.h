@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "binding_utils.h"  // is_kernel_dtype
+
 namespace fastedit {
 
 // Everything that can be checked without reading tensor data: devices, dtypes, dims, matching
@@ -28,8 +30,7 @@ inline void check_edit_metrics_inputs(const at::Tensor& ref, const at::Tensor& l
   TORCH_CHECK(edited.dim() == 3, "fastedit::edit_metrics: edited_logits must be 3-D [E, N, C], "
               "got a ", edited.dim(), "-D tensor of shape ", edited.sizes());
   const auto dtype = ref.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
+  TORCH_CHECK(is_kernel_dtype(dtype),
               "fastedit::edit_metrics: ref_logits must be float32, float64, float16 or bfloat16, "
               "got ", dtype);
   TORCH_CHECK(edited.scalar_type() == dtype,

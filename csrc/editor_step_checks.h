@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "binding_utils.h"  // is_kernel_dtype
 #include "editor_step_math.h"
 
 namespace fastedit {
@@ -114,8 +115,8 @@ inline EditorStepGeometry check_editor_step_inputs(
     TORCH_CHECK(p.device() == dev && g.device() == dev, op, ": ", what, " (", p.device(),
                 ") and its gradient (", g.device(), ") must be on the device of t (", dev, ")");
     const auto dt = p.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-                op, ": ", what, " must be float32, float64, float16 or bfloat16, got ", dt);
+    TORCH_CHECK(is_kernel_dtype(dt), op, ": ", what,
+                " must be float32, float64, float16 or bfloat16, got ", dt);
     TORCH_CHECK((dt == at::kDouble) == geo.fp64, op, ": ", what, " is ", dt, " but t is ",
                 state_dtype,
                 " (state is float64 for float64 parameters, float32 for the others; the fused "

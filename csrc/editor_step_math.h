@@ -22,7 +22,7 @@
 namespace fastedit {
 namespace step {
 
-// Rule ids of the op's `rule` argument (fastedit/kernels/editor_step.py keeps the same table).
+// Rule ids of the op's `rule` argument (fastedit/ops/_table.py keeps the same table, RULE_IDS).
 enum Rule : int { kGD = 0, kScaledGD = 1, kSign = 2, kRMSProp = 3, kMomentum = 4, kAdam = 5 };
 constexpr int kNumRules = 6;
 

@@ -12,6 +12,7 @@
 
 #include <string>
 
+#include "editor_step_math.h"
 #include "fastedit_build_config.h"
 
 #if FASTEDIT_WITH_CUDA
@@ -97,11 +98,21 @@ py::dict build_info() {
 #endif
   info["num_threads"] = static_cast<long>(at::get_num_threads());
 
+  // The ops of csrc/ops.cpp, and the rule ids of fastedit::editor_step_ by editor name (the
+  // step::Rule enum); tests/packaging/test_extension.py checks both against fastedit/ops/_table.py.
   py::list ops;
   ops.append("edit_constraint");
   ops.append("editor_step_");
   ops.append("edit_metrics");
   info["ops"] = ops;
+  py::dict rules;
+  rules["gd"] = static_cast<long>(fastedit::step::kGD);
+  rules["scaled_gd"] = static_cast<long>(fastedit::step::kScaledGD);
+  rules["rprop"] = static_cast<long>(fastedit::step::kSign);
+  rules["rmsprop"] = static_cast<long>(fastedit::step::kRMSProp);
+  rules["momentum"] = static_cast<long>(fastedit::step::kMomentum);
+  rules["adam"] = static_cast<long>(fastedit::step::kAdam);
+  info["rules"] = rules;
   return info;
 }
 
@@ -110,16 +121,17 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "fastedit's compiled extension. Tensor ops are registered as torch.ops.fastedit.* when this "
-      "module is imported; use fastedit.kernels.extension to load it safely.";
+      "module is imported; use fastedit.ops._extension to load it safely.";
   m.def("build_info", &build_info,
         "How this extension was built: version, torch version, compiler, CUDA and OpenMP support.");
 
   // The ops are registered by now (static initialisers ran when this library was loaded). Their
-  // Python parts (fake kernels, autograd) live in fastedit.kernels.extension: register them here
-  // too, so that a direct `import fastedit._C` gives complete ops. Outside the fastedit package
-  // (a module built by CMake and loaded on its own) there is nothing to register.
+  // Python parts (fake kernels, autograd) live next to each op in fastedit/ops/<op>.py, and
+  // fastedit.ops registers them all: call it here too, so that a direct `import fastedit._C`
+  // gives complete ops. Outside the fastedit package (a module built by CMake and loaded on its
+  // own) there is nothing to register.
   try {
-    py::module_::import("fastedit.kernels.extension").attr("_register_python_parts")();
+    py::module_::import("fastedit.ops").attr("_register_python_parts")();
   } catch (py::error_already_set& error) {
     if (!error.matches(PyExc_ModuleNotFoundError)) {
       PyErr_WarnFormat(PyExc_RuntimeWarning, 1,

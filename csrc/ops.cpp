@@ -2,22 +2,23 @@
 // csrc/cpu/*.cpp (CPU, every build) and csrc/cuda/*_binding.cpp (CUDA, CUDA builds only).
 //
 // The ops are reached as torch.ops.fastedit.<name> once fastedit._C is imported. Their Python
-// parts (fake/meta kernels, autograd) live in fastedit/kernels/extension.py; set_python_module
-// tells torch to import that module whenever it needs them, even if only fastedit._C was imported.
+// parts (fake/meta kernels, autograd) live next to each op in fastedit/ops/<op>.py, registered by
+// the package fastedit.ops; set_python_module tells torch to import that package whenever it needs
+// them, even if only fastedit._C was imported.
 
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastedit, m) {
-  m.set_python_module("fastedit.kernels.extension");
+  m.set_python_module("fastedit.ops");
 
-  // The edit constraint l_e of DESIGN.md §1 on logits z:
+  // The edit constraint l_e of docs/design.md on logits z:
   //   out[b] = max_i z[b, i] - z[b, target[b]]      (<= 0 iff target[b] is an argmax of row b)
   // logits [B, C] float32/float64/float16/bfloat16, target [B] int64; out [B], dtype of logits;
   // half types accumulate in float. A NaN anywhere in a row gives NaN for that row.
   m.def("edit_constraint(Tensor logits, Tensor target) -> Tensor");
 
   // One step of an editor of fastedit/editors.py over all editable parameters, in place
-  // (fastedit/kernels/editor_step.py documents the contract; csrc/editor_step_math.h the math).
+  // (fastedit/ops/editor_step.py documents the contract; csrc/editor_step_math.h the math).
   //   params[i], grads[i]: same shape and dtype (float32/float16/bfloat16 with float32 state and
   //     t, or float64 with float64 state and t), any strides (non-contiguous tensors are stepped
   //     through contiguous stand-ins and written back: they keep their strides and storage);
@@ -39,7 +40,7 @@ TORCH_LIBRARY(fastedit, m) {
       "Tensor(d!) t, Tensor? active, Tensor? inv_norm, Tensor[] masks, int rule, float lr, "
       "float beta1, float beta2, float eps, bool batched, str[]? names=None) -> ()");
 
-  // Per-edit metrics of edited predictions against the original model (DESIGN.md §1, evaluation):
+  // Per-edit metrics of edited predictions against the original model (docs/design.md):
   // ref_logits [N, C], labels [N] int64 in [0, C), edited_logits [E, N, C] (float32/float64/
   // float16/bfloat16, one dtype for both logits). Returns, per edit e:
   //   errors [E], flips [E], correct_to_wrong [E], wrong_to_correct [E]   (int64)

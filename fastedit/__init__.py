@@ -6,25 +6,28 @@ side effects of many independent edits (:func:`evaluate`), with the update rules
 Networks (Sinitsin et al., ICLR 2020). Any ``nn.Module`` (HF transformers included) with inputs given
 as a tensor, a tuple or a tokenizer's dict. See the README for a quick start.
 """
-from .constraint import (Classification, Constraint, FunctionConstraint, SequenceRanking, TokenTargets,
-                         constraint_per_sample, edit_constraint)
+from . import (
+    baselines,  # noqa: E402  (EWC editing, Deep k-NN, Editable+CNP)
+    ops,  # noqa: E402  (the kernel ops: editor_step_, editor_step, edit_metrics, edit_constraint)
+)
+from .constraint import Classification, Constraint, FunctionConstraint, SequenceRanking, TokenTargets
 from .edit import EditError, EditResult, PrefixFallbackWarning, edit
+from .edit_journal import EditJournal
 from .editors import EDITORS, GD, Adam, Editor, Momentum, RMSProp, RProp, ScaledGD, SignGD, make_editor
 from .evaluate import EvalReport, evaluate
-from .kernels import backends
+from .ops import backends
 from .selection import select_parameters
-from .sparse_delta import EditJournal, SparseDelta
+from .sparse_delta import SparseDelta
 from .surgery import SurgeryResult, surgery
 from .training import EditableTraining, LearnableEditor
 from .tuning import TuneResult, tune
-from . import baselines  # noqa: E402  (EWC editing, Deep k-NN, Editable+CNP)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "edit", "EditResult", "EditError", "PrefixFallbackWarning", "evaluate", "EvalReport", "tune", "TuneResult", "backends", "EditableTraining", "LearnableEditor",
+    "edit", "EditResult", "EditError", "PrefixFallbackWarning", "evaluate", "EvalReport", "tune", "TuneResult",
+    "surgery", "SurgeryResult", "SparseDelta", "EditJournal", "EditableTraining", "LearnableEditor",
     "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam", "EDITORS", "make_editor",
     "Constraint", "Classification", "TokenTargets", "SequenceRanking", "FunctionConstraint",
-    "edit_constraint", "constraint_per_sample", "select_parameters", "surgery", "SurgeryResult", "SparseDelta",
-    "EditJournal", "baselines", "__version__",
+    "select_parameters", "backends", "baselines", "ops", "__version__",
 ]

@@ -471,7 +471,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from .kernels import backends
+    from .ops import backends
 
     info = backends()
     if args.json:

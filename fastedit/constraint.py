@@ -1,4 +1,4 @@
-"""Edit constraints: what an edit must achieve, as a differentiable value ``l_e ≤ 0`` (DESIGN.md §1).
+"""Edit constraints: what an edit must achieve, as a differentiable value ``l_e ≤ 0`` (docs/design.md).
 
 A constraint maps the model's logits to one value per *unit* (one sample of a classifier, one row of
 a sequence model, one group of candidates of a ranking); a unit is satisfied iff its value is ≤ 0.
@@ -52,11 +52,10 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .kernels import dispatch
+from .ops.edit_constraint import edit_constraint as _per_row
 
 __all__ = ["Constraint", "Classification", "TokenTargets", "SequenceRanking", "FunctionConstraint",
-           "as_constraint", "IGNORE_INDEX", "REDUCTIONS", "constraint_per_sample", "reduce_constraint",
-           "edit_constraint"]
+           "as_constraint", "IGNORE_INDEX", "REDUCTIONS", "classification_margins", "reduce_constraint"]
 
 REDUCTIONS = ("max", "mean")
 #: label of a position that a sequence constraint ignores (HF's ``ignore_index``)
@@ -102,12 +101,13 @@ def _promote(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def constraint_per_sample(logits: Tensor, target: Tensor) -> Tensor:
-    """``max_i z_i − z_target`` per row of ``logits [B, C]``; differentiable, vmap-friendly, through
-    the kernel dispatcher (the compiled op where it is built, the reference otherwise). ≤ 0 exactly
-    where ``logits.argmax(-1) == target`` (see :func:`_argmax_ties`)."""
+def classification_margins(logits: Tensor, target: Tensor) -> Tensor:
+    """``max_i z_i − z_target`` per row of ``logits [B, C]`` with the argmax tie rule: the values of
+    :meth:`Classification.per_sample`. Differentiable, vmap-friendly, through the kernel dispatcher
+    (:func:`fastedit.ops.edit_constraint`: the compiled op where it is built, the reference
+    otherwise). ≤ 0 exactly where ``logits.argmax(-1) == target`` (see :func:`_argmax_ties`)."""
     z = _promote(logits)
-    return _argmax_ties(dispatch.edit_constraint(z, target), z, target)
+    return _argmax_ties(_per_row(z, target), z, target)
 
 
 def _argmax_ties(margin: Tensor, logits: Tensor, target: Tensor) -> Tensor:
@@ -127,11 +127,6 @@ def reduce_constraint(per_sample: Tensor, reduction: str = "max") -> Tensor:
     if reduction == "mean":
         return per_sample.mean(dim=-1)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def edit_constraint(logits: Tensor, target: Tensor, reduction: str = "max") -> Tensor:
-    """The classification edit's constraint value: ``logits [B, C]``, ``target [B]`` → 0-dim tensor."""
-    return reduce_constraint(constraint_per_sample(logits, target), reduction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ class Classification(Constraint):
         self._host = host
 
     def per_sample(self, logits: Tensor) -> Tensor:
-        return constraint_per_sample(logits, self.labels)
+        return classification_margins(logits, self.labels)
 
     def check_device(self, device: torch.device) -> None:
         self.labels = _follow(self.labels, device, getattr(self, "_host", False), "")
@@ -326,7 +321,7 @@ class TokenTargets(_TokenLabels):
         mask = labels != IGNORE_INDEX
         b, t, v = z.shape
         flat, picked = z.reshape(b * t, v), labels.clamp_min(0).reshape(b * t)
-        m = _argmax_ties(dispatch.edit_constraint(flat, picked), flat, picked).reshape(b, t)
+        m = _argmax_ties(_per_row(flat, picked), flat, picked).reshape(b, t)
         return m.masked_fill(~mask, float("-inf"))
 
     def per_sample(self, logits: Tensor) -> Tensor:

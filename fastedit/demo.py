@@ -108,9 +108,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_table(rows: list[dict], path: pathlib.Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import _pyplot
+    plt = _pyplot()
 
     labels = [r["label"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))

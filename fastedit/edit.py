@@ -1,7 +1,7 @@
 """One edit: patch a model so that it satisfies a constraint on some inputs, in place, atomically and
 revertibly.
 
-The loop (DESIGN.md §1): up to ``max_steps`` editor steps on the editable parameters, each step
+The loop (docs/design.md): up to ``max_steps`` editor steps on the editable parameters, each step
 active only while the constraint ``l_e > 0``. The active flag lives on the device, so the loop needs
 no host synchronisation; on the CPU, where reading a flag costs nothing, the loop also *exits* once
 the edit is satisfied (``early_exit="auto"``), which gives the same result bit for bit because
@@ -15,28 +15,34 @@ result says so (``prefix_used``, ``prefix_reason``; a :class:`PrefixFallbackWarn
 Atomicity: the loop runs on copies of the editable parameters and writes them into the model only
 at the end, when the edit is accepted. Any error, bad input or non-finite value leaves the model bit
 for bit as it was; :meth:`EditResult.revert` restores the parameters from a saved copy.
+
+This module is the public edit API; the loop and the machinery it shares with fe.evaluate, fe.tune,
+fe.surgery, the baselines and Editable Training are in :mod:`fastedit._core`.
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .constraint import (REDUCTIONS, Classification, Constraint, as_constraint, check_label_range,
-                         reduce_constraint)
+from ._core import (
+    EditTarget,
+    applied_edits,
+    check_common,
+    commit_params,
+    eval_mode,
+    resolve_aliases,
+    resolve_early_exit,
+    run_edit_loop,
+    split_info,
+)
 from .editors import Editor, make_editor
-from .kernels.editor_step import editor_step_
-from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
-from .prefix import ModelSplit, build_split
-from .selection import ParamSpec, parameter_slots, select_parameters, swapped
+from .model_io import OutputSpec
+from .selection import ParamSpec
 
-__all__ = ["edit", "EditResult", "EditError", "EditLoopOutput", "run_edit_loop", "run_edit_loop_batched",
-           "EditTarget", "PrefixFallbackWarning", "clear_split_cache"]
+__all__ = ["edit", "EditResult", "EditError", "PrefixFallbackWarning"]
 
 
 class EditError(RuntimeError):
@@ -44,431 +50,13 @@ class EditError(RuntimeError):
     is unchanged."""
 
 
-# ------------------------------------------------------------------------------------------------
-# the loop
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class EditLoopOutput:
-    params: list[Tensor]      # edited copies of the editable parameters
-    loss: Tensor              # constraint value after the last step (0-dim, on device)
-    initial_loss: Tensor      # constraint value before the first step
-    steps: Tensor             # number of steps taken (int64, 0-dim)
-    bad_step: Tensor          # first step with a non-finite loss/gradient, or -1
-
-    @property
-    def success(self) -> Tensor:
-        return self.loss <= 0
-
-
-def _finite_per_edit(grads: Sequence[Tensor], batched: bool) -> Tensor:
-    """Whether every gradient entry is finite: per edit (``[E]``) when batched, else 0-dim.
-
-    ``(g * 0).sum()`` is 0 when every entry is finite and NaN otherwise (``inf · 0`` and ``NaN · 0``
-    are NaN; a sum of zeros cannot overflow); one pass, 6x faster than ``isfinite().all()`` on the CPU."""
-    if batched:
-        e = grads[0].shape[0]
-        return torch.stack([(g.reshape(e, -1) * 0).sum(1) for g in grads]).isfinite().all(0)
-    return torch.stack([(g * 0).sum() for g in grads]).isfinite().all()
-
-
-def _edit_loop(forward: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
-               max_steps: int, early_exit: bool, batched: bool, penalised: bool = False,
-               names: Sequence[str] | None = None) -> EditLoopOutput:
-    """The loop shared by :func:`run_edit_loop` (0-dim loss) and :func:`run_edit_loop_batched`
-    (``[E]`` losses, a leading edit dimension on ``params``, per-edit masks). With ``penalised``,
-    ``forward`` returns ``(objective, constraint)``: the steps follow the objective's gradient, while
-    activity, success and the reported losses are the constraint's (EWC editing). ``names`` (one per
-    parameter) name the parameters in the step kernel's error messages."""
-    theta = [p.detach().clone() for p in params]  # updated in place by the fused step
-    state = editor.init_state(theta, batched=batched)
-    shape = (theta[0].shape[0],) if batched else ()
-    steps = torch.zeros(shape, dtype=torch.int64, device=theta[0].device)
-    bad_step = torch.full(shape, -1, dtype=torch.int64, device=theta[0].device)
-    initial = loss = None
-    with torch.no_grad():  # the editor update and the bookkeeping record no graph
-        for k in range(max_steps + 1):
-            leaves = [t.detach().requires_grad_() for t in theta]
-            with torch.enable_grad():
-                out = forward(leaves)
-                objective, loss_graph = out if penalised else (out, out)
-                # each edit's loss depends on its own slice only, so the gradient of the sum is the
-                # stack of the per-edit gradients (a non-finite loss stays in its own slice)
-                loss_total = objective.sum() if batched else objective
-            loss = loss_graph.detach()
-            if initial is None:
-                initial = loss
-            finite = torch.isfinite(loss) & torch.isfinite(objective.detach()) if penalised else torch.isfinite(loss)
-            bad_step = torch.where(~finite & (bad_step < 0), k, bad_step)
-            if k == max_steps:
-                break
-            active = (loss > 0) & (bad_step < 0)
-            if early_exit and not bool(active.any()):
-                break  # satisfied (or failed): every further step would be the identity
-            grads = torch.autograd.grad(loss_total, leaves, allow_unused=True)
-            if all(g is None for g in grads):
-                raise ValueError("the constraint does not depend on the editable parameters: select "
-                                 "parameters the model's output depends on")
-            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-            bad_grad = active & ~_finite_per_edit(grads, batched)
-            bad_step = torch.where(bad_grad & (bad_step < 0), k, bad_step)
-            active = active & ~bad_grad
-            editor_step_(editor, theta, grads, state, active, batched=batched, names=names)
-            steps = steps + active
-    return EditLoopOutput(theta, loss, initial, steps, bad_step)
-
-
-def run_edit_loop(loss_fn: Callable[[list[Tensor]], Tensor], params: Sequence[Tensor], editor: Editor,
-                  max_steps: int, *, early_exit: bool = False, names: Sequence[str] | None = None) -> EditLoopOutput:
-    """Run up to ``max_steps`` steps of ``editor`` on ``loss_fn(params)`` (a 0-dim constraint value).
-
-    A step is taken only while ``loss > 0`` (the active mask); a step with a non-finite loss or
-    gradient is not taken and is recorded in ``bad_step``. ``params`` are not modified: the loop
-    updates copies in place with the fused :func:`fastedit.ops.editor_step_` (through the kernel
-    dispatcher).
-
-    Each iteration runs the forward first and the backward only if it is needed, so with
-    ``early_exit`` (one host read of the active flag per step) an edit satisfied after ``s`` steps
-    costs ``s + 1`` forwards and ``s`` backwards. Without it the loop always runs ``max_steps``
-    masked steps (no host synchronisation), with the same result.
-    """
-    return _edit_loop(loss_fn, params, editor, max_steps, early_exit, batched=False, names=names)
-
-
-def run_edit_loop_batched(loss_one: Callable[[list[Tensor], Any], Tensor], params: Sequence[Tensor], inputs: Any,
-                          editor: Editor, max_steps: int, *, early_exit: bool = False,
-                          names: Sequence[str] | None = None) -> EditLoopOutput:
-    """``G`` independent edits of the same ``params`` side by side: :func:`run_edit_loop` with a
-    leading edit dimension, the forward vectorised by :func:`torch.func.vmap`.
-
-    ``loss_one(theta, inp)`` is one edit's 0-dim constraint value; ``inputs`` is a pytree whose
-    tensors carry the edit dimension ``G`` in front (``inp`` is one slice of it). The editor runs
-    with ``batched=True`` and the per-edit active mask, so each edit stops on its own; the outputs
-    carry the edit dimension (``params`` ``[G, ...]``, the rest ``[G]``). ``params`` are not modified.
-
-    Equal to ``G`` calls of :func:`run_edit_loop` up to floating-point rounding: vmap turns
-    convolutions with per-edit weights into grouped convolutions, which may round differently.
-    """
-    from torch.func import vmap
-
-    g = next(t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)).shape[0]
-    batched_loss = vmap(loss_one)
-    # contiguous per-edit copies: torch.func.vmap computes wrong conv2d weight gradients for batched
-    # channels_last weights (torch 2.13 CPU; tests/test_memory_formats.py), and the loop's clone
-    # would keep those strides. The edited parameters are returned [G, ...], never written back.
-    expanded = [p.detach().unsqueeze(0).expand(g, *p.shape).contiguous() for p in params]
-    return _edit_loop(lambda leaves: batched_loss(leaves, inputs), expanded, editor, max_steps, early_exit,
-                      batched=True, names=names)
-
-
-# ------------------------------------------------------------------------------------------------
-# a model prepared for editing: selection, prefix split (cached), eval mode
-# ------------------------------------------------------------------------------------------------
-_SPLIT_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_SPLITS_PER_MODEL = 4  # a model is usually edited with one selection and one or two input signatures
-_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _structure_key(model: nn.Module) -> tuple:
-    return tuple((name, id(m)) for name, m in model.named_modules())
-
-
-def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, inputs: ModelInputs,
-                 read: Callable | None = None) -> dict:
-    """``{"split": ModelSplit}`` for this model, editable names and input signature, built once (in
-    eval mode: mode-dependent Python is fixed at trace time) and kept for the next calls while the
-    model's structure and every tensor the split binds stay the same (checked at every call)."""
-    key = (frozenset(names), use_prefix, _structure_key(model), inputs.signature())
-    per_model = _SPLIT_CACHE.setdefault(model, {})
-    if key in per_model and not per_model[key]["split"].current():
-        del per_model[key]  # a tensor the split binds was replaced: never serve it stale
-    if key not in per_model:
-        while len(per_model) >= _SPLITS_PER_MODEL:
-            per_model.pop(next(iter(per_model)))
-        with eval_mode(model):
-            split = build_split(model, list(names), inputs, read or _default_read, use_prefix)
-        per_model[key] = {"split": split}
-    return per_model[key]
-
-
-def clear_split_cache(model: nn.Module | None = None) -> None:
-    """Forget the prefix splits kept for ``model`` (every model when None); the next edit builds anew."""
-    if model is None:
-        _SPLIT_CACHE.clear()
-    else:
-        _SPLIT_CACHE.pop(model, None)
-
-
-def _default_read(out):
-    return read_logits(out, resolve_output(None))
-
-
-def warn_fallback(model: nn.Module, split: ModelSplit) -> None:
-    """Warn once per model that its edits run without the frozen prefix, and why."""
-    if split.used or split.reason is None or split.reason.startswith("prefix split disabled"):
-        return
-    if model in _WARNED:
-        return
-    _WARNED.add(model)
-    warnings.warn(f"fastedit: the frozen prefix of {type(model).__name__} is not used, so every editor step "
-                  f"runs the whole model ({split.reason})", PrefixFallbackWarning, stacklevel=3)
-
-
 class PrefixFallbackWarning(UserWarning):
     """Edits of a model run without the frozen prefix (the reason is in the message)."""
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, and restore each one's own flag afterwards (nothing to do
-    for a model in eval mode already, the common case when editing a deployed model)."""
-    flags = [(m, m.training) for m in model.modules()]
-    if not any(flag for _, flag in flags):
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _first_param_dtype(model: nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
-@dataclass
-class EditTarget:
-    """The editable parameters of a model, its prefix split and how to read its logits, ready for
-    functional edits. The split belongs to one input call signature (:meth:`ModelInputs.signature`);
-    it is made from the first inputs seen (``build(inputs=...)`` or the first :meth:`prefix`), and
-    :meth:`for_inputs` gives the target for inputs of another signature."""
-
-    model: nn.Module
-    names: list[str]
-    params: list[nn.Parameter]
-    read: Callable = field(default=_default_read, repr=False)
-    use_prefix: bool = True
-    _entry: dict | None = field(default=None, repr=False)
-    _signature: tuple | None = field(default=None, repr=False)
-
-    @classmethod
-    def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True, *, inputs=None,
-              output: OutputSpec = None, include_frozen: bool = False) -> "EditTarget":
-        """Select the parameters (see :func:`fastedit.selection.select_parameters`); with ``inputs``
-        (a tensor, tuple or mapping, see :mod:`fastedit.model_io`) also get the split for inputs like
-        them. A model that fails on ``inputs`` raises ``ValueError``."""
-        chosen = select_parameters(model, params, include_frozen=include_frozen)
-        check_editable(chosen)
-        reader = resolve_output(output)
-
-        def read(out):
-            return read_logits(out, reader)
-
-        target = cls(model, [n for n, _ in chosen], [p for _, p in chosen], read, use_prefix)
-        if inputs is not None:
-            target._ensure_split(ModelInputs.of(inputs))
-        return target
-
-    def _ensure_split(self, mi: ModelInputs) -> None:
-        if self._entry is not None:
-            return
-        mi.check_device(self.device)
-        try:
-            self._entry = cached_entry(self.model, self.names, self.use_prefix, mi, self.read)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:
-            raise model_failure(self.model, mi, exc) from exc
-        self._signature = mi.signature()
-        warn_fallback(self.model, self._entry["split"])
-
-    def for_inputs(self, inputs) -> "EditTarget":
-        """This target if ``inputs`` have its call signature (or it has none yet), else a target
-        with the same parameters and the split for ``inputs``."""
-        mi = ModelInputs.of(inputs)
-        if self._entry is None:
-            self._ensure_split(mi)
-            return self
-        if mi.signature() == self._signature:
-            return self
-        other = EditTarget(self.model, self.names, self.params, self.read, self.use_prefix)
-        other._ensure_split(mi)
-        return other
-
-    @property
-    def split(self) -> ModelSplit:
-        if self._entry is None:
-            raise RuntimeError("internal: the split is made from the first inputs (EditTarget.prefix)")
-        return self._entry["split"]
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    @property
-    def prefix_used(self) -> bool:
-        return self.split.used
-
-    @property
-    def prefix_reason(self) -> str | None:
-        return self.split.reason
-
-    def check_inputs(self, inputs, target, what: str = "inputs") -> tuple[ModelInputs, Constraint]:
-        """Normalise and validate ``inputs`` and ``target`` (device, sample counts, label types)."""
-        mi = ModelInputs.of(inputs, what)
-        mi.check_device(self.device, what)
-        if isinstance(target, int) and not isinstance(target, bool):
-            target = torch.tensor(target, device=self.device)
-        constraint = as_constraint(target)
-        constraint.check_device(self.device)
-        check_rows(constraint, mi.num_samples)
-        return mi, constraint
-
-    def prefix(self, inputs) -> Any:
-        """The frozen activations of ``inputs`` for editor steps (no graph)."""
-        mi = ModelInputs.of(inputs)
-        self._ensure_split(mi)
-        return self.split.edit_acts(mi, self.names, self.params)
-
-    def output(self, acts, theta: Sequence[Tensor] | None = None):
-        """The model's output from the frozen activations, with ``theta`` in place of the editable
-        parameters (every alias of a tied one)."""
-        if theta is None:
-            return self.split.suffix(acts)
-        slots = self._entry.get("slots")
-        if slots is None:
-            slots = self._entry["slots"] = parameter_slots(self.split.suffix_module, self.params)
-        with swapped(slots, theta):
-            return self.split.suffix(acts)
-
-    def logits(self, acts, theta: Sequence[Tensor] | None = None) -> Tensor:
-        return self.read(self.output(acts, theta))
-
-    def loss_fn(self, acts, target, reduction: str, inputs: ModelInputs | None = None) -> Callable[[list[Tensor]], Tensor]:
-        """``theta -> l_e`` (0-dim). The first call also validates the constraint against the logits
-        (shapes, label ranges) and turns a failing forward into ``ValueError``: nothing is written
-        before, since the loop edits copies."""
-        constraint = as_constraint(target)
-        first = [True]
-
-        def loss(theta: list[Tensor]) -> Tensor:
-            if first[0]:
-                first[0] = False
-                try:
-                    logits = self.logits(acts, theta)
-                except (TypeError, ValueError):
-                    raise
-                except Exception as exc:
-                    raise model_failure(self.model, inputs, exc) from exc
-                constraint.validate(logits.detach())
-                return reduce_constraint(constraint.pack(constraint.per_sample(logits)), reduction)
-            return reduce_constraint(constraint.pack(constraint.per_sample(self.logits(acts, theta))), reduction)
-        return loss
-
-    def eval_prefix(self, inputs) -> Any:
-        """The frozen activations of ``inputs`` for forwards without grad (control sets, checks)."""
-        mi = ModelInputs.of(inputs)
-        self._ensure_split(mi)
-        return self.split.eval_acts(mi)
-
-    def num_classes(self, inputs) -> int:
-        """The model's class count, from one forward of ``inputs`` (never cached: a head may change)."""
-        with torch.no_grad():
-            return int(self.logits(self.checked_prefix(inputs, steps=False)).shape[-1])
-
-    def check_labels(self, num_classes: int, y: Tensor) -> None:
-        check_label_range(y, num_classes)
-
-    def checked_prefix(self, inputs, steps: bool = True) -> Any:
-        """The frozen activations of ``inputs`` for editor steps (``steps``) or for forwards without
-        grad; a model that cannot take them (a shape or dtype mismatch, say) raises ``ValueError``
-        before anything is written."""
-        mi = ModelInputs.of(inputs)
-        try:
-            return self.prefix(mi) if steps else self.eval_prefix(mi)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:
-            raise model_failure(self.model, mi, exc) from exc
-
-
-def check_editable(chosen: Sequence[tuple[str, Tensor]]) -> None:
-    """Refuse, saying what to do, parameters an edit cannot change: under ``torch.inference_mode()``
-    (no autograd), parameters created under it (inference tensors), parameters on the meta device."""
-    if torch.is_inference_mode_enabled():
-        raise EditError("fastedit cannot edit inside torch.inference_mode() (autograd is off there): call it "
-                        "outside the `with torch.inference_mode():` block; the model is unchanged")
-    for name, p in chosen:
-        if p.device.type == "meta":
-            raise ValueError(f"parameter {name} is on the meta device (a shape, no values): materialise the model "
-                             "first, e.g. model.to_empty(device='cpu') and then load its weights")
-        if p.is_inference():
-            raise EditError(f"parameter {name} was created under torch.inference_mode(), so autograd cannot "
-                            "differentiate it: build the model outside inference mode and load the weights into it "
-                            "(`fresh.load_state_dict(model.state_dict())`); the model is unchanged")
-
-
-def check_rows(constraint: Constraint, num_samples: int) -> None:
-    """``ValueError`` unless a per-row constraint has one row per input sample."""
-    if isinstance(constraint, Classification):
-        constraint.check_rows(num_samples)
-    elif hasattr(constraint, "labels") and isinstance(constraint.labels, Tensor):
-        rows = constraint.labels.shape[0]
-        if rows != num_samples:
-            raise ValueError(f"{type(constraint).__name__}: the labels have {rows} rows but the inputs "
-                             f"{num_samples} samples")
-
-
-def model_failure(model: nn.Module, inputs: ModelInputs | None, exc: BaseException) -> ValueError:
-    """A clear ``ValueError`` for a model that fails on the user's inputs (naming a dtype mismatch)."""
-    where = inputs.describe() if inputs is not None else "the inputs"
-    hint = ""
-    want = _first_param_dtype(model)
-    if inputs is not None and want is not None:
-        other = sorted(str(d) for d in inputs.float_dtypes() if d != want)
-        if other:
-            hint = (f"; the inputs have dtype {', '.join(other)} but the model's parameters start with {want}: "
-                    "cast the inputs")
-    return ValueError(f"the model failed on {where}: {exc}{hint}")
-
-
-def math_attention():
-    """A context in which scaled-dot-product attention uses its math backend: the fused CPU/CUDA
-    kernels have no double backward, which Editable Training's unrolled steps need."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-def resolve_early_exit(early_exit: bool | str, device: torch.device) -> bool:
-    if early_exit == "auto":
-        return device.type == "cpu"
-    if isinstance(early_exit, bool):
-        return early_exit
-    raise ValueError(f"early_exit must be True, False or 'auto', got {early_exit!r}")
-
-
-def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> None:
-    """Validate the arguments shared by edit, evaluate and EditableTraining."""
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-        raise ValueError(f"max_steps must be an integer ≥ 0, got {max_steps!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if on_failure not in ("revert", "keep"):
-        raise ValueError(f"on_failure must be 'revert' or 'keep', got {on_failure!r}")
 
 
 # ------------------------------------------------------------------------------------------------
 # the public edit
 # ------------------------------------------------------------------------------------------------
-#: edits applied and not reverted; a LIFO revert hands the restored state back to the edit below it
-_APPLIED: "weakref.WeakSet[EditResult]" = weakref.WeakSet()
-
-
 @dataclass(eq=False)
 class EditResult:
     """What :func:`edit` did. ``applied`` tells whether the model now holds the edited parameters;
@@ -521,7 +109,7 @@ class EditResult:
                 p.copy_(saved)
         restored = [p._version for p in self._params]
         # the edit applied right before this one holds its values again: it may be reverted next
-        for other in list(_APPLIED):
+        for other in list(applied_edits):
             if other is self or not other.applied:
                 continue
             for k, q in enumerate(other._params):
@@ -529,7 +117,7 @@ class EditResult:
                     if q is p and other._written[k] == before:
                         other._written[k] = now
         self.applied = False
-        _APPLIED.discard(self)
+        applied_edits.discard(self)
 
     def to_dict(self) -> dict:
         return {"success": self.success, "steps": self.steps, "loss": self.loss,
@@ -543,29 +131,6 @@ def _lookup(model: nn.Module, name: str):
         return model.get_parameter(name)
     except AttributeError:
         return None
-
-
-def split_info(target: EditTarget) -> dict:
-    """The ``prefix_*`` fields of results and reports."""
-    return {"prefix_used": target.split.used, "prefix_reason": target.split.reason,
-            "prefix_method": target.split.method}
-
-
-def resolve_aliases(inputs, target, x, y) -> tuple[Any, Any]:
-    """``inputs``/``target``, or their former names ``x``/``y`` (still accepted as keywords)."""
-    if x is not None:
-        if inputs is not None:
-            raise TypeError("pass inputs or x, not both")
-        inputs = x
-    if y is not None:
-        if target is not None:
-            raise TypeError("pass target or y, not both")
-        target = y
-    if inputs is None:
-        raise TypeError("missing the inputs (the second argument)")
-    if target is None:
-        raise TypeError("missing the target (the third argument): class labels or a fe.Constraint")
-    return inputs, target
 
 
 def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rmsprop", params: ParamSpec = None,
@@ -633,24 +198,3 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
     if success or on_failure == "keep":
         commit_params(result, et.params, out.params, model)
     return result
-
-
-def commit_params(result: EditResult, params: Sequence[Tensor], new_values: Sequence[Tensor],
-                  model: nn.Module | None = None) -> None:
-    """Copy ``new_values`` into ``params`` atomically (restored if a copy fails), keeping a backup in
-    ``result`` for :meth:`EditResult.revert` and the version counters it checks."""
-    result._backup = [p.detach().clone() for p in params]
-    result._model = model
-    result._before = [p._version for p in params]
-    try:
-        with torch.no_grad():
-            for p, new in zip(params, new_values):
-                p.copy_(new)
-    except BaseException:
-        with torch.no_grad():
-            for p, saved in zip(params, result._backup):
-                p.copy_(saved)
-        raise
-    result._written = [p._version for p in params]
-    result.applied = True
-    _APPLIED.add(result)

@@ -44,6 +44,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ._validate import check_real
+
 __all__ = [
     "Editor", "GD", "ScaledGD", "RProp", "SignGD", "RMSProp", "Momentum", "Adam",
     "EDITORS", "make_editor", "TUNED_LR",
@@ -86,25 +88,10 @@ def _keep_inactive(active: Tensor | None, new: Tensor, old: Tensor, batched: boo
     return torch.where(_per_edit(active, new, batched), new, old)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False):
-    """Validate a hyper-parameter once, at construction (tensors are read once, never in a loop)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        number = float(value.detach())
-    elif _is_number(value):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
-    too_low = number <= low if low_open else number < low
-    too_high = number >= high if high_open else number > high
-    if not math.isfinite(number) or too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must lie in {interval}, got {number}")
+def _check_positive(name: str, value: Any) -> None:
+    """A positive, finite hyper-parameter (a number or a one-element tensor), checked once, at
+    construction: a tensor is read here and never in a step."""
+    check_real(name, value, 0.0, math.inf, low_open=True, high_open=True, tensor_ok=True)
 
 
 class Editor:
@@ -253,7 +240,7 @@ class GD(Editor):
     name = "gd"
 
     def __init__(self, lr: float | Tensor = TUNED_LR):
-        _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
+        _check_positive("lr", lr)
         self.lr = lr
 
     def _rule(self, g, slots, t, context):
@@ -275,8 +262,8 @@ class ScaledGD(Editor):
     hyperparameter_names = ("lr", "eps")
 
     def __init__(self, lr: float | Tensor = 0.1, eps: float = 1e-12):
-        _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
-        _check_range("eps", eps, 0.0, math.inf, low_open=True, high_open=True)
+        _check_positive("lr", lr)
+        _check_positive("eps", eps)
         self.lr, self.eps = lr, eps
 
     def _prepare(self, grads, batched):
@@ -301,7 +288,7 @@ class RProp(Editor):
     name = "rprop"
 
     def __init__(self, lr: float | Tensor = TUNED_LR):
-        _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
+        _check_positive("lr", lr)
         self.lr = lr
 
     def _rule(self, g, slots, t, context):
@@ -324,9 +311,9 @@ class RMSProp(Editor):
     hyperparameter_names = ("lr", "beta", "eps")
 
     def __init__(self, lr: float | Tensor = 1e-3, beta: float | Tensor = 0.5, eps: float | Tensor = 1e-6):
-        _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
-        _check_range("beta", beta, 0.0, 1.0)
-        _check_range("eps", eps, 0.0, math.inf, low_open=True, high_open=True)
+        _check_positive("lr", lr)
+        check_real("beta", beta, 0.0, 1.0, tensor_ok=True)
+        _check_positive("eps", eps)
         self.lr, self.beta, self.eps = lr, beta, eps
 
     def _rule(self, g, slots, t, context):
@@ -347,8 +334,8 @@ class Momentum(Editor):
     hyperparameter_names = ("lr", "momentum")
 
     def __init__(self, lr: float | Tensor = 1e-4, momentum: float | Tensor = 0.9):
-        _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
-        _check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+        _check_positive("lr", lr)
+        check_real("momentum", momentum, 0.0, 1.0, high_open=True, tensor_ok=True)
         self.lr, self.momentum = lr, momentum
 
     def _rule(self, g, slots, t, context):
@@ -373,12 +360,12 @@ class Adam(Editor):
     hyperparameter_names = ("lr", "betas", "eps")
 
     def __init__(self, lr: float | Tensor = TUNED_LR, betas: tuple = (0.5, 0.999), eps: float | Tensor = 1e-8):
-        _check_range("lr", lr, 0.0, math.inf, low_open=True, high_open=True)
+        _check_positive("lr", lr)
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_range("beta1", betas[0], 0.1, 1.0, high_open=True)
-        _check_range("beta2", betas[1], 0.0, 1.0, high_open=True)
-        _check_range("eps", eps, 0.0, math.inf, low_open=True, high_open=True)
+        check_real("beta1", betas[0], 0.1, 1.0, high_open=True, tensor_ok=True)
+        check_real("beta2", betas[1], 0.0, 1.0, high_open=True, tensor_ok=True)
+        _check_positive("eps", eps)
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
 
     def _rule(self, g, slots, t, context):

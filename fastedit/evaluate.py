@@ -26,13 +26,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .constraint import (IGNORE_INDEX, Classification, Constraint, TokenTargets, check_label_range, reduce_constraint,
-                         validate)
-from .edit import (EditTarget, check_common, eval_mode, resolve_early_exit, run_edit_loop, run_edit_loop_batched,
-                   split_info)
+from ._core import (
+    EditTarget,
+    check_common,
+    eval_mode,
+    resolve_early_exit,
+    run_edit_loop,
+    run_edit_loop_batched,
+    split_info,
+)
+from .constraint import (
+    IGNORE_INDEX,
+    Classification,
+    Constraint,
+    TokenTargets,
+    check_label_range,
+    reduce_constraint,
+    validate,
+)
 from .editors import Editor, make_editor
-from .kernels.metrics import edit_metrics
 from .model_io import ModelInputs, OutputSpec
+from .ops.edit_metrics import edit_metrics
 from .selection import ParamSpec
 
 __all__ = ["evaluate", "EvalReport"]

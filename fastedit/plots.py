@@ -17,7 +17,8 @@ __all__ = ["plot_per_class_drawdown", "plot_edit_tsne", "plot_editor_comparison"
 
 
 def _pyplot():
-    import matplotlib
+    from ._optional import require
+    matplotlib = require("matplotlib", "fastedit.plots")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     return plt
@@ -95,7 +96,8 @@ def plot_edit_tsne(report: EvalReport, path, class_names=None, perplexity: float
     """
     if "kl_vector" not in report.per_edit:
         raise ValueError("report has no per-edit KL vectors: run evaluate(..., keep_kl_vectors=True)")
-    from sklearn.manifold import TSNE
+    from ._optional import require
+    TSNE = require("sklearn.manifold", "plot_edit_tsne").TSNE
     plt = _pyplot()
     kl = report.per_edit["kl_vector"].double()
     e = kl.shape[0]

@@ -18,7 +18,7 @@ splits a model into
   ``torch.func.grad`` and ``torch.func.vmap`` (batched parameters, shared ``acts``).
 
 Why: the suffix of a ResNet whose last stage is edited is a fraction of the full forward, so the
-k-step edit loop costs a fraction of k full passes (``python tests/test_prefix.py`` prints the
+k-step edit loop costs a fraction of k full passes (``python tests/api/test_prefix.py`` prints the
 ratio measured here).
 
 How: ``torch.fx`` traces the model. A node is *dependent* if it reads an editable parameter

@@ -33,7 +33,7 @@ forward), so with BatchNorm the objective differs slightly from a single-process
 batch; the parameters stay identical across ranks.
 
 Closed-form editor steps (``closed_form=True``, default): each inner editor step is one autograd
-node (:func:`fastedit.kernels.differentiable.editor_step`) whose backward is written out per rule and
+node (:func:`fastedit.ops.editor_step`) whose backward is written out per rule and
 saves only a few of the step's inputs, instead of autograd recording ``Editor.step``'s chain of
 elementwise ops; same values and derivatives. Measured (ResNet-20 ``layer3``, RMSProp, ~6 inner
 steps, batch 32, one thread): 21% fewer peak tensor bytes without rematerialisation, time unchanged
@@ -42,7 +42,7 @@ within noise (benchmarks/results/bench_editable_training_closed_form*.json).
 Rematerialisation (``rematerialize=True``): each inner step is an ``autograd.Function`` that saves
 only its inputs and recomputes itself (with ``torch.func.vjp``) during backward, so the unrolled
 graph's intermediate activations are not kept. ``torch.utils.checkpoint`` cannot do this inside
-``torch.func`` transforms (DESIGN.md §3). Gradients are identical either way: both paths run the same
+``torch.func`` transforms (docs/design.md). Gradients are identical either way: both paths run the same
 step function.
 """
 from __future__ import annotations
@@ -57,12 +57,28 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .constraint import (IGNORE_INDEX, Classification, Constraint, TokenTargets, as_constraint, is_numpy,
-                         reduce_constraint, validate)
-from .edit import cached_entry, check_common, eval_mode, math_attention, resolve_aliases, resolve_early_exit
+from ._core import (
+    cached_entry,
+    check_common,
+    check_rows,
+    eval_mode,
+    math_attention,
+    resolve_aliases,
+    resolve_early_exit,
+)
+from .constraint import (
+    IGNORE_INDEX,
+    Classification,
+    Constraint,
+    TokenTargets,
+    as_constraint,
+    is_numpy,
+    reduce_constraint,
+    validate,
+)
 from .editors import Adam, Editor, RMSProp, make_editor
-from .kernels.differentiable import editor_step
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
+from .ops.editor_step import editor_step
 from .selection import ParamSpec, select_parameters
 
 __all__ = ["EditableTraining", "LearnableEditor"]
@@ -305,7 +321,7 @@ class EditableTraining(nn.Module):
         loc_mode: ``"shared"`` (default) or ``"eval"``; see the module docstring.
         early_exit: stop each edit's loop once satisfied (``"auto"``: on the CPU).
         closed_form: run each editor step as one autograd node with a closed-form backward
-            (:func:`fastedit.kernels.differentiable.editor_step`) instead of ``Editor.step``'s chain
+            (:func:`fastedit.ops.editor_step`) instead of ``Editor.step``'s chain
             of elementwise ops; same values and derivatives, fewer saved tensors.
         output: where the logits are in the model's output (as in :func:`fastedit.edit`).
         include_frozen: also edit parameters with ``requires_grad=False`` (as in :func:`fastedit.edit`:
@@ -561,7 +577,6 @@ def _batch_target(target, inputs: ModelInputs) -> Constraint:
     else:
         raise TypeError(f"{_BATCH} must be class labels [B] (an integer tensor or NumPy integer array) or "
                         f"fe.TokenTargets(labels), got {type(target).__name__}")
-    from .edit import check_rows
     try:
         check_rows(c, inputs.num_samples)
     except ValueError as exc:
@@ -598,7 +613,6 @@ def _given_edits(edit_inputs, edit_target) -> tuple[ModelInputs, Constraint]:
                          "one per row of edit_inputs)")
     mi = ModelInputs.of(edit_inputs, "edit_inputs")
     c = as_constraint(edit_target, "edit_target (edit_y)")  # ints, NumPy: host labels, moved to the logits' device
-    from .edit import check_rows
     try:
         check_rows(c, mi.num_samples)
     except ValueError as exc:

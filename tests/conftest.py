@@ -65,7 +65,7 @@ def triton_interpreter_numpy_compat() -> bool:
 
 TRITON_INTERPRETER_PATCHED = triton_interpreter_numpy_compat()
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root (tests/ is one level down)
 
 
 def _dir_from_env(var: str, fallback: pathlib.Path) -> pathlib.Path | None:
@@ -105,3 +105,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+REAL_DATA_FIXTURES = frozenset({"shared_data_dir", "shared_models_dir"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real data or the pretrained models (directly or through another
+    fixture) gets the ``real_data`` marker, so that ``-m "not real_data"`` leaves them out."""
+    for item in items:
+        if REAL_DATA_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)

@@ -2,12 +2,12 @@
 //   out[b] = max_i logits[b, i] - logits[b, target[b]]
 // Rows are split across threads with at::parallel_for (OpenMP backend when the extension is
 // compiled with -fopenmp, as setup.py and CMakeLists.txt do); each row is one pass over C values
-// with kLanes independent running maxima so that the compiler vectorises the scan. On x86-64 with
-// GCC/Clang the row loop is compiled for AVX-512, AVX2 and baseline x86-64 (target_clones) and
-// the best one for the running CPU is picked at load time: the build needs no -march flag.
+// with kLanes independent running maxima so that the compiler vectorises the scan. On x86-64 Linux
+// with GCC the row loop is compiled for AVX-512, AVX2 and baseline x86-64 (FASTEDIT_CPU_CLONES,
+// csrc/cpu/cpu_clones.h) and the best one for the running CPU is picked at load time: the build
+// needs no -march flag.
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,6 +16,9 @@
 #include <algorithm>
 #include <limits>
 
+#include "accumulate.h"
+#include "binding_utils.h"
+#include "cpu/cpu_clones.h"
 #include "edit_constraint_checks.h"
 
 namespace fastedit {
@@ -24,16 +27,10 @@ namespace {
 constexpr int64_t kLanes = 32;  // several vector registers of running maxima (AVX2: 4)
 constexpr int64_t kGrainSize = 32768;  // logits per task, as at::internal::GRAIN_SIZE
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FASTEDIT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTEDIT_CPU_CLONES
-#endif
-
 template <typename scalar_t>
 FASTEDIT_CPU_CLONES void edit_constraint_rows(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
                           scalar_t* __restrict__ out, int64_t begin, int64_t end, int64_t C) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type_t<scalar_t>;
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* row = logits + b * C;
     // `v > m ? v : m` keeps m when v is NaN; NaNs are tracked separately in `nan` and win at
@@ -70,26 +67,21 @@ at::Tensor edit_constraint_cpu(const at::Tensor& logits_in, const at::Tensor& ta
   const int64_t C = logits.size(1);
 
   // Validate every target before touching any logits (no out-of-bounds reads, no partial work).
+  check_class_indices(target, C, "fastedit::edit_constraint", "target", "target");
   const int64_t* target_ptr = target.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = target_ptr[b];
-    TORCH_CHECK(t >= 0 && t < C, "fastedit::edit_constraint: target[", b, "] = ", t,
-                " is out of range for ", C, " classes (expected 0 <= target < ", C, ")");
-  }
 
   at::Tensor out = at::empty({B}, logits.options());
   if (B == 0) return out;
 
   // Rows per task: about kGrainSize logits, at least one row.
   const int64_t grain = std::max<int64_t>(1, kGrainSize / C);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits.scalar_type(), "fastedit::edit_constraint (CPU)", [&] {
-        const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
-        scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-          edit_constraint_rows<scalar_t>(logits_ptr, target_ptr, out_ptr, begin, end, C);
-        });
-      });
+  FASTEDIT_DISPATCH_KERNEL_DTYPES(logits.scalar_type(), "fastedit::edit_constraint (CPU)", [&] {
+    const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      edit_constraint_rows<scalar_t>(logits_ptr, target_ptr, out_ptr, begin, end, C);
+    });
+  });
   return out;
 }
 

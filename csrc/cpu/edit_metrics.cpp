@@ -26,14 +26,14 @@
 // predictions still follow torch.argmax.
 //
 // Vectorisation: the inner loops are fixed-width lane loops over plain arrays that GCC/Clang
-// vectorise; exp and log are branch-free polynomials (below) so that they vectorise too (libm's do
-// not). at::vec::Vectorized is not used: this extension is compiled once, without -mavx2, where
-// Vectorized falls back to scalar code; the row loops are instead compiled for AVX-512, AVX2 and
-// baseline x86-64 (target_clones) and the best one is picked at load time. No FMA contraction
-// (see the pragma below): every clone computes bit-identical results.
+// vectorise; exp and log are branch-free polynomials (csrc/cpu/fast_math.h) so that they vectorise
+// too (libm's do not). at::vec::Vectorized is not used: this extension is compiled once, without
+// -mavx2, where Vectorized falls back to scalar code; the row loops are instead compiled for
+// AVX-512, AVX2 and baseline x86-64 (FASTEDIT_CPU_CLONES, csrc/cpu/cpu_clones.h) and the best one
+// is picked at load time. No FMA contraction (see the pragma below): every clone computes
+// bit-identical results.
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,13 +42,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "binding_utils.h"
 #include "edit_metrics_checks.h"
 
 // No a * b + c -> fma contraction in this file's own functions (torch's headers, included above,
@@ -59,23 +59,15 @@
 #elif defined(__clang__)
 #pragma clang fp contract(off)
 #endif
+#define FASTEDIT_FP_CONTRACT_OFF 1  // what cpu/fast_math.h requires
+
+// Included after the pragma: their functions are compiled (inlined) under it.
+#include "accumulate.h"
+#include "cpu/cpu_clones.h"  // FASTEDIT_CPU_CLONES, FASTEDIT_INLINE
+#include "cpu/fast_math.h"   // exp_nonpos, log_ge1
 
 namespace fastedit {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FASTEDIT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTEDIT_CPU_CLONES
-#endif
-
-// The helpers below must inline into the target_clones row functions (a call per element or per
-// row would stop the vectorisation); with the optimize pragma GCC no longer does so by itself.
-#if defined(__GNUC__)
-#define FASTEDIT_INLINE inline __attribute__((always_inline))
-#else
-#define FASTEDIT_INLINE inline
-#endif
 
 constexpr int64_t kGrainSize = 32768;  // logits per task, as at::internal::GRAIN_SIZE
 constexpr int64_t kBlock = 256;        // classes per block of the online pass (large C)
@@ -94,102 +86,6 @@ template <>
 struct Lanes<double> {
   static constexpr int W = 8;
 };
-
-// ---------------------------------------------------------------------------------------------
-// exp(x) for x <= 0 and log(s) for s >= 1, branch-free so that the lane loops vectorise.
-
-// e^x for x <= 0, about 1 ulp (Cephes' expf polynomial). x is clamped at -87.3 (NaN and -inf
-// too), where e^x ~ 1e-38 is the smallest normal float: a sum of such terms that holds a 1 does
-// not see them. Rounding of x*log2(e) to an integer n with the 1.5 * 2^23 trick, 2^n built in the
-// exponent bits.
-FASTEDIT_INLINE float exp_nonpos(float x) {
-  x = x > -87.3f ? x : -87.3f;
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-  const float t = x * 1.44269504088896341f + kMagic;
-  const float n = t - kMagic;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t biased = std::bit_cast<int32_t>(t) - 0x4B400000 + 127;  // n + 127, in [1, 127]
-  const float scale = std::bit_cast<float>(biased << 23);
-  return p * scale;
-}
-
-// e^x for x <= 0 in double, a few ulp (Taylor series to degree 13 on |r| <= ln2 / 2); x clamped
-// at -708 like the float version.
-FASTEDIT_INLINE double exp_nonpos(double x) {
-  x = x > -708.0 ? x : -708.0;
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
-  const double t = x * 1.4426950408889634 + kMagic;
-  const double n = t - kMagic;
-  double r = x - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
-  double p = 1.0 / 6227020800.0;    // 1/13!
-  p = p * r + 1.0 / 479001600.0;    // 1/12!
-  p = p * r + 1.0 / 39916800.0;     // 1/11!
-  p = p * r + 1.0 / 3628800.0;      // 1/10!
-  p = p * r + 1.0 / 362880.0;       // 1/9!
-  p = p * r + 1.0 / 40320.0;        // 1/8!
-  p = p * r + 1.0 / 5040.0;         // 1/7!
-  p = p * r + 1.0 / 720.0;          // 1/6!
-  p = p * r + 1.0 / 120.0;          // 1/5!
-  p = p * r + 1.0 / 24.0;           // 1/4!
-  p = p * r + 1.0 / 6.0;            // 1/3!
-  p = p * r + 0.5;                  // 1/2!
-  p = p * r * r + r + 1.0;
-  const int64_t biased = std::bit_cast<int64_t>(t) - 0x4338000000000000LL + 1023;
-  const double scale = std::bit_cast<double>(biased << 52);
-  return p * scale;
-}
-
-// log(s) for finite s >= 1 (a sum of exp(z - max), which holds a 1): s = 2^e m with m in
-// [sqrt(1/2), sqrt(2)), log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.172.
-FASTEDIT_INLINE float log_ge1(float s) {
-  const int32_t bits = std::bit_cast<int32_t>(s);
-  const int32_t e = ((bits >> 23) & 0xff) - 127;
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f800000);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  const float ef = static_cast<float>(e + (big ? 1 : 0));
-  const float u = (m - 1.0f) / (m + 1.0f);
-  const float u2 = u * u;
-  float p = 1.0f / 11.0f;
-  p = p * u2 + 1.0f / 9.0f;
-  p = p * u2 + 1.0f / 7.0f;
-  p = p * u2 + 1.0f / 5.0f;
-  p = p * u2 + 1.0f / 3.0f;
-  p = p * u2 + 1.0f;
-  return ef * 0.693145751953125f + (2.0f * u * p + ef * 1.428606820309417e-06f);
-}
-
-FASTEDIT_INLINE double log_ge1(double s) {
-  const int64_t bits = std::bit_cast<int64_t>(s);
-  const int64_t e = ((bits >> 52) & 0x7ff) - 1023;
-  double m = std::bit_cast<double>((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);
-  const bool big = m > 1.4142135623730951;
-  m = big ? m * 0.5 : m;
-  const double ef = static_cast<double>(e + (big ? 1 : 0));
-  const double u = (m - 1.0) / (m + 1.0);
-  const double u2 = u * u;
-  double p = 1.0 / 21.0;
-  p = p * u2 + 1.0 / 19.0;
-  p = p * u2 + 1.0 / 17.0;
-  p = p * u2 + 1.0 / 15.0;
-  p = p * u2 + 1.0 / 13.0;
-  p = p * u2 + 1.0 / 11.0;
-  p = p * u2 + 1.0 / 9.0;
-  p = p * u2 + 1.0 / 7.0;
-  p = p * u2 + 1.0 / 5.0;
-  p = p * u2 + 1.0 / 3.0;
-  p = p * u2 + 1.0;
-  return ef * 6.93147180369123816490e-01 + (2.0 * u * p + ef * 1.90821492927058770002e-10);
-}
 
 template <typename acc_t>
 FASTEDIT_INLINE acc_t nan_if_not_finite(acc_t x) {  // an infinite KL only comes from a -inf logit
@@ -487,7 +383,7 @@ const acc_t* as_acc_row(const scalar_t* row, int64_t C, std::vector<acc_t>& buff
 template <typename scalar_t>
 void rows_task(const scalar_t* ref, const scalar_t* edited, int64_t E, int64_t N, int64_t C,
                int64_t n0, int64_t n1, const Outputs& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type_t<scalar_t>;
   // kTile samples at a time: their ref rows are prepared first, then each edit's kTile edited
   // rows are read as one contiguous stretch (rather than E scattered rows of C values, which the
   // hardware prefetchers follow badly: at C = 1000, N = 10,000 this halved the time per logit).
@@ -530,7 +426,7 @@ FASTEDIT_CPU_CLONES void transpose_rows(const scalar_t* rows, int64_t count, int
 template <typename scalar_t>
 void lanes_task(const scalar_t* ref, const scalar_t* edited, int64_t E, int64_t N, int64_t C,
                 int64_t n0, int64_t n1, const Outputs& out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type_t<scalar_t>;
   constexpr int W = Lanes<acc_t>::W;
   // kLaneGroups groups of W samples at a time, so each edit's rows are read in stretches of
   // kLaneGroups * W rows (as the tiles of rows_task)
@@ -575,11 +471,8 @@ edit_metrics_cpu(const at::Tensor& ref_in, const at::Tensor& labels_in, const at
   const int64_t C = ref.size(1);
 
   // Every label is checked before any work (no out-of-bounds counts, no partial results).
+  check_class_indices(labels, C, "fastedit::edit_metrics", "labels", "label");
   const int64_t* y = labels.const_data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(y[n] >= 0 && y[n] < C, "fastedit::edit_metrics: labels[", n, "] = ", y[n],
-                " is out of range for ", C, " classes (expected 0 <= label < ", C, ")");
-  }
 
   const auto long_opts = ref.options().dtype(at::kLong);
   const auto float_opts = ref.options().dtype(at::kFloat);
@@ -596,33 +489,32 @@ edit_metrics_cpu(const at::Tensor& ref_in, const at::Tensor& labels_in, const at
                     kl_rows.mutable_data_ptr<float>()};
 
   if (N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, ref.scalar_type(), "fastedit::edit_metrics (CPU)", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const scalar_t* ref_ptr = ref.const_data_ptr<scalar_t>();
-          const scalar_t* edited_ptr = edited.const_data_ptr<scalar_t>();
-          const bool lanes = C <= kSmallC;
-          const int64_t unit = lanes ? Lanes<acc_t>::W * kLaneGroups : kTile;  // samples per unit
-          const int64_t units = (N + unit - 1) / unit;
-          const int64_t grain = std::max<int64_t>(1, kGrainSize / (C * (E + 1) * unit));
-          const int64_t chunks = (units + grain - 1) / grain;
-          // Dynamic scheduling: each thread takes the next chunk of `grain` units until none is
-          // left (at::parallel_for's static halves leave one thread idle while another is
-          // descheduled on a shared machine). Results do not depend on who computes which row.
-          std::atomic<int64_t> next{0};
-          const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
-          at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-            for (int64_t chunk = next.fetch_add(1); chunk < chunks; chunk = next.fetch_add(1)) {
-              const int64_t n0 = chunk * grain * unit;
-              const int64_t n1 = std::min(N, (chunk + 1) * grain * unit);
-              if (lanes) {
-                lanes_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
-              } else {
-                rows_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
-              }
-            }
-          });
-        });
+    FASTEDIT_DISPATCH_KERNEL_DTYPES(ref.scalar_type(), "fastedit::edit_metrics (CPU)", [&] {
+      using acc_t = acc_type_t<scalar_t>;
+      const scalar_t* ref_ptr = ref.const_data_ptr<scalar_t>();
+      const scalar_t* edited_ptr = edited.const_data_ptr<scalar_t>();
+      const bool lanes = C <= kSmallC;
+      const int64_t unit = lanes ? Lanes<acc_t>::W * kLaneGroups : kTile;  // samples per unit
+      const int64_t units = (N + unit - 1) / unit;
+      const int64_t grain = std::max<int64_t>(1, kGrainSize / (C * (E + 1) * unit));
+      const int64_t chunks = (units + grain - 1) / grain;
+      // Dynamic scheduling: each thread takes the next chunk of `grain` units until none is
+      // left (at::parallel_for's static halves leave one thread idle while another is
+      // descheduled on a shared machine). Results do not depend on who computes which row.
+      std::atomic<int64_t> next{0};
+      const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        for (int64_t chunk = next.fetch_add(1); chunk < chunks; chunk = next.fetch_add(1)) {
+          const int64_t n0 = chunk * grain * unit;
+          const int64_t n1 = std::min(N, (chunk + 1) * grain * unit);
+          if (lanes) {
+            lanes_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
+          } else {
+            rows_task(ref_ptr, edited_ptr, E, N, C, n0, n1, out);
+          }
+        }
+      });
+    });
   }
 
   // Phase 2: per edit, in a fixed order.
@@ -663,10 +555,50 @@ edit_metrics_cpu(const at::Tensor& ref_in, const at::Tensor& labels_in, const at
   return {errors, flips, c2w, w2c, kl, errors_per_class, kl_rows};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Test hook of csrc/cpu/fast_math.h, for tests/ops/test_fast_math.py only (not part of fastedit's
+// API, hence its own op namespace): torch.ops.fastedit_testing.exp_nonpos(x) and .log_ge1(s) apply
+// the functions elementwise to a float32/float64 CPU tensor. They are compiled here, in the
+// kernel's translation unit, under its pragma and with its clones and vectorised loops, so that
+// the test measures the code the kernel runs on this CPU.
+
+template <typename T, bool LOG>
+FASTEDIT_CPU_CLONES void fast_math_rows(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = LOG ? log_ge1(x[i]) : exp_nonpos(x[i]);
+}
+
+template <bool LOG>
+at::Tensor fast_math_cpu(const at::Tensor& x_in) {
+  const char* name = LOG ? "fastedit_testing::log_ge1" : "fastedit_testing::exp_nonpos";
+  TORCH_CHECK(x_in.device().is_cpu(), name, ": a CPU tensor is needed, got one on ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble, name,
+              ": float32 or float64 is needed, got ", x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t n = x.numel();
+  if (x.scalar_type() == at::kFloat) {
+    fast_math_rows<float, LOG>(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), n);
+  } else {
+    fast_math_rows<double, LOG>(x.const_data_ptr<double>(), y.mutable_data_ptr<double>(), n);
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastedit, CPU, m) {
   m.impl("edit_metrics", &edit_metrics_cpu);
+}
+
+TORCH_LIBRARY(fastedit_testing, m) {
+  m.def("exp_nonpos(Tensor x) -> Tensor");
+  m.def("log_ge1(Tensor s) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastedit_testing, CPU, m) {
+  m.impl("exp_nonpos", &fast_math_cpu<false>);
+  m.impl("log_ge1", &fast_math_cpu<true>);
 }
 
 }  // namespace fastedit

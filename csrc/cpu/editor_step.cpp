@@ -8,8 +8,10 @@
 // here, never on the host of the caller); their parameters and state are not even read.
 //
 // Vectorisation: the inner loops are plain loops over one row that GCC/Clang vectorise; on
-// x86-64 with GCC they are compiled for AVX-512, AVX2 and baseline x86-64 (target_clones) and the
-// best clone is picked at load time, as in edit_constraint.cpp. at::vec::Vectorized<float> is not
+// x86-64 Linux with GCC they are compiled for AVX-512, AVX2 and baseline x86-64
+// (FASTEDIT_CPU_CLONES, csrc/cpu/cpu_clones.h) and the best clone is picked at load time. The
+// parameter dtypes are loaded and stored through the storage codecs of csrc/accumulate.h
+// (float16/bfloat16 as raw bits, with vectorisable conversions). at::vec::Vectorized<float> is not
 // used: it is only SIMD when the whole file is compiled with CPU_CAPABILITY_AVX2/AVX512 and the
 // matching -m flags (ATen compiles such files once per capability), which the shared build flags
 // of setup.py/CMakeLists.txt do not do; without them it is a scalar array.
@@ -37,6 +39,8 @@
 #include <cstring>
 #include <vector>
 
+#include "accumulate.h"        // CodecF32, CodecF64, CodecF16, CodecBF16
+#include "cpu/cpu_clones.h"     // FASTEDIT_CPU_CLONES
 #include "editor_step_checks.h"
 #include "editor_step_math.h"
 #include "editor_step_strided.h"
@@ -49,75 +53,6 @@ using step::EditCoef;
 
 constexpr int64_t kChunk = 16384;     // elements per work item (64 KiB of fp32 parameters)
 constexpr int64_t kGrainElems = 65536;  // below this many elements in total: one thread
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define FASTEDIT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTEDIT_CPU_CLONES
-#endif
-
-// Storage codecs: how a parameter dtype is loaded into and stored from the compute type. The
-// float16/bfloat16 conversions are written out with integer and float operations (the algorithms
-// of c10's conversions: round to nearest even, NaN -> canonical quiet NaN) so that the loops
-// vectorise; c10::Half's own conversion did not, and ran ~20x slower than float32.
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-inline float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-struct CodecF32 {
-  using T = float;
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
-};
-struct CodecF64 {
-  using T = double;
-  static double load(double x) { return x; }
-  static double store(double x) { return x; }
-};
-struct CodecF16 {  // IEEE half, as c10::detail::fp16_ieee_{to,from}_fp32_value
-  using T = uint16_t;
-  static float load(uint16_t h) {
-    const uint32_t w = static_cast<uint32_t>(h) << 16;
-    const uint32_t sign = w & 0x80000000u;
-    const uint32_t two_w = w + w;
-    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * f32_from_bits(0x07800000u);
-    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-    // a bit mask instead of ?: so that GCC does not sink the float operations into branches
-    // (with -ftrapping-math it will not speculate them back, and the loop stays scalar)
-    const uint32_t denormal = 0u - static_cast<uint32_t>(two_w < (1u << 27));
-    return f32_from_bits(sign | (f32_bits(denormalized) & denormal) | (f32_bits(normalized) & ~denormal));
-  }
-  static uint16_t store(float f) {
-    const float scale_to_inf = f32_from_bits(239u << 23);
-    const float scale_to_zero = f32_from_bits(17u << 23);
-    float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
-    const uint32_t w = f32_bits(f);
-    const uint32_t shl1_w = w + w;
-    const uint32_t sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    bias = bias < 0x71000000u ? 0x71000000u : bias;
-    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = f32_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-  }
-};
-struct CodecBF16 {  // bfloat16, as c10::BFloat16 (round to nearest even, NaN -> 0x7FC0)
-  using T = uint16_t;
-  static float load(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
-  static uint16_t store(float f) {
-    const uint32_t u = f32_bits(f);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
-  }
-};
 
 // Dense row: every coordinate of [0, n).
 template <int RULE, typename Codec, typename C, typename P = typename Codec::T>

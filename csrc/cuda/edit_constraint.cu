@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "accumulate.h"  // AccType, to_acc, from_acc, dispatch_dtype
 #include "cuda/edit_constraint.h"
 
 namespace fastedit {
@@ -17,33 +18,6 @@ constexpr int kWarpSize = 32;
 constexpr int kRowsPerBlock = 8;  // warps per block
 constexpr int kThreads = kWarpSize * kRowsPerBlock;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // rows beyond this are covered by a grid-stride loop
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccType<T>::type x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // max that propagates NaN from either side (like torch.max).
 template <typename A>
@@ -92,17 +66,9 @@ cudaError_t edit_constraint_launch(const void* logits, const int64_t* target, vo
                                    int64_t C, DType dtype, cudaStream_t stream) {
   if (B < 0 || C < 1) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::Float32:
-      return launch<float>(logits, target, out, B, C, stream);
-    case DType::Float64:
-      return launch<double>(logits, target, out, B, C, stream);
-    case DType::Float16:
-      return launch<__half>(logits, target, out, B, C, stream);
-    case DType::BFloat16:
-      return launch<__nv_bfloat16>(logits, target, out, B, C, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, cudaErrorInvalidValue, [&](auto tag) {
+    return launch<typename decltype(tag)::type>(logits, target, out, B, C, stream);
+  });
 }
 
 }  // namespace cuda

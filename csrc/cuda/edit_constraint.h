@@ -7,10 +7,10 @@
 
 #include <cstdint>
 
+#include "dtypes.h"  // fastedit::DType
+
 namespace fastedit {
 namespace cuda {
-
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 // out[b] = max_i logits[b, i] - logits[b, target[b]] for b < B, on `stream`.
 // logits: B x C row-major (contiguous) values of `dtype`; target: B int64 values in [0, C); out: B

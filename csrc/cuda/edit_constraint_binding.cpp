@@ -9,26 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "binding_utils.h"
 #include "cuda/edit_constraint.h"
 #include "edit_constraint_checks.h"
 
 namespace fastedit {
 namespace {
-
-cuda::DType to_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::Float32;
-    case at::kDouble:
-      return cuda::DType::Float64;
-    case at::kHalf:
-      return cuda::DType::Float16;
-    case at::kBFloat16:
-      return cuda::DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "fastedit::edit_constraint (CUDA): unsupported dtype ", t);
-  }
-}
 
 at::Tensor edit_constraint_cuda(const at::Tensor& logits_in, const at::Tensor& target_in) {
   check_edit_constraint_inputs(logits_in, target_in, c10::DeviceType::CUDA, "CUDA");
@@ -43,13 +29,7 @@ at::Tensor edit_constraint_cuda(const at::Tensor& logits_in, const at::Tensor& t
   // reads out of bounds and writes NaN for such rows.
   if (B > 0 &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    const at::Tensor bad = at::logical_or(target.lt(0), target.ge(C));
-    if (bad.any().item<bool>()) {
-      const int64_t b = at::nonzero(bad)[0][0].item<int64_t>();
-      TORCH_CHECK(false, "fastedit::edit_constraint: target[", b, "] = ",
-                  target[b].item<int64_t>(), " is out of range for ", C,
-                  " classes (expected 0 <= target < ", C, ")");
-    }
+    check_class_indices(target, C, "fastedit::edit_constraint", "target", "target");
   }
 
   at::Tensor out = at::empty({B}, logits.options());
@@ -58,7 +38,9 @@ at::Tensor edit_constraint_cuda(const at::Tensor& logits_in, const at::Tensor& t
   C10_CUDA_CHECK(cuda::edit_constraint_launch(logits.const_data_ptr(),
                                               target.const_data_ptr<int64_t>(),
                                               out.mutable_data_ptr(), B, C,
-                                              to_kernel_dtype(logits.scalar_type()), stream));
+                                              to_kernel_dtype(logits.scalar_type(),
+                                                              "fastedit::edit_constraint (CUDA)"),
+                                              stream));
   return out;
 }
 

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "accumulate.h"  // AccType, to_acc, dispatch_dtype
 #include "cuda/edit_metrics.h"
 
 namespace fastedit {
@@ -27,20 +28,6 @@ constexpr int kLargeRowsPerBlock = 8;  // warps per block, warp per row
 constexpr int kReduceThreads = 256;
 constexpr int32_t kNoIndex = 2147483647;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // beyond: grid-stride loops
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -406,22 +393,10 @@ cudaError_t edit_metrics_launch(const void* ref, const void* edited, const int64
   if (status != cudaSuccess) return status;
   const int64_t R = E * N;
   if (R > 0) {
-    switch (dtype) {
-      case DType::Float32:
-        status = launch_rows<float>(ref, edited, R, N, C, pred_ref, pred, kl_rows, stream);
-        break;
-      case DType::Float64:
-        status = launch_rows<double>(ref, edited, R, N, C, pred_ref, pred, kl_rows, stream);
-        break;
-      case DType::Float16:
-        status = launch_rows<__half>(ref, edited, R, N, C, pred_ref, pred, kl_rows, stream);
-        break;
-      case DType::BFloat16:
-        status = launch_rows<__nv_bfloat16>(ref, edited, R, N, C, pred_ref, pred, kl_rows, stream);
-        break;
-      default:
-        return cudaErrorInvalidValue;
-    }
+    status = dispatch_dtype(dtype, cudaErrorInvalidValue, [&](auto tag) {
+      return launch_rows<typename decltype(tag)::type>(ref, edited, R, N, C, pred_ref, pred,
+                                                       kl_rows, stream);
+    });
     if (status != cudaSuccess) return status;
   }
   const int64_t blocks = E < kMaxBlocks ? E : kMaxBlocks;

@@ -7,13 +7,13 @@
 
 #include <cstdint>
 
-#include "cuda/edit_constraint.h"  // fastedit::cuda::DType
+#include "dtypes.h"  // fastedit::DType
 
 namespace fastedit {
 namespace cuda {
 
 // Per-edit metrics of E edited models against the original one on N samples of C classes
-// (contract: fastedit/kernels/metrics.py). All pointers are device memory, row-major contiguous:
+// (contract: fastedit/ops/edit_metrics.py). All pointers are device memory, row-major contiguous:
 //   ref [N, C] and edited [E, N, C] of `dtype`; labels [N] int64 (expected in [0, C): a label
 //   outside is counted as an error but not in errors_per_class, and nothing is read out of bounds);
 //   scratch: pred_ref [N] int32, pred [E, N] int32;

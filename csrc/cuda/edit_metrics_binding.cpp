@@ -11,26 +11,12 @@
 
 #include <tuple>
 
+#include "binding_utils.h"
 #include "cuda/edit_metrics.h"
 #include "edit_metrics_checks.h"
 
 namespace fastedit {
 namespace {
-
-cuda::DType metrics_kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::Float32;
-    case at::kDouble:
-      return cuda::DType::Float64;
-    case at::kHalf:
-      return cuda::DType::Float16;
-    case at::kBFloat16:
-      return cuda::DType::BFloat16;
-    default:
-      TORCH_CHECK(false, "fastedit::edit_metrics (CUDA): unsupported dtype ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 edit_metrics_cuda(const at::Tensor& ref_in, const at::Tensor& labels_in, const at::Tensor& edited_in,
@@ -49,12 +35,7 @@ edit_metrics_cuda(const at::Tensor& ref_in, const at::Tensor& labels_in, const a
   // index out of bounds with such labels (they count as errors, not in errors_per_class).
   if (N > 0 &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    const at::Tensor bad = at::logical_or(labels.lt(0), labels.ge(C));
-    if (bad.any().item<bool>()) {
-      const int64_t n = at::nonzero(bad)[0][0].item<int64_t>();
-      TORCH_CHECK(false, "fastedit::edit_metrics: labels[", n, "] = ", labels[n].item<int64_t>(),
-                  " is out of range for ", C, " classes (expected 0 <= label < ", C, ")");
-    }
+    check_class_indices(labels, C, "fastedit::edit_metrics", "labels", "label");
   }
 
   const auto long_opts = ref.options().dtype(at::kLong);
@@ -72,8 +53,9 @@ edit_metrics_cuda(const at::Tensor& ref_in, const at::Tensor& labels_in, const a
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     C10_CUDA_CHECK(cuda::edit_metrics_launch(
         ref.const_data_ptr(), edited.const_data_ptr(), labels.const_data_ptr<int64_t>(), E, N, C,
-        metrics_kernel_dtype(ref.scalar_type()), pred_ref.mutable_data_ptr<int32_t>(),
-        pred.mutable_data_ptr<int32_t>(), kl_rows.mutable_data_ptr<float>(),
+        to_kernel_dtype(ref.scalar_type(), "fastedit::edit_metrics (CUDA)"),
+        pred_ref.mutable_data_ptr<int32_t>(), pred.mutable_data_ptr<int32_t>(),
+        kl_rows.mutable_data_ptr<float>(),
         errors.mutable_data_ptr<int64_t>(), flips.mutable_data_ptr<int64_t>(),
         c2w.mutable_data_ptr<int64_t>(), w2c.mutable_data_ptr<int64_t>(),
         kl.mutable_data_ptr<float>(), errors_per_class.mutable_data_ptr<int64_t>(), stream));

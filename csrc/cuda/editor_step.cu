@@ -16,7 +16,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
+#include "accumulate.h"  // acc_type_t, to_acc, from_acc, dispatch_dtype
 #include "cuda/editor_step.h"
 #include "editor_step_math.h"
 
@@ -44,41 +46,17 @@ struct Table {
   int count;
 };
 
-__device__ __forceinline__ float to_c(float x) { return x; }
-__device__ __forceinline__ double to_c(double x) { return x; }
-__device__ __forceinline__ float to_c(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_c(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename P>
-__device__ __forceinline__ P from_c(float x);
-template <>
-__device__ __forceinline__ float from_c<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_c<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-__device__ __forceinline__ double from_c_d(double x) { return x; }
-
-template <typename P, typename C>
-__device__ __forceinline__ P store_c(C x) {
-  if constexpr (sizeof(C) == 8) {
-    return from_c_d(x);
-  } else {
-    return from_c<P>(x);
-  }
-}
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// One coordinate. C is the compute (and state) type of P: acc_type_t<P>.
 template <int RULE, typename P, typename C>
 __device__ __forceinline__ void one(P& p, P g, C& a, C& b, const Coef<C>& k, const EditCoef<C>& e) {
-  const C d = step::rule_delta<RULE, C>(to_c(g), a, b, k, e);
-  p = store_c<P, C>(step::op_sub(to_c(p), d));
+  static_assert(std::is_same_v<C, acc_type_t<P>>, "the state is kept in P's accumulate type");
+  const C d = step::rule_delta<RULE, C>(to_acc(g), a, b, k, e);
+  p = from_acc<P>(step::op_sub(to_acc(p), d));
 }
 
 __device__ __forceinline__ bool aligned(const void* ptr, int bytes) {
@@ -261,24 +239,19 @@ cudaError_t launch_dtype(const StepTensor* tensors, int num_tensors, int64_t edi
 }  // namespace
 
 cudaError_t editor_step_launch(const StepTensor* tensors, int num_tensors, int64_t edits,
-                               StepDType dtype, int rule, const double hyper[4], const void* t,
+                               DType dtype, int rule, const double hyper[4], const void* t,
                                const bool* active, const void* inv_norm, cudaStream_t stream) {
   if (num_tensors < 0 || edits < 0 || t == nullptr || hyper == nullptr) return cudaErrorInvalidValue;
   for (int i = 1; i < num_tensors; ++i) {  // one mask mode per call
     if ((tensors[i].mask == nullptr) != (tensors[0].mask == nullptr)) return cudaErrorInvalidValue;
   }
   if (num_tensors == 0 || edits == 0) return cudaSuccess;
-  switch (dtype) {
-    case StepDType::Float32:
-      return launch_dtype<float, float>(tensors, num_tensors, edits, rule, hyper, t, active, inv_norm, stream);
-    case StepDType::Float64:
-      return launch_dtype<double, double>(tensors, num_tensors, edits, rule, hyper, t, active, inv_norm, stream);
-    case StepDType::Float16:
-      return launch_dtype<__half, float>(tensors, num_tensors, edits, rule, hyper, t, active, inv_norm, stream);
-    case StepDType::BFloat16:
-      return launch_dtype<__nv_bfloat16, float>(tensors, num_tensors, edits, rule, hyper, t, active, inv_norm, stream);
-  }
-  return cudaErrorInvalidValue;
+  // parameters of type P, state and t in its accumulate type (float, or double for Float64)
+  return dispatch_dtype(dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using P = typename decltype(tag)::type;
+    return launch_dtype<P, acc_type_t<P>>(tensors, num_tensors, edits, rule, hyper, t, active,
+                                          inv_norm, stream);
+  });
 }
 
 cudaError_t editor_step_advance_t(void* t, const bool* active, int64_t edits, bool fp64,

@@ -7,10 +7,10 @@
 
 #include <cstdint>
 
+#include "dtypes.h"  // fastedit::DType
+
 namespace fastedit {
 namespace cuda {
-
-enum class StepDType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 // One parameter tensor of a step: contiguous memory of E rows of `row` elements (E = 1 when not
 // batched). p, g: parameter dtype; s1, s2: the rule's state (float, or double for Float64
@@ -34,7 +34,7 @@ struct StepTensor {
 // written; masked-out coordinates are neither read nor written.
 // Returns cudaErrorInvalidValue for bad arguments, else the status of the last launch.
 cudaError_t editor_step_launch(const StepTensor* tensors, int num_tensors, int64_t edits,
-                               StepDType dtype, int rule, const double hyper[4], const void* t,
+                               DType dtype, int rule, const double hyper[4], const void* t,
                                const bool* active, const void* inv_norm, cudaStream_t stream);
 
 // t[e] += active[e] (or 1 without `active`) for e < edits; `fp64` says t's dtype.

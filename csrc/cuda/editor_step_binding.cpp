@@ -14,27 +14,13 @@
 
 #include <vector>
 
+#include "binding_utils.h"
 #include "cuda/editor_step.h"
 #include "editor_step_checks.h"
 #include "editor_step_strided.h"
 
 namespace fastedit {
 namespace {
-
-cuda::StepDType to_step_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::StepDType::Float32;
-    case at::kDouble:
-      return cuda::StepDType::Float64;
-    case at::kHalf:
-      return cuda::StepDType::Float16;
-    case at::kBFloat16:
-      return cuda::StepDType::BFloat16;
-    default:
-      TORCH_CHECK(false, "fastedit::editor_step_ (CUDA): unsupported dtype ", t);
-  }
-}
 
 void editor_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList slot1,
                       at::TensorList slot2, at::Tensor t, const std::optional<at::Tensor>& active,
@@ -71,10 +57,10 @@ void editor_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
             group.push_back(s);
           }
           if (group.empty()) continue;
+          const DType kernel_dtype = to_kernel_dtype(dtype, "fastedit::editor_step_ (CUDA)");
           C10_CUDA_CHECK(cuda::editor_step_launch(group.data(), static_cast<int>(group.size()),
-                                                  geo.edits, to_step_dtype(dtype),
-                                                  static_cast<int>(rule), hyper,
-                                                  T.const_data_ptr(), act, inv, stream));
+                                                  geo.edits, kernel_dtype, static_cast<int>(rule),
+                                                  hyper, T.const_data_ptr(), act, inv, stream));
         }
         C10_CUDA_CHECK(cuda::editor_step_advance_t(T.data_ptr(), act, geo.edits, geo.fp64, stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..constraint import constraint_per_sample
-from ..edit import eval_mode
+from .._core import eval_mode
+from ..constraint import classification_margins
 
 __all__ = ["ConditionEncoder", "ConditionedModel", "train_cnp", "cnp_edit", "CNPEdit", "cnp_evaluate"]
 
@@ -390,7 +390,7 @@ def train_cnp(wrapped: ConditionedModel, train_data, *, steps: int, batch_size: 
             if edit_loss == "ce":
                 l_edit = F.cross_entropy(z_e, y_e)
             else:
-                l_edit = constraint_per_sample(z_e, y_e).mean()
+                l_edit = classification_margins(z_e, y_e).mean()
             l_loc = F.kl_div(F.log_softmax(z_b, -1), F.log_softmax(ref_b.detach(), -1), log_target=True,
                              reduction="batchmean")
             loss = base + c_edit * l_edit + c_loc * l_loc

@@ -39,7 +39,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..edit import eval_mode
+from .._core import eval_mode
+from .._validate import check_count
 
 __all__ = ["DeepKNN", "DkNNEdit", "dknn_evaluate"]
 
@@ -54,12 +55,6 @@ def _check_pair(data, what: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{what}: x {tuple(x.shape)} and y {tuple(y.shape)} must hold the same, non-zero number "
                          "of samples")
     return x, y.to(torch.int64)
-
-
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return v
 
 
 @dataclass
@@ -120,7 +115,7 @@ class DeepKNN:
             raise ValueError(f"layers has duplicates: {layers}")
         self.model = model
         self.layers = layers
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = check_count("batch_size", batch_size)
         train_x, train_y = _check_pair((train_x, train_y), "train data")
         embs, logits = self._embed_with_logits(train_x)
         if num_classes is None:
@@ -139,7 +134,7 @@ class DeepKNN:
         :meth:`predict_embeddings` / :meth:`neighbors_of_embeddings`)."""
         self = cls.__new__(cls)
         self.model, self.layers = None, [f"layer{i}" for i in range(len(train_embeddings))]
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = check_count("batch_size", batch_size)
         if not train_embeddings:
             raise ValueError("train_embeddings must hold at least one layer")
         embs = [e.reshape(e.shape[0], -1) if e.dim() else e for e in train_embeddings]
@@ -152,10 +147,10 @@ class DeepKNN:
         for e in embs:
             if e.dim() != 2 or e.shape[0] != n:
                 raise ValueError(f"every embedding must be [N={n}, D], got {tuple(e.shape)}")
-        self.k = _positive_int("k", k)
+        self.k = check_count("k", k)
         if self.k > n:
             raise ValueError(f"k = {k} exceeds the {n} training samples")
-        self.num_classes = _positive_int("num_classes", num_classes)
+        self.num_classes = check_count("num_classes", num_classes)
         bad = (train_y < 0) | (train_y >= self.num_classes)
         if bool(bad.any()):
             raise ValueError(f"training label {int(train_y[bad][0])} is out of range for {self.num_classes} classes")

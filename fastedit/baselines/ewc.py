@@ -8,9 +8,9 @@ estimated on training data (Kirkpatrick et al., 2017)::
 
 The editor steps on ``∇J`` but the edit stops, and is judged, on the constraint alone: a step is
 taken only while ``l_e > 0`` (the penalty is ≥ 0 and would otherwise keep every edit "active").
-:func:`fastedit.edit.run_edit_loop` judges activity on the loss it differentiates, so this module
-runs its own copy of that loop (:func:`run_penalised_loop`) that differentiates ``J`` and judges
-``l_e``. With ``λ = 0`` it performs exactly :func:`fastedit.edit`'s floating-point operations
+:func:`fastedit._core.run_edit_loop` judges activity on the loss it differentiates, so this module
+runs the shared loop (:func:`fastedit._core.edit_loop`) in its penalised form
+(:func:`run_penalised_loop`), which differentiates ``J`` and judges ``l_e``. With ``λ = 0`` it performs exactly :func:`fastedit.edit`'s floating-point operations
 (the penalty's gradient is an exact zero added to the constraint's), so the results are bit-identical.
 
 Fisher diagonal (:func:`fisher_diagonal`), per editable coordinate::
@@ -33,10 +33,21 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from ..edit import (EditError, EditLoopOutput, EditResult, EditTarget, _edit_loop, check_common, commit_params,
-                    eval_mode, model_failure, resolve_aliases, resolve_early_exit, split_info)
-from ..model_io import ModelInputs, OutputSpec, read_logits, resolve_output
+from .._core import (
+    EditLoopOutput,
+    EditTarget,
+    check_common,
+    commit_params,
+    edit_loop,
+    eval_mode,
+    model_failure,
+    resolve_aliases,
+    resolve_early_exit,
+    split_info,
+)
+from ..edit import EditError, EditResult
 from ..editors import Editor, _compute_dtype, make_editor
+from ..model_io import ModelInputs, OutputSpec, read_logits, resolve_output
 from ..selection import ParamSpec, select_parameters
 
 __all__ = ["fisher_diagonal", "ewc_edit", "EWCEditResult", "run_penalised_loop", "ewc_penalty"]
@@ -198,7 +209,7 @@ def _per_sample_grads(batched, single, theta, xb: ModelInputs, yb: Tensor, use_v
 def run_penalised_loop(objective_fn: Callable[[list[Tensor]], tuple[Tensor, Tensor]], params: Sequence[Tensor],
                        editor: Editor, max_steps: int, *, early_exit: bool = False,
                        names: Sequence[str] | None = None) -> EditLoopOutput:
-    """:func:`fastedit.edit.run_edit_loop` for an objective that differs from the constraint.
+    """:func:`fastedit._core.run_edit_loop` for an objective that differs from the constraint.
 
     ``objective_fn(theta)`` returns ``(objective, constraint)`` (0-dim each). The editor steps on
     the gradient of ``objective``; a step is taken only while ``constraint > 0`` (and every value so
@@ -206,7 +217,7 @@ def run_penalised_loop(objective_fn: Callable[[list[Tensor]], tuple[Tensor, Tens
     ``params`` are not modified. It is fe.edit's loop itself, so an objective equal to the
     constraint gives its result bit for bit.
     """
-    return _edit_loop(objective_fn, params, editor, max_steps, early_exit, batched=False, penalised=True,
+    return edit_loop(objective_fn, params, editor, max_steps, early_exit, batched=False, penalised=True,
                       names=names)
 
 

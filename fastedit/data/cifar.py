@@ -191,7 +191,8 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def _decode_image(data: bytes) -> np.ndarray:
     """Decode one encoded image to an ``uint8 [H, W, 3]`` RGB array with Pillow."""
-    from PIL import Image
+    from .._optional import require
+    Image = require("PIL.Image", "reading JPEG datasets")
 
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)

@@ -40,11 +40,8 @@ def load_digits(split: str = "train", test_fraction: float = 0.25,
     Returns ``(images uint8 [N, 8, 8], labels int64 [N])``.
     """
     check_split(split)
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("load_digits needs scikit-learn (pip install scikit-learn)") from exc
-    bunch = _sk_load_digits()
+    from .._optional import require
+    bunch = require("sklearn.datasets", "load_digits (the bundled digits)", "data").load_digits()
     raw = np.asarray(bunch.images)
     values = np.rint(raw).astype(np.int64)
     if values.min() < 0 or values.max() > 16 or not np.array_equal(values, raw):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from .g2p import G2P, load_g2p
 from .resnet18_cifar import ResNet18Cifar, resnet18_cifar
 from .resnet_cifar import (
     CIFAR_MEAN,
@@ -30,7 +31,6 @@ from .resnet_cifar import (
     resnet44,
     resnet56,
 )
-from .g2p import G2P, load_g2p
 from .small import MLP, SmallCNN
 
 __all__ = [
