@@ -17,26 +17,16 @@ import pathlib
 import re
 import sys
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ROOT = RESULTS.parents[1]
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, ROOT, portable  # noqa: E402
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 
 MARKER = re.compile(r"(<!-- table:([A-Za-z0-9_-]+) -->\n)(.*?)(<!-- end -->)", re.S)
-
-# The benchmark JSON records the commands as they were run: real data and checkpoints read from the
-# folder next to the checkout, and sometimes an interpreter by its absolute path. The documents show
-# the environment variables that name those folders (as the tests and the README use them) and a
-# plain ``python``.
-_FOLDERS = re.compile(r"[.]{2}/shared/(data|models)\b")
-_INTERPRETER = re.compile(r"(?<![\w./-])/\S*/bin/python3?(?=\s)")
-
-
-def portable(text: str) -> str:
-    """``text`` with machine-specific paths replaced by ``$FASTEDIT_DATA``, ``$FASTEDIT_MODELS`` and
-    ``python``."""
-    text = _FOLDERS.sub(lambda m: "$FASTEDIT_" + m.group(1).upper(), text)
-    return _INTERPRETER.sub("python", text)
+# Tables pass through ``portable``: a result made with real data from a folder of this machine shows
+# ``$FASTEDIT_DATA`` / ``$FASTEDIT_MODELS`` and a plain ``python``, as the README's commands do.
 
 
 def demo_table(name: str) -> str:
@@ -53,12 +43,17 @@ def demo_table(name: str) -> str:
     return "\n".join(lines)
 
 
+def _threads_cpu(machine: dict) -> str:
+    """"2 threads" and, where the JSON records it, the CPU model."""
+    return f"{machine['threads']} threads" + (f", {machine['cpu']}" if machine.get("cpu") else "")
+
+
 def bench_table() -> str:
     data = json.loads((RESULTS / "bench_edit.json").read_text())
     lat = data["edit_latency"]
     ctl = data["control_pass_seconds"]
     return "\n".join([
-        f"`{data['command']}` ({data['edits']} edits of `layer3`, RMSProp, {data['machine']['threads']} threads):", "",
+        f"`{data['command']}` ({data['edits']} edits of `layer3`, RMSProp, {_threads_cpu(data['machine'])}):", "",
         "| one edit (pretrained ResNet-20) | ms per edit | steps (total) |", "|---|---|---|",
         f"| `fastedit.edit` (frozen prefix) | {1e3 * lat['prefix']['seconds_per_edit']:.2f} | {lat['prefix']['steps_total']} |",
         f"| `fastedit.edit(use_prefix=False)` | {1e3 * lat['no_prefix']['seconds_per_edit']:.2f} | {lat['no_prefix']['steps_total']} |",
@@ -259,7 +254,7 @@ def bench_evaluate_table() -> str:
     names = {"fastedit_loop": "`fastedit.evaluate` (loop)", "naive": "naive loop (deepcopy, full forwards)",
              "official": "official protocol (full forwards, `.item()` per step)"}
     lines = [f"`{data['command']}` ({data['control_images']} control images, RMSProp on `layer3`, "
-             f"{data['machine']['threads']} threads):", "",
+             f"{_threads_cpu(data['machine'])}):", "",
              "| method | edits/s | ms per edit | × official | identical steps & errors |", "|---|---|---|---|---|"]
     off = res["official"]["seconds_per_edit"]
     for key, r in res.items():
@@ -275,7 +270,7 @@ def bench_evaluate_table() -> str:
 
 def editor_step_table() -> str:
     data = json.loads((RESULTS / "bench_editor_step.json").read_text())
-    lines = [f"`{data['command']}` ({data['settings']['threads']} threads, {data['machine'].get('cpu_model', '')}; "
+    lines = [f"`{data['command']}` ({data['settings']['threads']} threads, {data['machine'].get('cpu', '')}; "
              "ms = median):", "",
              "| case | editor | fastedit (C++ CPU) | loop | foreach | torch.compile (in place) | fastest PyTorch | "
              "fastedit speed-up | fastedit GB/s | of copy_ |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -291,7 +286,7 @@ def editor_step_table() -> str:
 
 def edit_metrics_table() -> str:
     data = json.loads((RESULTS / "bench_edit_metrics.json").read_text())
-    lines = [f"`{data['command']}` ({data['machine']['torch_threads']} threads; median of the repeats):", "",
+    lines = [f"`{data['command']}` ({data['machine']['threads']} threads; median of the repeats):", "",
              "| E × N × C | fused (C++ CPU) | torch.compile(reference) | PyTorch reference | speed-up vs fastest PyTorch | "
              "fused GB/s | extra memory: fused / compiled / reference |", "|---|---|---|---|---|---|---|"]
     mib = lambda b: f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
@@ -302,6 +297,23 @@ def edit_metrics_table() -> str:
                      f"{1e3 * c['median_s']:.1f} ms | {1e3 * ref['median_s']:.1f} ms | {f['speedup_vs_fastest_pytorch']:.2f}× | "
                      f"{f['gb_per_s']:.1f} | {mib(f['peak_extra_bytes'])} / {mib(c.get('peak_extra_bytes', 0))} / "
                      f"{mib(ref['peak_extra_bytes'])} |")
+    return "\n".join(lines)
+
+
+def edit_constraint_table() -> str:
+    data = json.loads((RESULTS / "bench_edit_constraint.json").read_text())
+    m = data["machine"]
+    lines = [f"`{data['command']}` ({m['threads']} threads, {m['cpu']}; µs = median):", "",
+             "| B × C | pass | fused (C++ CPU) | PyTorch reference | torch.compile(reference) | fused speed-up | "
+             "fused GB/s | of copy_ |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        res = r["methods"]
+        for kind in ("forward", "forward_backward"):
+            us = lambda name: f"{res[f'{name}/{kind}']['median_us']:.0f}" if f"{name}/{kind}" in res else "–"  # noqa: E731
+            f = res.get(f"fused/{kind}")
+            lines.append(f"| {r['B']} × {r['C']} | {kind.replace('_', ' + ')} | {us('fused')} | {us('reference')} | "
+                         f"{us('torch_compile')} | {f['speedup_vs_fastest_torch']:.2f}× | {f['gb_per_s']:.1f} | "
+                         f"{f['fraction_of_copy']:.2f} |" if f else f"| {r['B']} × {r['C']} | {kind} | – |")
     return "\n".join(lines)
 
 
@@ -404,6 +416,7 @@ TABLES = {
     "bench_evaluate": bench_evaluate_table,
     "kernels_editor_step": editor_step_table,
     "kernels_edit_metrics": edit_metrics_table,
+    "kernels_edit_constraint": edit_constraint_table,
     "headline": headline_table,
 }
 

@@ -168,7 +168,7 @@ def _check_data(args: argparse.Namespace) -> None:
             folder, source = os.environ.get("FASTEDIT_DATA") or None, "$FASTEDIT_DATA"
         if folder is None:
             raise UsageError(f"--data {args.data} needs --data-dir (or $FASTEDIT_DATA): the folder holding "
-                             "cifar10/ and mnist/, e.g. ../shared/data")
+                             "cifar10/ and mnist/")
         path = pathlib.Path(folder).expanduser()
         if not path.exists():
             raise UsageError(f"{source} {folder}: no such folder")
@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "drawdown (increase of test error), success rate within k steps, mean steps, flip rate "
                     "(share of test predictions changed). Default: scikit-learn digits and a small CNN, no "
                     "download. Example on real CIFAR-10: fastedit demo --model resnet20 --weights "
-                    "../shared/models/resnet20-12fca82f.th --data cifar10 --data-dir ../shared/data",
+                    "$FASTEDIT_MODELS/resnet20-12fca82f.th --data cifar10 --data-dir $FASTEDIT_DATA",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_data_args(demo)
     demo.add_argument("--edits", type=_count, default=200, help="number of independent edits")

@@ -29,7 +29,7 @@ EDITOR_ORDER = ("gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam")
 EDITOR_LABELS = {"gd": "GD", "scaled_gd": "Scaled GD", "rprop": "RProp", "rmsprop": "RMSProp",
                  "momentum": "Momentum", "adam": "Adam"}
 
-# Hyper-parameters per editor and setting, chosen by benchmarks/calibrate_demo.py (the paper's
+# Hyper-parameters per editor and setting, chosen by benchmarks/experiments/calibrate_demo.py (the paper's
 # protocol on tuning edits disjoint from the demo's: least drawdown with ≥ 95% success in k steps)
 # and stored, with the command that produced them, in demo_hparams.json beside this file.
 HPARAMS_FILE = pathlib.Path(__file__).with_name("demo_hparams.json")

@@ -530,7 +530,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
             their edit loops and their control passes (convolutions become grouped convolutions;
             results equal the loop's up to rounding); ``"measure"``: time the first group both ways
             and use the faster; ``"auto"``: ``"loop"`` on the CPU (where vmap measured slower, see
-            ``benchmarks/bench_evaluate.py``), ``"measure"`` on other devices. A group that vmap cannot
+            ``benchmarks/experiments/bench_evaluate.py``), ``"measure"`` on other devices. A group that vmap cannot
             run (no batching rule, edits of different shapes) runs in the loop, and so do all later
             ones: ``strategy`` then reports ``"loop"`` and ``strategy_fallback`` why (with a warning).
         edits_per_group: edits per group (default 1 for ``"loop"``, 16 otherwise).

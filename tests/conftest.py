@@ -76,7 +76,7 @@ def _dir_from_env(var: str, fallback: pathlib.Path) -> pathlib.Path | None:
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> pathlib.Path:
-    """`$FASTEDIT_DATA` (CI sets it to ../shared/data); skips the test when absent."""
+    """`$FASTEDIT_DATA` (CI sets it; default: shared/data beside the checkout); skips the test when absent."""
     path = _dir_from_env("FASTEDIT_DATA", _ROOT.parent / "shared" / "data")
     if path is None:
         pytest.skip("real data not found: set FASTEDIT_DATA to the folder holding cifar10/ and mnist/")
@@ -85,7 +85,7 @@ def shared_data_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def shared_models_dir() -> pathlib.Path:
-    """`$FASTEDIT_MODELS` (CI sets it to ../shared/models); skips the test when absent."""
+    """`$FASTEDIT_MODELS` (CI sets it; default: shared/models beside the checkout); skips the test when absent."""
     path = _dir_from_env("FASTEDIT_MODELS", _ROOT.parent / "shared" / "models")
     if path is None:
         pytest.skip("pretrained models not found: set FASTEDIT_MODELS to the folder of resnet*.th")

@@ -33,7 +33,7 @@ CIFAR10_CLASSES: tuple[str, ...] = (
     "truck",
 )
 
-#: Per-channel (RGB) normalisation of the pretrained CIFAR-10 ResNets in ``../shared/models``.
+#: Per-channel (RGB) normalisation of the pretrained CIFAR-10 ResNets (``load_pretrained_cifar_resnet``).
 #: (These are the ImageNet statistics, which is what those checkpoints were trained with.)
 CIFAR10_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 CIFAR10_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)

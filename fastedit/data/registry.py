@@ -15,7 +15,7 @@ def _data_dir(data_dir) -> pathlib.Path:
         value = os.environ.get("FASTEDIT_DATA")
         if not value:
             raise FileNotFoundError("no data_dir given and $FASTEDIT_DATA is not set: pass the folder "
-                                    "holding cifar10/ and mnist/ (e.g. ../shared/data)")
+                                    "holding cifar10/ and mnist/")
         data_dir = value
     return pathlib.Path(data_dir).expanduser()
 

@@ -54,7 +54,7 @@ def test_demo_hyperparameters_come_from_the_committed_calibration():
     data = json.loads(HPARAMS_FILE.read_text())
     for setting in ("small", "resnet"):
         assert set(default_hparams()[setting]) == set(EDITOR_ORDER)
-        assert data["sources"][setting]["command"].startswith("python benchmarks/calibrate_demo.py")
+        assert data["sources"][setting]["command"].startswith("python benchmarks/experiments/calibrate_demo.py")
 
 
 @pytest.mark.slow

@@ -627,7 +627,7 @@ def test_load_dataset_mnist_digits_env_and_errors(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# real data (skipped when ../shared/data or $FASTEDIT_DATA is absent)
+# real data (skipped when $FASTEDIT_DATA is absent)
 # ---------------------------------------------------------------------------------------------
 
 def test_real_lossless_subset(shared_data_dir):

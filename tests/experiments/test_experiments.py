@@ -1,30 +1,19 @@
-"""The Editable Training CIFAR-10 experiment script (benchmarks/editable_training_cifar.py) on a tiny
+"""The Editable Training CIFAR-10 experiment script (benchmarks/experiments/editable_training_cifar.py) on a tiny
 JPEG zip: it runs end to end, resumes bit-identically from its checkpoints, and its summary is what
 the cells say."""
-import importlib.util
 import json
-import pathlib
 import statistics
 
 import pytest
 import torch
-from helpers import ROOT
 from helpers import write_jpeg_zip as _write_jpeg_zip
 
-SCRIPT = ROOT / "benchmarks" / "editable_training_cifar.py"
-
-
-def load_benchmark(path: pathlib.Path):
-    """A script of benchmarks/ as a module (they are not a package)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks.experiments import editable_training_cifar, editable_training_cifar_diagnose
 
 
 @pytest.fixture(scope="module")
 def script():
-    return load_benchmark(SCRIPT)
+    return editable_training_cifar
 
 
 @pytest.fixture
@@ -73,7 +62,7 @@ def test_runs_and_resumes_bit_identically(script, tiny_zip, tmp_path):
         assert (straight / png).read_bytes().startswith(b"\x89PNG")
 
     # the diagnosis reads the same cells and checkpoints and leaves them as they were
-    diagnose = load_benchmark(SCRIPT.with_name("editable_training_cifar_diagnose.py"))
+    diagnose = editable_training_cifar_diagnose
     before = (straight / "ckpt" / "plain_seed0.pt").read_bytes()
     assert diagnose.main(["--out-dir", str(straight), "--data", str(tiny_zip), "--edits", "3", "--control", "8",
                           "--batches", "2", "--batch-size", "4", "--quiet"]) == 0

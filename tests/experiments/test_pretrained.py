@@ -1,4 +1,4 @@
-"""The real pretrained CIFAR-10 ResNet-20 (../shared/models) on the 1,017 exact test images."""
+"""The real pretrained CIFAR-10 ResNet-20 ($FASTEDIT_MODELS) on the 1,017 exact test images."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The Neural Network Surgery CIFAR-10 experiment script (benchmarks/surgery_cifar.py) on a tiny
+"""The Neural Network Surgery CIFAR-10 experiment script (benchmarks/experiments/surgery_cifar.py) on a tiny
 lossless-format npz and a randomly initialised ResNet-20: both parts run end to end, every surgery
 stays within its budget, the numbers agree with a plain recomputation, and a second call resumes
 without recomputing anything."""
@@ -7,21 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
-from test_experiments import load_benchmark
 
 import fastedit as fe
+from benchmarks.experiments import surgery_cifar
 from fastedit import data as fdata
 from fastedit.models import load_pretrained_cifar_resnet
 from fastedit.models.resnet_cifar import cifar_resnet
 
-SCRIPT = ROOT / "benchmarks" / "surgery_cifar.py"
 pytestmark = pytest.mark.slow  # the module fixture runs the experiment's cells (~20 s)
 
 
 @pytest.fixture(scope="module")
 def script():
-    return load_benchmark(SCRIPT)
+    return surgery_cifar
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +95,7 @@ def test_pattern_cells(runs):
         for b in (10, 100)}
     assert set(cells) == expected
     for name, c in cells.items():
-        assert c["command"].startswith("python benchmarks/surgery_cifar.py") and "--part pattern" in c["command"]
+        assert c["command"].startswith("python benchmarks/experiments/surgery_cifar.py") and "--part pattern" in c["command"]
         assert c["machine"]["threads"] == 1
         for key in ("pattern_success", "clean_accuracy", "consistency"):
             if key in c:

@@ -2,7 +2,6 @@
 the README's test command the same as the one .ci/run mirrors."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 
@@ -18,10 +17,8 @@ HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.M)
 
 
 def _readme_tables():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import readme_tables
+    return readme_tables
 
 
 def _prose(path: pathlib.Path) -> str:

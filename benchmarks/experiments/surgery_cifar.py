@@ -22,7 +22,7 @@ Part A, pattern injection (``--part pattern``)
 
 Part B, classification edits (``--part edits``)
     ``--edits`` of the 1,017 test images (a seeded permutation) each with a uniformly random label
-    (the same edits as ``benchmarks/reproduce_evaluation.py`` with the same seed), each applied
+    (the same edits as ``benchmarks/experiments/reproduce_evaluation.py`` with the same seed), each applied
     independently to the original model; control set: all 1,017 test images. Per method: base error,
     drawdown (mean increase of the control error), success rate, mean steps, flip rate (share of
     control predictions changed), nnz (scalars changed per edit) and seconds per edit.
@@ -59,19 +59,16 @@ Run time with the defaults on ONE CPU core (measured on a shared 2-core machine)
 (21 cells of ≈ 25-30 s, lagrange ≈ 50 s), part B ≈ 18 min (tuning 2 × 80 s, ≈ 0.25-0.3 s per edit and
 method incl. the control pass, CNP training ≈ 100 s).
 
-    python benchmarks/surgery_cifar.py --part pattern --threads 1
-    python benchmarks/surgery_cifar.py --part edits --threads 1
-    python benchmarks/surgery_cifar.py --part all --summary-only
+    python benchmarks/experiments/surgery_cifar.py --part pattern --threads 1
+    python benchmarks/experiments/surgery_cifar.py --part edits --threads 1
+    python benchmarks/experiments/surgery_cifar.py --part all --summary-only
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import os
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -83,7 +80,11 @@ from fastedit import data as fdata
 from fastedit._core import EditTarget, eval_mode
 from fastedit.models import load_pretrained_cifar_resnet
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Cells, assert_unchanged, changed_scalars, snapshot, write_json  # noqa: E402
+
 SURGERY_METHODS = ("select-random", "select-grad", "select-delta", "lagrange", "dynamic")
 LRS = [10.0 ** (-5 + i / 2) for i in range(9)]  # 1e-5 … 1e-1, factor √10 (as reproduce_evaluation.py)
 PARTS = ("pattern", "edits")
@@ -92,25 +93,17 @@ PARTS = ("pattern", "edits")
 # ------------------------------------------------------------------------------------------------
 # arguments
 # ------------------------------------------------------------------------------------------------
-def default_shared() -> pathlib.Path:
-    """``$FASTEDIT_DATA/..`` when set, else ``<repo>/../shared``."""
-    env = os.environ.get("FASTEDIT_DATA")
-    return pathlib.Path(env).resolve().parent if env else ROOT.parent / "shared"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     doc = __doc__.split("\n\n")
     ap = argparse.ArgumentParser(description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(doc[1:]))
     g = ap.add_argument_group("common")
     g.add_argument("--part", choices=[*PARTS, "all"], default="all", help="which experiment (default: both)")
-    g.add_argument("--shared", type=pathlib.Path, default=default_shared(),
-                   help="folder with models/ and data/ (default: $FASTEDIT_DATA/.. or <repo>/../shared)")
     g.add_argument("--weights", type=pathlib.Path, default=None,
-                   help="ResNet-20 weights (default: <shared>/models/resnet20-*.th)")
+                   help="ResNet-20 weights (default: $FASTEDIT_MODELS/resnet20-*.th)")
     g.add_argument("--data", type=pathlib.Path, default=None,
-                   help="lossless CIFAR-10 npz (default: <shared>/data/cifar10/cifar10_lossless_subset.npz)")
-    g.add_argument("--out-dir", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "surgery_cifar")
+                   help="lossless CIFAR-10 npz (default: $FASTEDIT_DATA/cifar10/cifar10_lossless_subset.npz)")
+    g.add_argument("--out-dir", type=pathlib.Path, default=common.RESULTS / "surgery_cifar")
     g.add_argument("--seed", type=int, default=0, help="seeds the image choice, edit labels and surgery")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -173,10 +166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--cnp-edits-per-batch", type=int, default=8, help="edits sampled per training batch")
     args = ap.parse_args(argv)
     if args.weights is None:
-        found = sorted((args.shared / "models").glob("resnet20-*.th"))
-        args.weights = found[0] if found else args.shared / "models" / "resnet20-*.th"
+        found = sorted(common.models_dir().glob("resnet20-*.th"))
+        args.weights = found[0] if found else common.models_dir() / "resnet20-*.th"
     if args.data is None:
-        args.data = args.shared / "data" / "cifar10" / "cifar10_lossless_subset.npz"
+        args.data = common.data_dir() / "cifar10" / "cifar10_lossless_subset.npz"
     for name in ("inject", "clean", "epochs", "batch_size", "edits", "max_steps", "tune_edits", "surgery_steps",
                  "dknn_k", "cnp_batch_size", "cnp_edits_per_batch"):
         if getattr(args, name) < 1:
@@ -191,11 +184,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-
-
 def normalise(x_u8: torch.Tensor) -> torch.Tensor:
     return fdata.to_float_tensor(x_u8, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
 
@@ -212,28 +200,6 @@ def add_trigger(x_u8: torch.Tensor, size: int, value: int, shape: str = "square"
     else:
         raise ValueError(f"unknown trigger shape {shape!r}")
     return x
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}
-    return t.view(ints[t.dtype]) if t.dtype in ints else t
-
-
-def changed_scalars(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> int:
-    """Scalars of the state dict whose bits differ from ``original`` (parameters and buffers)."""
-    state = model.state_dict()
-    return int(sum(int((_bits(state[k]) != _bits(v)).sum()) for k, v in original.items()))
-
-
-def assert_identical(model: torch.nn.Module, original: dict[str, torch.Tensor], where: str) -> None:
-    n = changed_scalars(model, original)
-    if n:
-        raise RuntimeError(f"{where}: the model differs from the original in {n} scalars after the revert")
 
 
 @torch.no_grad()
@@ -267,65 +233,15 @@ class ControlSet:
             raise RuntimeError("the cached control activations disagree with a full forward of the model")
 
 
-def write_json(path: pathlib.Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)  # a cell file is either complete or absent
-
-
-class Cells:
-    """Resumable cells of one run: ``done(name, setting)`` tells whether a cell with this setting
-    exists (and stops on a setting mismatch); ``save`` writes one; progress and a time estimate."""
-
-    def __init__(self, out: pathlib.Path, command: str, args):
-        self.dir = out / "cells"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.command, self.args = command, args
-        self.new = 0
-        self.seconds: list[float] = []
-
-    def path(self, name: str) -> pathlib.Path:
-        return self.dir / f"{name}.json"
-
-    def done(self, name: str, setting: dict) -> bool:
-        p = self.path(name)
-        if not p.exists():
-            return False
-        old = json.loads(p.read_text())
-        if old.get("setting") != json.loads(json.dumps(setting)):
-            diff = sorted(k for k in set(old.get("setting", {})) | set(setting)
-                          if old.get("setting", {}).get(k) != json.loads(json.dumps(setting)).get(k))
-            raise SystemExit(f"{p} was computed with another setting (differs in {diff}); use another --out-dir "
-                             "or delete the cell")
-        return True
-
-    def budget_left(self) -> bool:
-        return self.args.max_new_cells is None or self.new < self.args.max_new_cells
-
-    def save(self, name: str, setting: dict, result: dict, seconds: float) -> dict:
-        cell = {"command": self.command, "cell": name, "setting": setting, **result,
-                "cell_seconds": seconds, "machine": machine_info()}
-        write_json(self.path(name), cell)
-        self.new += 1
-        self.seconds.append(seconds)
-        return cell
-
-    def estimate(self, remaining: int) -> str:
-        if not self.seconds or remaining <= 0:
-            return ""
-        mean = statistics.fmean(self.seconds)
-        return f"; {remaining} cells left, ≈ {remaining * mean / 60:.1f} min more at {mean:.0f} s/cell"
-
-
 def load_model(args) -> torch.nn.Module:
     if not pathlib.Path(args.weights).is_file():
-        raise SystemExit(f"ResNet-20 weights not found: {args.weights} (pass --weights or --shared)")
+        raise SystemExit(f"ResNet-20 weights not found: {args.weights} (pass --weights or set $FASTEDIT_MODELS)")
     return load_pretrained_cifar_resnet(args.weights)
 
 
 def load_data(args):
     if not pathlib.Path(args.data).is_file():
-        raise SystemExit(f"lossless CIFAR-10 npz not found: {args.data} (pass --data or --shared)")
+        raise SystemExit(f"lossless CIFAR-10 npz not found: {args.data} (pass --data or set $FASTEDIT_DATA)")
     xtr, ytr = fdata.load_cifar10_lossless(args.data, "train")
     xte, yte = fdata.load_cifar10_lossless(args.data, "test")
     return xtr, ytr, xte, yte
@@ -334,11 +250,6 @@ def load_data(args):
 def common_setting(args, xtr, xte) -> dict:
     return {"weights": pathlib.Path(args.weights).name, "data": pathlib.Path(args.data).name,
             "num_train": int(xtr.shape[0]), "num_test": int(xte.shape[0]), "seed": args.seed}
-
-
-def tqdm_bar(total: int, desc: str, quiet: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,7 +306,7 @@ def run_pattern(args, cells: Cells, model, xtr, ytr, xte, yte) -> bool:
     if not args.no_unrestricted:
         todo.append(("unrestricted", total))
     left = [(m, b) for m, b in todo if not cells.done(cell_name_pattern(m, b), pattern_setting(base, args, m, b))]
-    bar = tqdm_bar(len(left), "pattern cells", args.quiet)
+    bar = common.progress_bar(len(left), "pattern cells", args.quiet)
     for i, (method, budget) in enumerate(left):
         if not cells.budget_left():
             bar.close()
@@ -416,7 +327,7 @@ def run_pattern(args, cells: Cells, model, xtr, ytr, xte, yte) -> bool:
             raise RuntimeError(f"{name}: nnz {res.nnz} (bits: {nnz_bits}) for a budget of {budget}")
         m = pattern_measure(model, d, args.target, base_pred)
         res.revert()
-        assert_identical(model, original, name)
+        assert_unchanged(model, original, name)
         cells.save(name, setting, {
             "part": "pattern", "method": method, "budget": budget, **m, "nnz": res.nnz, "nnz_per_param":
             {k: v for k, v in res.delta.nnz_per_param.items() if v}, "surgery_success": res.success,
@@ -424,7 +335,7 @@ def run_pattern(args, cells: Cells, model, xtr, ytr, xte, yte) -> bool:
             "surgery_metrics": res.metrics, "editor": res.editor, "surgery_seconds": seconds,
             "reverted_bit_identical": True, "num_parameters": total}, time.perf_counter() - t0)
         bar.update(1)
-        tqdm_write(f"{name}: pattern {100 * m['pattern_success']:.1f}%  clean acc {100 * m['clean_accuracy']:.2f}%  "
+        common.say(f"{name}: pattern {100 * m['pattern_success']:.1f}%  clean acc {100 * m['clean_accuracy']:.2f}%  "
                    f"consistency {100 * m['consistency']:.2f}%  nnz {res.nnz}  {seconds:.0f} s"
                    f"{cells.estimate(len(left) - i - 1)}", args.quiet)
     bar.close()
@@ -438,14 +349,6 @@ def cell_name_pattern(method: str, budget: int) -> str:
 def pattern_setting(base: dict, args, method: str, budget: int) -> dict:
     return {**base, "method": method, "budget": budget, "epochs": args.epochs, "batch_size": args.batch_size,
             "editor": {"editor": "scaled_gd", "lr": args.editor_lr}, "target_rate": args.target_rate}
-
-
-def tqdm_write(msg: str, quiet: bool) -> None:
-    if quiet:
-        print(msg, flush=True)
-    else:
-        from tqdm import tqdm
-        tqdm.write(msg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,7 +422,7 @@ def run_edit_loop(model, d, control: ControlSet, original, do_edit, desc: str, q
     base_error = float((control.base != y_c).double().mean())
     errors, flips, success, steps, nnz, secs = [], [], [], [], [], []
     diverged = 0
-    bar = tqdm_bar(x_e.shape[0], desc, quiet)
+    bar = common.progress_bar(x_e.shape[0], desc, quiet)
     t0 = time.perf_counter()
     checked = False
     for i in range(x_e.shape[0]):
@@ -527,7 +430,7 @@ def run_edit_loop(model, d, control: ControlSet, original, do_edit, desc: str, q
         try:
             res, n_steps, edit_seconds = do_edit(x_e[i:i + 1], int(y_e[i]))
         except fe.EditError:
-            assert_identical(model, original, f"{desc} (diverged edit)")
+            assert_unchanged(model, original, f"{desc} (diverged edit)")
             diverged += 1
             res, n_steps, edit_seconds, pred = None, max_units, time.perf_counter() - t1, control.base
             nnz.append(0)
@@ -539,7 +442,7 @@ def run_edit_loop(model, d, control: ControlSet, original, do_edit, desc: str, q
             nnz.append(changed_scalars(model, original))
             res.revert()
             if i == 0 or i == x_e.shape[0] - 1:
-                assert_identical(model, original, desc)
+                assert_unchanged(model, original, desc)
         errors.append(float((pred != y_c).double().mean()))
         flips.append(float((pred != control.base).double().mean()))
         success.append(bool(res is not None and res.success))
@@ -547,7 +450,7 @@ def run_edit_loop(model, d, control: ControlSet, original, do_edit, desc: str, q
         secs.append(edit_seconds)
         bar.update(1)
     bar.close()
-    assert_identical(model, original, desc)
+    assert_unchanged(model, original, desc)
     out = edits_summary(errors, flips, success, steps, nnz, secs, time.perf_counter() - t0, base_error)
     out["diverged"] = diverged
     return out
@@ -626,10 +529,10 @@ def run_edits(args, cells: Cells, model, xtr, ytr, xte, yte, out: pathlib.Path) 
             return False
         t0 = time.perf_counter()
         result = runner()
-        assert_identical(model, original, name)
+        assert_unchanged(model, original, name)
         cells.save(name, setting, {"part": "edits", "method": setting["method"], "layer3_size": layer3_size,
                                    **result}, time.perf_counter() - t0)
-        tqdm_write(f"{name}: drawdown {100 * result['drawdown']:.2f}%  success {100 * result['success_rate']:.1f}%  "
+        common.say(f"{name}: drawdown {100 * result['drawdown']:.2f}%  success {100 * result['success_rate']:.1f}%  "
                    f"flips {100 * result['flip_rate']:.2f}%  nnz {_fmt(result.get('nnz_mean'))}  "
                    f"{result['seconds_per_edit']:.2f} s/edit{cells.estimate(len(left) - i - 1)}", args.quiet)
     return True
@@ -670,7 +573,7 @@ def dense_cell(args, model, d, control, original, editor: str, lr: dict, layer3_
                     on_failure="keep")
         nnz.append(changed_scalars(model, original))
         r.revert()
-    assert_identical(model, original, f"edits_{editor}")
+    assert_unchanged(model, original, f"edits_{editor}")
     r = rep.to_dict()
     return {"base_error": r["base_error"], "drawdown": r["drawdown"], "success_rate": r["success_rate"],
             "mean_steps": r["mean_steps"], "flip_rate": r["flip_rate"], "mean_kl": r["mean_kl"],
@@ -782,7 +685,7 @@ def summarise(out: pathlib.Path, part: str, command: str) -> dict | None:
     rows = []
     for c in sorted(cells, key=lambda c: (_method_order(c["method"]), c.get("budget") or 0, c.get("ewc_lambda") or 0)):
         rows.append({k: c.get(k) for k in columns})
-    summary = {"command": command, "part": part, "rows": rows, "machine": machine_info(),
+    summary = {"command": command, "part": part, "rows": rows, "machine": common.machine_info(),
                "settings": {c["cell"]: c["setting"] for c in cells}}
     if part == "edits":
         fisher = next((c["fisher"] for c in cells if "fisher" in c), None)
@@ -866,14 +769,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    words = [sys.argv[0], *sys.argv[1:]] if argv is None else ["benchmarks/surgery_cifar.py", *argv]
-    command = "python " + " ".join(shlex.quote(str(a)) for a in words)
+    command = common.command_line(__file__, argv)
     parts = PARTS if args.part == "all" else (args.part,)
     finished = True
     if not args.summary_only:
         model = load_model(args)
         xtr, ytr, xte, yte = load_data(args)
-        cells = Cells(out, command, args)
+        cells = Cells(out, command, max_new=args.max_new_cells)
         t0 = time.perf_counter()
         for part in parts:
             runner = run_pattern if part == "pattern" else run_edits

@@ -14,7 +14,7 @@ model is then measured the same way:
   (the same edits, labels and control set for every model and seed: a fixed evaluation seed), control =
   ``--control`` other test images, disjoint from the edits and from the tuning control.
 
-Presets: ``cpu`` fine-tunes the pretrained CIFAR-10 ResNet-20 (``../shared/models``; trained on the
+Presets: ``cpu`` fine-tunes the pretrained CIFAR-10 ResNet-20 (``$FASTEDIT_MODELS``; trained on the
 original pixels) for 600 steps on the JPEG training set — about 15 minutes per model on one core;
 ``gpu`` is the paper's setting, a CIFAR ResNet-18 trained from scratch (15 epochs, shortened from the
 paper's schedule to fit a 30-minute device session), for a GPU.
@@ -26,8 +26,8 @@ again to resume. ``--time-limit`` stops cleanly (checkpoint, exit code 3) before
 out (the device's per-call limit), keeping ``--eval-reserve`` seconds for a cell's evaluation. Finally the summary (mean ± std over seeds, and the per-seed
 difference to plain training) goes to ``<out>/summary.json`` and the figures to ``<out>/*.png``.
 
-    python benchmarks/editable_training_cifar.py --preset cpu --out-dir benchmarks/results/editable_training_cifar
-    python benchmarks/editable_training_cifar.py --preset gpu --device cuda --seeds 0 --time-limit 540 \\
+    python benchmarks/experiments/editable_training_cifar.py --preset cpu --out-dir benchmarks/results/editable_training_cifar
+    python benchmarks/experiments/editable_training_cifar.py --preset gpu --device cuda --seeds 0 --time-limit 540 \\
         --data .data/cifar10-jpeg.zip --out-dir runs/editable_training_cifar_gpu
 """
 from __future__ import annotations
@@ -37,8 +37,6 @@ import json
 import math
 import os
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -50,7 +48,9 @@ import fastedit as fe
 from fastedit import data as fdata
 from fastedit.models import get_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 PRESETS = {
     # fine-tune the pretrained ResNet-20 on the JPEG copy: ~1.5 epochs, fits a 2-core CPU
@@ -77,14 +77,10 @@ EXIT_TIME_LIMIT = 3
 # data
 # ------------------------------------------------------------------------------------------------
 def find_zip(arg: str | None) -> pathlib.Path:
-    cands = [pathlib.Path(arg)] if arg else []
-    if os.environ.get("FASTEDIT_DATA"):
-        cands.append(pathlib.Path(os.environ["FASTEDIT_DATA"]) / "cifar10" / fdata.cifar.JPEG_ZIP_NAME)
-    cands.append(ROOT.parent / "shared" / "data" / "cifar10" / fdata.cifar.JPEG_ZIP_NAME)
-    for c in cands:
-        if c.is_file():
-            return c
-    raise SystemExit(f"CIFAR-10 JPEG zip not found (looked at {', '.join(map(str, cands))}); pass --data")
+    path = pathlib.Path(arg) if arg else common.data_dir() / "cifar10" / fdata.cifar.JPEG_ZIP_NAME
+    if not path.is_file():
+        raise SystemExit(f"CIFAR-10 JPEG zip not found at {path}: pass --data or set $FASTEDIT_DATA")
+    return path
 
 
 def normalise(x_unit: torch.Tensor) -> torch.Tensor:
@@ -133,12 +129,6 @@ def build(cfg: dict, c_loc: float | None, seed: int, device: torch.device, weigh
     return model, et, opt, sched
 
 
-def _save_atomic(obj, path: pathlib.Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train(name: str, c_loc, seed: int, cfg: dict, xtr, ytr, device, weights, ckpt: pathlib.Path, args,
           deadline: float | None):
     """Train one cell to ``cfg["steps"]`` steps, resuming from ``ckpt``; returns (model, et, log) or
@@ -163,7 +153,7 @@ def train(name: str, c_loc, seed: int, cfg: dict, xtr, ytr, device, weights, ckp
     xtr, ytr = xtr.to(device), ytr.to(device)  # uint8: 150 MB for CIFAR-10, indexed on the device
 
     def checkpoint():
-        _save_atomic({"model": model.state_dict(), "editor": et.learned_editor.state_dict() if et else None,
+        common.save_torch({"model": model.state_dict(), "editor": et.learned_editor.state_dict() if et else None,
                       "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
                       "torch_rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -272,7 +262,7 @@ def evaluate_fixed_editor(out: pathlib.Path, lr: float, split: dict, cfg: dict, 
         report = fe.evaluate(model, to(split["edits"]), to(split["control"]), editor=editor, params="layer3",
                              max_steps=10, edit_labels=split["edit_classes"].to(device), progress=not args.quiet)
         cell.setdefault("fixed_reports", {})[key] = report.to_dict()
-        path.write_text(json.dumps(cell, indent=1, allow_nan=False))
+        common.write_json(path, cell)
         print(f"{cell['config']} seed {cell['seed']} with {key}: drawdown {100 * report.drawdown:.2f}%  "
               f"success {100 * report.success_rate:.1f}%  flip {100 * report.flip_rate:.2f}%", flush=True)
 
@@ -374,8 +364,8 @@ def parse_args(argv=None):
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
                     help=f"default: {' '.join(DEFAULT_CONFIGS)}")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--data", help="the CIFAR-10 JPEG zip (default: $FASTEDIT_DATA/cifar10 or ../shared/data/cifar10)")
-    ap.add_argument("--weights", help="pretrained weights for the cpu preset (default: ../shared/models/resnet20-*.th)")
+    ap.add_argument("--data", help="the CIFAR-10 JPEG zip (default: in $FASTEDIT_DATA/cifar10)")
+    ap.add_argument("--weights", help="pretrained weights for the cpu preset (default: $FASTEDIT_MODELS/resnet20-*.th)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for key in ("steps", "batch_size", "edits", "control", "tune_edits", "tune_control"):
@@ -421,7 +411,7 @@ def main(argv=None) -> int:
     weights = None
     if cfg["init"] == "pretrained":
         weights = pathlib.Path(args.weights) if args.weights else next(
-            iter(sorted((ROOT.parent / "shared" / "models").glob(f"{cfg['model']}-*.th"))), None)
+            iter(sorted(common.models_dir().glob(f"{cfg['model']}-*.th"))), None)
         if weights is None or not weights.is_file():
             raise SystemExit(f"no pretrained weights for {cfg['model']}; pass --weights")
 
@@ -434,10 +424,8 @@ def main(argv=None) -> int:
     out = args.out_dir
     for sub in ("cells", "ckpt"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               "cpus": os.cpu_count()}
+    command = common.command_line(__file__, argv)
+    machine = common.machine_info(device)
 
     ref_path = out / "cells" / "reference.json"
     if not args.no_reference and not ref_path.exists():
@@ -445,7 +433,7 @@ def main(argv=None) -> int:
         model.eval()
         ref = {"command": command, "what": f"the starting model ({cfg['init']}), not trained",
                **evaluate_cell(model, None, split, xte, yte, cfg, device, args)}
-        ref_path.write_text(json.dumps(ref, indent=1, allow_nan=False))
+        common.write_json(ref_path, ref)
         print(f"reference: test error {100 * ref['test_error']:.2f}%  drawdown {100 * ref['report']['drawdown']:.2f}%",
               flush=True)
 
@@ -476,7 +464,7 @@ def main(argv=None) -> int:
                                  "mean_step_seconds": statistics.fmean(times), "log": state["log"],
                                  "mean_loadavg": statistics.fmean(state["loadavg"]) if state["loadavg"] else None},
                     **result, "machine": machine}
-            path.write_text(json.dumps(cell, indent=1, allow_nan=False))
+            common.write_json(path, cell)
             r = result["report"]
             print(f"{name} seed {seed}: test error {100 * result['test_error']:.2f}%  drawdown "
                   f"{100 * r['drawdown']:.2f}%  success {100 * r['success_rate']:.1f}%  steps {r['mean_steps']:.2f}  "
@@ -491,11 +479,11 @@ def main(argv=None) -> int:
         cells[(c["config"], c["seed"])] = c
     reference = json.loads(ref_path.read_text()) if ref_path.exists() else None
     summary = summarise(cells)
-    (out / "summary.json").write_text(json.dumps({
+    common.write_json(out / "summary.json", {
         "command": command, "preset": args.preset, "setting": cfg, "eval_seed": EVAL_SEED,
         "reference": None if reference is None else {"test_error": reference["test_error"], **{
             k: reference["report"][k] for k in ("drawdown", "success_rate", "mean_steps", "flip_rate")}},
-        **summary, "machine": machine}, indent=1, allow_nan=False))
+        **summary, "machine": machine})
     draw_figures(out, cells, reference)
     print("\nconfig      seeds  test error        drawdown          success    steps   flip      ms/step")
     for name, s in summary["per_config"].items():

@@ -21,18 +21,14 @@ then per step one suffix forward + backward, and one last suffix forward that fi
 satisfied. The naive loop's floor: per step a full forward + backward to the edited layer, plus one
 last full forward. Their ratio is the most the prefix can give; ``efficiency`` = floor / measured.
 
-    python benchmarks/bench_edit_transformers.py --out benchmarks/results/bench_edit_transformers.json
+    python benchmarks/experiments/bench_edit_transformers.py --out benchmarks/results/bench_edit_transformers.json
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import pathlib
-import platform
 import resource
-import shlex
 import statistics
 import sys
 import time
@@ -42,43 +38,25 @@ import torch
 import fastedit as fe
 from fastedit._core import EditTarget, clear_split_cache, eval_mode
 
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------------
 # the naive loop
 # ------------------------------------------------------------------------------------------------
 def naive_edit(model, inputs: dict, constraint, names, editor, max_steps: int) -> int:
-    """Full forwards on the live module, ``.item()`` per step, rolled back afterwards; returns steps."""
+    """:func:`benchmarks.common.naive_edit` on an HF model (full forwards, ``.item()`` per step)."""
     params = [p for n, p in model.named_parameters() if n in names]
-    backup = [p.detach().clone() for p in params]
-    state = editor.init_state([p.detach() for p in params])
-    steps = 0
-    for _ in range(max_steps + 1):
-        loss = constraint.per_sample(model(**inputs).logits).amax()
-        if loss.item() <= 0 or steps == max_steps:
-            break
-        grads = torch.autograd.grad(loss, params)
-        new, state = editor.step([p.detach() for p in params], list(grads), state)
-        with torch.no_grad():
-            for p, v in zip(params, new):
-                p.copy_(v)
-        steps += 1
-    with torch.no_grad():
-        for p, b in zip(params, backup):
-            p.copy_(b)
-    return steps
+    return common.naive_edit(params, lambda: constraint.per_sample(model(**inputs).logits).amax(), editor, max_steps)
 
 
 # ------------------------------------------------------------------------------------------------
 # the model's own passes (the floor)
 # ------------------------------------------------------------------------------------------------
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return common.summary_ms(common.time_calls(fn, repeats))["median_ms"]
 
 
 def passes(model, inputs: dict, constraint, params: str, repeats: int) -> dict:
@@ -253,21 +231,10 @@ def gpt2_setup(n_edits: int, seq_len: int, continuation: int):
     return model, edits, "random weights, GPT-2 small shapes"
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    import transformers
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models-dir", default="../shared/models", help="folder holding all-MiniLM-L6-v2/")
-    ap.add_argument("--data-dir", default="../shared/data", help="folder holding text/rotten_tomatoes.tsv")
+    ap.add_argument("--models-dir", help="folder holding all-MiniLM-L6-v2/ (default: $FASTEDIT_MODELS)")
+    ap.add_argument("--data-dir", help="folder holding text/rotten_tomatoes.tsv (default: $FASTEDIT_DATA)")
     ap.add_argument("--models", default="minilm,gpt2", help="comma-separated: minilm, gpt2")
     ap.add_argument("--minilm-edits", type=int, default=10)
     ap.add_argument("--gpt2-edits", type=int, default=4)
@@ -276,15 +243,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed passes over the edits per method (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="JSON file to write")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(),
-              "load_average_before": load_before, "models": {}}
+    import transformers  # noqa: F401  (machine_info records its version)
+    result = {"command": common.command_line(__file__, argv), "machine": common.machine_info(),
+              "load_average_before": common.load_average(), "models": {}}
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in wanted:
         if name == "minilm":
-            model, edits, source = minilm_setup(pathlib.Path(args.models_dir), pathlib.Path(args.data_dir),
+            model, edits, source = minilm_setup(common.models_dir(args.models_dir), common.data_dir(args.data_dir),
                                                 args.minilm_edits, 64)
             params, editor = "bert.encoder.layer.5", fe.RMSProp(args.minilm_lr)
         elif name == "gpt2":
@@ -296,12 +263,10 @@ def main() -> None:
         repeats = args.repeats if name == "minilm" else max(1, args.repeats // 2)
         result["models"][name] = {"source": source, "tokens": 64, "repeats": repeats,
                                   **bench_model(name, model, edits, params, editor, 10, repeats)}
-    result["load_average_after"] = os.getloadavg()
+    result["load_average_after"] = common.load_average()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    common.write_json(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

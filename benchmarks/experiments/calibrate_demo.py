@@ -6,17 +6,15 @@ value minimises drawdown among those with ≥ 95% success within k steps (if non
 with the highest success): ``fastedit.tune``, once per editor. The search is written as JSON with the command; with
 --update-defaults the chosen values also go into fastedit/demo_hparams.json, which the demo reads.
 
-    python benchmarks/calibrate_demo.py --setting small --out benchmarks/results/calibrate_small.json --update-defaults
-    python benchmarks/calibrate_demo.py --setting resnet --weights ../shared/models/resnet20-12fca82f.th \
-        --data-dir ../shared/data --out benchmarks/results/calibrate_resnet.json --update-defaults
+    python benchmarks/experiments/calibrate_demo.py --setting small --out benchmarks/results/calibrate_small.json --update-defaults
+    python benchmarks/experiments/calibrate_demo.py --setting resnet --tune-edits 40 \
+        --out benchmarks/results/calibrate_resnet.json --update-defaults
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
-import platform
-import shlex
 import sys
 
 import torch
@@ -25,6 +23,10 @@ import fastedit as fe
 from fastedit import data as fdata
 from fastedit.demo import DEFAULT_PARAMS, EDITOR_ORDER, HPARAMS_FILE, train_classifier
 from fastedit.models import SmallCNN, load_pretrained_cifar_resnet
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 GRIDS = {  # ×2–×2.5 steps, wide enough that the low end fails and the high end clearly over-shoots
     "small": {  # SmallCNN on digits, editing "head"
@@ -56,26 +58,27 @@ def setting_small(seed: int):
     return model, (xtr, ytr), (xte, yte), DEFAULT_PARAMS["small_cnn"]
 
 
-def setting_resnet(weights: str, data_dir: str):
-    npz = pathlib.Path(data_dir) / "cifar10" / "cifar10_lossless_subset.npz"
+def setting_resnet(weights: str | None, data_dir: str | None):
+    weights = weights or common.models_dir() / "resnet20-12fca82f.th"
+    npz = common.data_dir(data_dir) / "cifar10" / "cifar10_lossless_subset.npz"
     xtr, ytr = fdata.load_cifar10_lossless(npz, "train")
     xte, yte = fdata.load_cifar10_lossless(npz, "test")
     norm = lambda x: fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)  # noqa: E731
     return load_pretrained_cifar_resnet(weights), (norm(xtr), ytr), (norm(xte), yte), "layer3"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", choices=["small", "resnet"], default="small")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--weights", help="resnet: the CIFAR-10 ResNet-20 checkpoint (default: $FASTEDIT_MODELS/resnet20-12fca82f.th)")
+    ap.add_argument("--data-dir", help="resnet: folder holding cifar10/ (default: $FASTEDIT_DATA)")
     ap.add_argument("--tune-edits", type=int, default=100)
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--update-defaults", action="store_true",
                     help="write the chosen learning rates into fastedit/demo_hparams.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if args.setting == "small":
         model, train, test, params = setting_small(args.seed)
@@ -95,17 +98,16 @@ def main() -> None:
                   f"success={100 * row['success_rate']:5.1f}% steps={row['mean_steps']:4.2f}", flush=True)
             table.append({"editor": name, **row})
         chosen[name] = {"lr": float(result.editor.lr), "met_95_percent": result.feasible}
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "setting": args.setting,
+    result = {"command": common.command_line(__file__, argv), "setting": args.setting,
               "params": params, "tune_edits": len(pick), "max_steps": args.max_steps, "chosen": chosen,
-              "table": table, "machine": {"platform": platform.platform(), "torch": torch.__version__}}
+              "table": table, "machine": common.machine_info()}
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    common.write_json(out, result, indent=2)
     print(json.dumps(chosen, indent=2))
     if args.update_defaults:
         defaults = json.loads(HPARAMS_FILE.read_text()) if HPARAMS_FILE.exists() else {"settings": {}, "sources": {}}
         defaults["settings"][args.setting] = {name: {"lr": c["lr"]} for name, c in chosen.items()}
-        defaults["sources"][args.setting] = {"file": str(out), "command": result["command"]}
+        defaults["sources"][args.setting] = {"file": common.portable(str(out.resolve())), "command": result["command"]}
         HPARAMS_FILE.write_text(json.dumps(defaults, indent=2) + "\n")
         print(f"updated {HPARAMS_FILE}")
 

@@ -8,15 +8,12 @@ evaluated with fastedit.evaluate: held-out test digits with random labels, each 
 independently, control = the whole test set, the editor being RMSProp with the hyper-parameters that
 training learned (for the plain model: the initial ones). Repeated over seeds; mean ± std.
 
-    python benchmarks/editable_training_digits.py --out benchmarks/results/editable_training_digits.json
+    python benchmarks/experiments/editable_training_digits.py --c 0.1 --out benchmarks/results/editable_training_digits_c0.1.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,6 +24,10 @@ import torch.nn.functional as F
 import fastedit as fe
 from fastedit import data as fdata
 from fastedit.models import SmallCNN
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 CONFIGS = {  # name -> EditableTraining kwargs (None: plain training)
     "plain": None,
@@ -61,7 +62,7 @@ def train(config, seed, xtr, ytr, epochs, c, lr_editor):
     return model, editor, (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=20)
@@ -69,7 +70,8 @@ def main() -> None:
     ap.add_argument("--lr-editor", type=float, default=5e-3, help="initial RMSProp lr (the demo's calibrated value)")
     ap.add_argument("--edits", type=int, default=200)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    machine = common.machine_info()
 
     xtr, ytr = fdata.load_digits("train")
     xte, yte = fdata.load_digits("test")
@@ -100,13 +102,10 @@ def main() -> None:
         print(f"{name:<24} {100 * s['base_error']['mean']:5.2f} ± {100 * s['base_error']['std']:4.2f}%   "
               f"{100 * s['drawdown']['mean']:5.2f} ± {100 * s['drawdown']['std']:4.2f}%   "
               f"{100 * s['success_rate']['mean']:5.1f}%   {1e3 * s['step_seconds']['mean']:6.1f}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "config": vars(args),
-        "summary": summary, "runs": runs,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    }, indent=2))
+    common.write_json(args.out, {
+        "command": common.command_line(__file__, argv), "config": vars(args), "summary": summary, "runs": runs,
+        "machine": machine, "load_average_at_end": common.load_average(),
+    }, indent=2)
 
 
 if __name__ == "__main__":

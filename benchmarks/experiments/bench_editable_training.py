@@ -64,24 +64,18 @@ init, editable ``layer3``, suffix layer3 + layer4 + linear: ~0.56 GFLOP per imag
 ResNet-20, so a default run takes far longer than the ~2 minutes of ResNet-20 on 2 cores; use a
 smaller ``--batch``/``--repeats``), ``--out JSON``.
 
-    python benchmarks/bench_editable_training.py --out benchmarks/results/bench_editable_training.json
+    python benchmarks/experiments/bench_editable_training.py --out benchmarks/results/bench_editable_training.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import os
 import pathlib
-import platform
-import re
-import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import warnings
@@ -93,8 +87,13 @@ from tqdm import tqdm
 
 import fastedit as fe
 from fastedit import data as fdata
-from fastedit._core import eval_mode
+from fastedit._core import EditTarget, eval_mode
+from fastedit.model_io import ModelInputs
 from fastedit.models import load_pretrained_cifar_resnet, resnet18_cifar, resnet20
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 METHODS = ("plain", "fastedit", "fastedit_remat", "fastedit_autograd_step", "fastedit_remat_autograd_step",
            "naive", "higher")
@@ -103,64 +102,6 @@ METHODS = ("plain", "fastedit", "fastedit_remat", "fastedit_autograd_step", "fas
 # ------------------------------------------------------------------------------------------------
 # memory measurement
 # ------------------------------------------------------------------------------------------------
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _LIBC = None
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def memory_method() -> str:
-    return "VmHWM after clear_refs=5" if _reset_hwm() else "sampling /proc/self/statm every 0.5 ms"
-
-
-def peak_increase(fn) -> tuple[int, object]:
-    """(largest resident-memory increase during ``fn()`` in bytes, fn's result)."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    if _reset_hwm():
-        base = _rss()
-        out = fn()
-        return _hwm() - base, out
-    base = peak = _rss()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        out = fn()
-    finally:
-        done.set()
-        t.join()
-    return max(peak, _rss()) - base, out
-
-
 def torch_alloc_peak(fn) -> tuple[int | None, object, str | None]:
     """(peak of live torch CPU allocations during ``fn()`` above the level at its start, in bytes,
     fn's result, error): ``torch.profiler`` with ``profile_memory=True``, exported as a memory timeline
@@ -223,7 +164,7 @@ class Plain:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if timer is not None:
-            timer.update(fwd=t1 - t, bwd=t2 - t1, opt=time.perf_counter() - t2)
+            timer.add(fwd=t1 - t, bwd=t2 - t1, opt=time.perf_counter() - t2)
         return 0
 
 
@@ -245,17 +186,20 @@ class FastEdit:
         """The phases of EditableTraining.forward (loc_mode="shared"), timed one by one."""
         et = self.et
         t0 = time.perf_counter()
-        split = et._split()
-        acts = split.prefix(x)
-        logits = split.suffix(acts)
+        mi, mi_e = ModelInputs.of(x), ModelInputs.of(ex)
+        base = fe.Classification(y)
+        split = et._split(mi)
+        acts, out = split.prefix_and_output(mi)
+        logits = et._read(out)
         loss_base = F.cross_entropy(logits, y)
         t1 = time.perf_counter()
         with eval_mode(et.model):
-            acts_e = split.prefix(ex)
-            theta, final, steps = et._run_edit(split, acts_e, ey, et.learned_editor)
+            split_e = et._split(mi_e)
+            acts_e = split_e.prefix(mi_e)
+            theta, final, steps = et._run_edit(split_e, acts_e, fe.Classification(ey), et.learned_editor)
         t2 = time.perf_counter()
         if int(steps) > 0:
-            loss_loc = et._kl_to_edited(split, acts, logits, theta)
+            loss_loc = et._kl_to_edited(split, acts, logits, theta, base)
         else:
             loss_loc = loss_base.new_zeros(())
         objective = loss_base + et.c_edit * F.relu(final) + et.c_loc * loss_loc
@@ -267,7 +211,7 @@ class FastEdit:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         t5 = time.perf_counter()
-        timer.update(base_fwd=t1 - t0, edit_fwd=t2 - t1, loc_fwd=t3 - t2, bwd=t4 - t3, opt=t5 - t4,
+        timer.add(base_fwd=t1 - t0, edit_fwd=t2 - t1, loc_fwd=t3 - t2, bwd=t4 - t3, opt=t5 - t4,
                      inner_steps=float(steps))
         return float(steps)
 
@@ -371,48 +315,25 @@ class SuffixFloor:
 
     def __init__(self, model, cfg):
         self.model = model
-        self.split = fe.EditableTraining(model, params=cfg["params"])._split()
+        self.target = EditTarget.build(model, cfg["params"])
 
     def step(self, x, y, ex, ey):
         with torch.no_grad():
-            acts = self.split.prefix(x)
+            acts = self.target.prefix(x)
         t = time.perf_counter()
-        F.cross_entropy(self.split.suffix(acts), y).backward()
+        F.cross_entropy(self.target.logits(acts), y).backward()
         elapsed = time.perf_counter() - t
         for p in self.model.parameters():
             p.grad = None
         return elapsed
 
 
-class Timer(dict):
-    def update(self, **kw):
-        for k, v in kw.items():
-            self.setdefault(k, []).append(v)
-
-    def medians(self):
-        return {k: statistics.median(v) for k, v in self.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": cpu, "cpu_count": os.cpu_count()}
-
-
-def load_avg() -> list[float]:
-    return list(os.getloadavg())
-
-
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("resnet20", "resnet18"), default="resnet20")
-    ap.add_argument("--weights", default="../shared/models/resnet20-12fca82f.th")
+    ap.add_argument("--weights", help="the CIFAR-10 ResNet-20 checkpoint (default: $FASTEDIT_MODELS/resnet20-12fca82f.th)")
     ap.add_argument("--random-init", action="store_true", help="a fresh ResNet-20 instead of the pretrained one")
-    ap.add_argument("--data", default="../shared/data/cifar10/cifar10_lossless_subset.npz")
+    ap.add_argument("--data", help="the lossless CIFAR-10 subset (default: $FASTEDIT_DATA/cifar10/cifar10_lossless_subset.npz)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="k: the editor's maximum inner steps")
     ap.add_argument("--repeats", type=int, default=15, help="timed repetitions (each: one step per method)")
@@ -427,18 +348,21 @@ def main() -> None:
     ap.add_argument("--max-wait", type=float, default=120.0)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of the methods to run (plain and fastedit always run)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.weights = str(args.weights or common.models_dir() / "resnet20-12fca82f.th")
+    args.data = str(args.data or common.data_dir() / "cifar10" / "cifar10_lossless_subset.npz")
     if args.repeats < 1:
         ap.error("--repeats must be ≥ 1")
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     waited, t0 = 0.0, time.monotonic()
-    while load_avg()[0] > args.max_load and time.monotonic() - t0 < args.max_wait:
-        print(f"load average {load_avg()[0]:.2f} > {args.max_load}: waiting", flush=True)
+    while common.load_average()[0] > args.max_load and time.monotonic() - t0 < args.max_wait:
+        print(f"load average {common.load_average()[0]:.2f} > {args.max_load}: waiting", flush=True)
         time.sleep(10)
     waited = time.monotonic() - t0
-    load_before = load_avg()
+    load_before = common.load_average()
+    machine = common.machine_info()
     torch.manual_seed(args.seed)
     if args.model == "resnet18":
         base, model_desc = resnet18_cifar(), "resnet18_cifar (random init; editable layer3, suffix layer3+layer4+linear)"
@@ -489,7 +413,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - recorded in the JSON (e.g. higher not installed)
             errors[name] = f"{type(exc).__name__}: {exc}"
     floor = SuffixFloor(copy.deepcopy(base), cfg)
-    breakdown = {"plain": Timer(), "fastedit": Timer(), "fastedit_remat": Timer()}
+    breakdown = {"plain": common.Samples(), "fastedit": common.Samples(), "fastedit_remat": common.Samples()}
     breakdown_models = {  # separate copies so the breakdown does not move the measured models
         "plain": Plain(copy.deepcopy(base), cfg),
         "fastedit": FastEdit(copy.deepcopy(base), cfg, rematerialize=False),
@@ -525,23 +449,23 @@ def main() -> None:
                 cpu_times[name].append(cpu)
                 steps_taken[name].append(s)
         ft = floor.step(*batch)
-        breakdown_models["plain"].step(*batch, timer=breakdown["plain"] if measured else Timer())
+        breakdown_models["plain"].step(*batch, timer=breakdown["plain"] if measured else common.Samples())
         for name in ("fastedit", "fastedit_remat"):
-            breakdown_models[name].step_breakdown(*batch, breakdown[name] if measured else Timer())
+            breakdown_models[name].step_breakdown(*batch, breakdown[name] if measured else common.Samples())
         if measured:
             floor_times.append(ft)
-        load_during.append(load_avg()[0])
+        load_during.append(common.load_average()[0])
 
-    mem_method = memory_method()
+    mem_method = None
     peaks = {name: [] for name in methods}
     floor_peaks = []
     for rep in tqdm(range(args.memory_repeats), desc="memory repetitions", unit="rep"):
         batch = batches[args.warmup + args.repeats + rep]
         for name in list(methods):
-            peak, s = peak_increase(lambda: run(name, batch))
+            peak, s, mem_method = common.peak_memory_increase(lambda: run(name, batch))
             if s is not None:
                 peaks[name].append(peak)
-        peak, _ = peak_increase(lambda: floor.step(*batch))
+        peak, _, _ = common.peak_memory_increase(lambda: floor.step(*batch))
         floor_peaks.append(peak)
     # torch's own count of live tensor bytes (one profiled step each: the allocations are deterministic
     # given the inner steps taken, and profiling with stacks is slow)
@@ -553,7 +477,7 @@ def main() -> None:
             alloc_errors[name] = err
         if s is not None and peak is not None:
             alloc_peaks[name] = (peak, s)
-    load_after = load_avg()
+    load_after = common.load_average()
 
     # ---- table ----------------------------------------------------------------------------------
     plain_t = statistics.median(times["plain"])
@@ -628,8 +552,8 @@ def main() -> None:
         print("  - " + line)
 
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_after,
+        "command": common.command_line(__file__, argv),
+        "machine": {**machine, "load_average_before": load_before, "load_average_after": load_after,
                     "load_average_1min_per_repetition": load_during, "waited_for_load_seconds": waited,
                     "note": "2 cores shared with other jobs: a load above ~2 means other processes competed "
                             "for the cores during the measurement (interleaving spreads that over all methods)"},
@@ -637,7 +561,7 @@ def main() -> None:
                    "optimizer": f"Adam(lr={cfg['adam_lr']}) over the model and the learnable lr, beta",
                    "learn": ["lr", "beta"], "edits": "one per batch: an image of the batch, uniform random target",
                    "warmup": args.warmup, "repeats": args.repeats, "memory_repeats": args.memory_repeats,
-                   "seed": args.seed, "data": args.data},
+                   "seed": args.seed, "data": common.portable(args.data)},
         "memory_method": {
             "peak_bytes": (f"{mem_method}: peak resident-set increase during one step, after gc.collect() and "
                            "malloc_trim(0); median over the memory repetitions, after the timed ones"),
@@ -657,10 +581,8 @@ def main() -> None:
         "packages": {"higher": _version("higher")},
     }
     if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        common.write_json(args.out, result, indent=2)
+        print(f"wrote {args.out}")
 
 
 def analyse(table: dict, bd: dict, plain_t: float, floor_t: float) -> list[str]:

@@ -17,16 +17,14 @@ script is resumable: run it again and finished cells are read back. Then the tab
 into ``<out-dir>/tables.json`` and the figures drawn (per-class drawdown heatmap, t-SNE of edits,
 editor comparison bars) from the ResNet-20 / layer3 cells.
 
-    python benchmarks/reproduce_evaluation.py --table 1 --models resnet20 resnet56
-    python benchmarks/reproduce_evaluation.py --table 2 --models resnet20 --edits 200 --tune-edits 30
+    python benchmarks/experiments/reproduce_evaluation.py --table 1 --models resnet20 resnet56
+    python benchmarks/experiments/reproduce_evaluation.py --table 2 --models resnet20 --edits 200 --tune-edits 30
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
-import platform
-import shlex
 import sys
 import time
 
@@ -37,7 +35,10 @@ from fastedit import data as fdata
 from fastedit.demo import EDITOR_ORDER
 from fastedit.models import load_pretrained_cifar_resnet
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+
 LRS = [10.0 ** (-5 + i / 2) for i in range(9)]         # 1e-5 … 1e-1, factor √10
 SCALED_GD_LRS = [10.0 ** (-3 + i / 2) for i in range(9)]  # an L2 step length: 1e-3 … 10
 STAGES = ("layer1", "layer2", "layer3", "all")
@@ -50,12 +51,12 @@ def grid_for(editor: str) -> dict:
     return grid
 
 
-def load_setting(model_name: str, shared: pathlib.Path, edits: int, tune_edits: int, seed: int):
-    weights = sorted((shared / "models").glob(f"{model_name}-*.th"))
+def load_setting(model_name: str, models: pathlib.Path, data: pathlib.Path, edits: int, tune_edits: int, seed: int):
+    weights = sorted(models.glob(f"{model_name}-*.th"))
     if not weights:
-        raise SystemExit(f"no weights for {model_name} in {shared / 'models'}")
+        raise SystemExit(f"no weights for {model_name} in {models}")
     model = load_pretrained_cifar_resnet(weights[0])
-    npz = shared / "data" / "cifar10" / "cifar10_lossless_subset.npz"
+    npz = data / "cifar10" / "cifar10_lossless_subset.npz"
     norm = lambda x: fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)  # noqa: E731
     xtr, _ = fdata.load_cifar10_lossless(npz, "train")
     xte, yte = fdata.load_cifar10_lossless(npz, "test")
@@ -83,11 +84,11 @@ def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, e
     report = fe.evaluate(model, report_edits, control, editor=tuned.editor, params=params,
                          max_steps=args.max_steps, edit_labels=edit_classes, keep_kl_vectors=keep_kl,
                          progress=not args.quiet)
-    cell = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    cell = {"command": args.command,
             "stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
             "chosen_at_grid_edge": _at_edge(tuned, editor), "tune_table": tuned.table,
             "tune_seconds": tune_seconds, "report": report.to_dict()}
-    path.write_text(json.dumps(cell, indent=1, allow_nan=False))
+    common.write_json(path, cell)
     if keep_kl:  # the figures' data; KL vectors in float16 keep the file small (E × N values)
         torch.save({"per_class_drawdown": report.per_class_drawdown, "edit_class": report.per_edit["edit_class"],
                     "kl_vector": report.per_edit["kl_vector"].half()}, path.with_suffix(".figure.pt"))
@@ -111,7 +112,7 @@ def assemble(out_dir: pathlib.Path, cells: dict, meta: dict) -> dict:
                      "num_edits": r["num_edits"], "eval_seconds": r["seconds"],
                      "tune_seconds": cell["tune_seconds"], "command": cell.get("command")})
     out = {**meta, "rows": rows}
-    (out_dir / "tables.json").write_text(json.dumps(out, indent=1, allow_nan=False))
+    common.write_json(out_dir / "tables.json", out)
     return out
 
 
@@ -137,7 +138,7 @@ def draw_figures(out_dir: pathlib.Path, cells: dict) -> None:
         plots.plot_edit_tsne(report, out_dir / "tsne_edits_resnet20_rmsprop.png", classes)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--table", choices=["1", "2", "all"], default="1")
@@ -149,10 +150,12 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the ../shared folder (data, models)")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "evaluation"))
+    ap.add_argument("--models-dir", help="folder holding the resnet*.th checkpoints (default: $FASTEDIT_MODELS)")
+    ap.add_argument("--data-dir", help="folder holding cifar10/ (default: $FASTEDIT_DATA)")
+    ap.add_argument("--out-dir", default=str(common.RESULTS / "evaluation"))
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.command = common.command_line(__file__, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = pathlib.Path(args.out_dir)
@@ -176,8 +179,8 @@ def main() -> None:
             print(f"{path.name}: done earlier", flush=True)
             continue
         if model_name not in loaded:
-            loaded = {model_name: load_setting(model_name, pathlib.Path(args.shared), args.edits,
-                                               args.tune_edits, args.seed)}
+            loaded = {model_name: load_setting(model_name, common.models_dir(args.models_dir),
+                                               common.data_dir(args.data_dir), args.edits, args.tune_edits, args.seed)}
         model, report_edits, edit_classes, tuning_edits, control = loaded[model_name]
         keep_kl = (model_name, stage, editor) == ("resnet20", "layer3", "rmsprop")
         cell = run_cell(path, model, stage, editor, report_edits, edit_classes, tuning_edits, control, args, keep_kl)
@@ -187,15 +190,14 @@ def main() -> None:
               f"success={100 * r['success_rate']:.1f}% steps={r['mean_steps']:.2f} "
               f"flips={100 * r['flip_rate']:.2f}% ({r['seconds']:.0f} s)", flush=True)
 
-    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    meta = {"command": args.command,
             "protocol": {"edits": args.edits, "tune_edits": args.tune_edits, "max_steps": args.max_steps,
                          "seed": args.seed, "lr_grid": LRS, "scaled_gd_lr_grid": SCALED_GD_LRS,
                          "rmsprop_beta_grid": [0.5, 0.9], "min_success": 0.95,
                          "edits_from": "exact CIFAR-10 test images (seeded permutation), uniform random labels",
                          "tuning_edits_from": "exact CIFAR-10 training images, uniform random labels",
                          "control": "all 1,017 exact CIFAR-10 test images"},
-            "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()}}
+            "machine": common.machine_info()}
     assemble(out_dir, cells, meta)
     draw_figures(out_dir, cells)
     print(f"wrote {out_dir / 'tables.json'}")

@@ -28,27 +28,25 @@ bytes over the measured time; "of copy" is the time copy_ needs for the same byt
 method's time (1.0 = as fast as a copy of the same traffic). The PyTorch paths move more (they
 make several passes and temporaries); the fused kernel makes one pass.
 
-    python benchmarks/bench_editor_step.py --quick --out benchmarks/results/bench_editor_step.json
+    python benchmarks/kernels/bench_editor_step.py --quick --out benchmarks/results/bench_editor_step.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
+import pathlib
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastedit
-import fastedit as fe  # noqa: E402
-from fastedit.models import resnet18_cifar  # noqa: E402
-from fastedit.ops import _extension as extension  # noqa: E402
-from fastedit.ops import dispatch  # noqa: E402
-from fastedit.ops.editor_step import _editor_step  # noqa: E402
+import fastedit as fe
+from fastedit.models import resnet18_cifar
+from fastedit.ops import _extension as extension
+from fastedit.ops import dispatch
+from fastedit.ops.editor_step import _editor_step
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 BYTES_PER_VALUE = {"gd": 12, "rprop": 12, "rmsprop": 20, "momentum": 20, "adam": 28}
 HP = dict(lr=1e-3, beta=0.5, eps=1e-6, b1=0.5, b2=0.999, adam_eps=1e-8)
@@ -149,69 +147,20 @@ def layer3_shapes():
     return [tuple(p.shape) for p in resnet18_cifar().layer3.parameters()]
 
 
-def timeit(fn, reps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "reps": reps}
-
-
-def timeit_round_robin(fns: dict, reps: int, warmup: int, flush: torch.Tensor | None = None) -> dict:
-    """Median (and min) time of each function, the functions interleaved rep by rep so that a
-    load spike on a shared machine hits all of them alike.
-
-    All methods update the SAME tensors, so without ``flush`` a method finds in the cache what the
-    previous one left there (whoever follows a method on the same buffers runs warm, whoever
-    follows ``copy_`` runs cold). With ``flush`` (a buffer larger than the last-level cache,
-    overwritten untimed before every call) every call starts cold, as an editor step does inside an
-    edit loop, where a forward and backward pass run between two steps.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if flush is not None:
-                flush.add_(1.0)
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "reps": reps}
-            for k, v in times.items()}
-
-
-def timeit_blocked(fns: dict, reps: int, warmup: int) -> dict:
+def time_blocked(fns: dict, reps: int, warmup: int) -> dict:
     """Each method timed on its own, back to back: the steady state of repeated steps (warm caches
-    when the data fit the last-level cache, as layer3's 25 MB do on this machine's 32 MB L3)."""
-    return {k: timeit(fn, reps, warmup) for k, fn in fns.items()}
+    when the data fit the last-level cache, as layer3's 25 MB do on a 32 MB L3)."""
+    return {k: common.summary_ms(common.time_calls(fn, reps, warmup=warmup)) for k, fn in fns.items()}
 
 
-def machine_info() -> dict:
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "extension": extension.build_info()}
-    try:
-        model = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        info["cpu_model"] = model[0] if model else None
-    except OSError:
-        pass
-    try:
-        info["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        pass
-    return info
+def time_cold(fns: dict, reps: int, warmup: int, flush: torch.Tensor | None) -> dict:
+    """The methods interleaved call by call. All of them update the SAME tensors, so without
+    ``flush`` a method finds in the cache what the previous one left there; with ``flush`` (a buffer
+    larger than the last-level cache, overwritten untimed before every call) every call starts cold,
+    as an editor step does inside an edit loop, where a forward and backward pass run between steps."""
+    before = (lambda: flush.add_(1.0)) if flush is not None else None
+    times = common.time_round_robin(fns, reps, warmup=warmup, before_each=before)
+    return {k: common.summary_ms(v) for k, v in times.items()}
 
 
 def run_case(case: str, editors: list[str], device: torch.device, args, compiled: dict) -> list[dict]:
@@ -306,10 +255,10 @@ def run_case(case: str, editors: list[str], device: torch.device, args, compiled
             sync()
         fns["copy"] = copy
         if args.cache == "warm":
-            results = timeit_blocked(fns, reps, args.warmup)
+            results = time_blocked(fns, reps, args.warmup)
         else:
             flush = torch.empty(args.flush_mb * 2 ** 20 // 4, device=device) if device.type == "cpu" else None
-            results = timeit_round_robin(fns, reps, args.warmup, flush)
+            results = time_cold(fns, reps, args.warmup, flush)
         fns.clear()
         src = dst = None  # frees the buffers before the next size allocates its own
 
@@ -354,20 +303,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     extension.load()
+    machine = common.machine_info(device)  # before the run: its load average is the one at the start
     compiled: dict = {}
     rows = []
     for case in args.cases.split(","):
         rows += run_case(case.strip(), [e.strip() for e in args.editors.split(",")], device, args, compiled)
-    report = {"command": " ".join([sys.executable] + sys.argv), "machine": machine_info(),
-              "settings": {k: v for k, v in vars(args).items()}, "hyperparameters": HP, "rows": rows}
-    try:
-        report["machine"]["loadavg_at_end"] = os.getloadavg()
-    except OSError:
-        pass
+    report = {"command": common.command_line(__file__, argv), "machine": machine,
+              "settings": dict(vars(args)), "hyperparameters": HP, "rows": rows,
+              "load_average_at_end": common.load_average()}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        common.write_json(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

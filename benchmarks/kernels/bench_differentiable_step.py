@@ -10,22 +10,24 @@ hyper-parameters. Per editor and method: median wall time of forward + backward 
 repetitions (and of the process CPU time, steadier when other jobs share the cores), and the bytes the autograd graph keeps for backward after the forward (counted exactly
 with ``saved_tensors_hooks``, each storage once): the memory the closed form is meant to save.
 
-    python benchmarks/bench_differentiable_step.py --out benchmarks/results/bench_differentiable_step.json
+    python benchmarks/kernels/bench_differentiable_step.py --out benchmarks/results/bench_differentiable_step.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import pathlib
 import statistics
-import time
+import sys
 
 import torch
 
 import fastedit as fe
 from fastedit.models import resnet20
 from fastedit.ops.editor_step import editor_step
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 EDITORS = {"gd": fe.GD(1e-3), "scaled_gd": fe.ScaledGD(1e-2), "rprop": fe.RProp(1e-3), "rmsprop": fe.RMSProp(1e-3),
            "momentum": fe.Momentum(1e-3), "adam": fe.Adam(1e-3)}
@@ -66,7 +68,7 @@ def unrolled(step, editor, theta0, weights, k, count_saved=False):
     return saved
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=15)
@@ -74,26 +76,20 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--editors", default=",".join(EDITORS))
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     theta0 = [p.detach().clone() for n, p in resnet20().named_parameters() if n.startswith("layer3")]
     weights = [torch.rand_like(p) for p in theta0]
     methods = {"closed_form": lambda e, *a: editor_step(e, *a), "autograd": lambda e, *a: e.step(*a)}
-    load_before = os.getloadavg()
+    machine = common.machine_info()
     results = {}
     for name in args.editors.split(","):
         editor = EDITORS[name]
-        times = {m: [] for m in methods}
-        cpu = {m: [] for m in methods}
-        for rep in range(args.warmup + args.repeats):
-            for m, step in methods.items():
-                c, t = time.process_time(), time.perf_counter()
-                unrolled(step, editor, theta0, weights, args.steps)
-                if rep >= args.warmup:
-                    times[m].append(time.perf_counter() - t)
-                    cpu[m].append(time.process_time() - c)
+        cpu: dict[str, list[float]] = {}
+        calls = {m: (lambda step=step: unrolled(step, editor, theta0, weights, args.steps)) for m, step in methods.items()}
+        times = common.time_round_robin(calls, args.repeats, warmup=args.warmup, cpu_times=cpu)
         saved = {m: unrolled(step, editor, theta0, weights, args.steps, count_saved=True) for m, step in methods.items()}
         row = {m: {"seconds": statistics.median(times[m]), "seconds_all": times[m],
                    "cpu_seconds": statistics.median(cpu[m]), "saved_bytes": saved[m]} for m in methods}
@@ -111,12 +107,11 @@ def main():
         "config": {"params": "resnet20 layer3 shapes", "numel": sum(p.numel() for p in theta0), "k": args.steps,
                    "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
                    "dtype": "float32", "hparams": "0-dim float64 tensors requiring grad"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "load_before": load_before, "load_after": os.getloadavg(), "results": results,
+        "command": common.command_line(__file__, argv), "machine": machine, "load_average_at_end": common.load_average(),
+        "results": results,
     }
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        common.write_json(args.out, out)
         print(f"wrote {args.out}")
 
 

@@ -16,16 +16,14 @@ The ratio between these says whether the locality term is too weak (c_loc · L_l
 looks at the wrong data (training images the model fits, against held-out images), or in the wrong
 BatchNorm mode.
 
-    python benchmarks/editable_training_cifar_diagnose.py --out-dir benchmarks/results/editable_training_cifar
+    python benchmarks/experiments/editable_training_cifar_diagnose.py --out-dir benchmarks/results/editable_training_cifar
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import pathlib
-import shlex
 import statistics
 import sys
 
@@ -35,14 +33,10 @@ import fastedit as fe
 from fastedit import data as fdata
 from fastedit.models import get_model
 
-HERE = pathlib.Path(__file__).resolve().parent
-
-
-def _experiment():
-    spec = importlib.util.spec_from_file_location("editable_training_cifar", HERE / "editable_training_cifar.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+from benchmarks.experiments import editable_training_cifar as experiment  # noqa: E402
 
 
 def editor_from_dict(d: dict) -> fe.Editor:
@@ -80,7 +74,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    exp = _experiment()
+    exp = experiment
     zpath = exp.find_zip(args.data)
     xtr_u8, ytr = fdata.load_cifar10_jpeg_zip(zpath, "train", progress=not args.quiet)
     xte_u8, yte = fdata.load_cifar10_jpeg_zip(zpath, "test", progress=not args.quiet)
@@ -124,8 +118,8 @@ def main(argv=None) -> int:
               f"eval {row['training L_loc (eval)']['loss_loc']:.4f} | eval-mode KL train {tl['mean_kl']:.4f} "
               f"test {te['mean_kl']:.4f} | flips train {100 * tl['flip_rate']:.2f}% test {100 * te['flip_rate']:.2f}% "
               f"| drawdown train {100 * tl['drawdown']:.2f}% test {100 * te['drawdown']:.2f}%", flush=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    (args.out_dir / "diagnose.json").write_text(json.dumps({"command": command, "rows": results}, indent=1))
+    common.write_json(args.out_dir / "diagnose.json", {"command": common.command_line(__file__, argv),
+                                                       "rows": results})
     return 0
 
 

@@ -11,18 +11,14 @@ Floor (what to expect): a step costs one suffix forward + backward on one image;
 (conv1, layer1, layer2) is ~2/3 of a ResNet-20 forward's FLOPs but ~90% of its CPU time (layer1
 works on 32×32 maps), so the prefix should save most of a step and most of each control pass.
 
-    python benchmarks/bench_edit.py --out benchmarks/results/bench_edit.json
+    python benchmarks/experiments/bench_edit.py --out benchmarks/results/bench_edit.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
-import time
 
 import torch
 
@@ -31,55 +27,39 @@ from fastedit import data as fdata
 from fastedit._core import EditTarget
 from fastedit.models import load_pretrained_cifar_resnet
 
-
-def official_style_steps(model, x, y, editor, params, max_steps) -> int:
-    """The official code's edit loop on the live module (full forwards, ``.item()`` per step); the
-    parameters stay edited. Returns the number of steps taken."""
-    state = editor.init_state([p.detach() for p in params])
-    steps = 0
-    for _ in range(max_steps):
-        z = model(x)
-        loss = (z.max(-1).values - z[0, y])[0]
-        if loss.item() <= 0:
-            break
-        grads = torch.autograd.grad(loss, params)
-        new, state = editor.step([p.detach() for p in params], list(grads), state)
-        with torch.no_grad():
-            for p, v in zip(params, new):
-                p.copy_(v)
-        steps += 1
-    return steps
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 
 def official_style_edit(model, x, y, editor, names, max_steps):
+    """One edit as the official code makes it (:func:`benchmarks.common.naive_edit`), rolled back."""
     params = [p for n, p in model.named_parameters() if n in names]
-    backup = [p.detach().clone() for p in params]
-    steps = official_style_steps(model, x, y, editor, params, max_steps)
-    with torch.no_grad():  # roll back, as the protocol applies every edit to the original model
-        for p, b in zip(params, backup):
-            p.copy_(b)
-    return steps
+    return common.naive_edit(params, lambda: classification_loss(model(x), y), editor, max_steps)
+
+
+def classification_loss(z: torch.Tensor, y: int) -> torch.Tensor:
+    """The edit constraint max_i z_i − z_y of one image's logits."""
+    return (z.max(-1).values - z[0, y])[0]
 
 
 def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    """(median, all) wall seconds of ``repeats`` calls (the caller warms up)."""
+    times = common.time_calls(fn, repeats, warmup=0)
     return statistics.median(times), times
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default="../shared/models/resnet20-12fca82f.th")
-    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--weights", help="the CIFAR-10 ResNet-20 checkpoint (default: $FASTEDIT_MODELS/resnet20-12fca82f.th)")
+    ap.add_argument("--data-dir", help="folder holding cifar10/ (default: $FASTEDIT_DATA)")
     ap.add_argument("--edits", type=int, default=20)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    machine = common.machine_info()
 
-    model = load_pretrained_cifar_resnet(args.weights)
-    x, y = fdata.load_cifar10_lossless(pathlib.Path(args.data_dir) / "cifar10" / "cifar10_lossless_subset.npz", "test")
+    model = load_pretrained_cifar_resnet(args.weights or common.models_dir() / "resnet20-12fca82f.th")
+    x, y = fdata.load_cifar10_lossless(common.data_dir(args.data_dir) / "cifar10" / "cifar10_lossless_subset.npz", "test")
     x = fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(x.shape[0], generator=gen)[:args.edits].tolist()
@@ -113,17 +93,15 @@ def main() -> None:
     print(f"control pass over {x.shape[0]} images: full {1e3 * full:.1f} ms, suffix {1e3 * suffix:.1f} ms "
           f"({full / suffix:.1f}x)")
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": common.command_line(__file__, argv),
         "model": "resnet20 (pretrained)", "params": "layer3", "editor": editor.to_dict(), "edits": args.edits,
         "edit_latency": rows,
         "speedup_prefix_vs_official": rows["official"]["seconds_per_edit"] / rows["prefix"]["seconds_per_edit"],
         "speedup_prefix_vs_no_prefix": rows["no_prefix"]["seconds_per_edit"] / rows["prefix"]["seconds_per_edit"],
         "control_pass_seconds": {"full": full, "suffix": suffix, "images": int(x.shape[0]), "batch": 256},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine, "load_average_at_end": common.load_average(),
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    common.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,127 +12,28 @@ extra memory of a call (CPU: growth of the process's peak RSS, reset before each
 /proc/self/clear_refs, measured after all timings with glibc's mmap threshold set to 64 KiB and the
 heap trimmed before each call, so that the call's allocations show in the RSS; GPU: torch.cuda.max_memory_allocated above the inputs).
 
-    python benchmarks/bench_edit_metrics.py --out benchmarks/results/bench_edit_metrics.json
+    python benchmarks/kernels/bench_edit_metrics.py --out benchmarks/results/bench_edit_metrics.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import pathlib
 import statistics
 import sys
-import time
 
 import torch
 
 from fastedit.ops import _extension as extension
 from fastedit.ops.edit_metrics import reference
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _machine(device: torch.device, threads: int) -> dict:
-    info = {
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-        "device": str(device), "extension": extension.build_info(),
-    }
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device: torch.device, repeats: int, cpu_times: list | None = None) -> list[float]:
-    """Wall times of `repeats` calls after a warm-up; their process CPU times go to `cpu_times`."""
-    fn()  # warm-up (and compilation)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if cpu_times is not None:
-            cpu_times.append(time.process_time() - c0)
-    return times
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak memory of one call above what was in use before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    _trim_heap()  # free heap blocks reused by fn would otherwise be resident already
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        return None
-    before = _rss_kib("VmRSS")
-    fn()
-    peak = _rss_kib("VmHWM")
-    return None if before is None or peak is None else max(0, peak - before) * 1024
-
-
-def _trim_heap() -> None:
-    """glibc: give free heap memory back to the system (malloc_trim), so that reusing it shows in RSS."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _mmap_big_allocations() -> bool:
-    """glibc: serve every allocation >= 64 KiB by mmap (and give it back on free), so the RSS
-    follows the live memory; without it freed blocks stay in the heap and the peak RSS of a repeated
-    call does not grow. Changes allocation costs: only done after the timings."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
 
 
 def _copy_bandwidth(x: torch.Tensor, device: torch.device, repeats: int) -> float:
     out = torch.empty_like(x)
-    times = _time(lambda: out.copy_(x), device, repeats)
+    times = common.time_calls(lambda: out.copy_(x), repeats, device=device)
     return 2 * x.numel() * x.element_size() / statistics.median(times) / 1e9
 
 
@@ -156,9 +57,10 @@ def _methods(ref, labels, edited, device: torch.device, no_compile: bool) -> tup
     return methods, skipped
 
 
-def run(args) -> dict:
+def run(args, argv=None) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    machine = common.machine_info(device)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     results = []
@@ -175,7 +77,7 @@ def run(args) -> dict:
         rows = {}
         for name, fn in methods.items():
             cpu_times: list[float] = []
-            times = _time(fn, device, args.repeats, cpu_times)
+            times = common.time_calls(fn, args.repeats, device=device, cpu_times=cpu_times)
             median = statistics.median(times)
             rows[name] = {
                 "median_s": median, "min_s": min(times), "times_s": times,
@@ -204,17 +106,16 @@ def run(args) -> dict:
                         "edited_logits_bytes": edited.numel() * edited.element_size(),
                         "copy_bandwidth_gb_per_s": copy_gbs, "methods": rows, "skipped": skipped,
                         "_methods": methods})
-    if device.type == "cpu" and not _mmap_big_allocations():
+    if device.type == "cpu" and not common.mmap_big_allocations():
         print("could not set glibc's mmap threshold: peak memory may read low", file=sys.stderr)
     for entry in results:
         for name, fn in entry.pop("_methods").items():
             fn()  # once more after the allocator change, then the larger of two readings
-            readings = [r for r in (_peak_extra_bytes(fn, device), _peak_extra_bytes(fn, device)) if r is not None]
+            readings = [r for r in (common.peak_memory_increase(fn, device)[0] for _ in range(2)) if r is not None]
             peak = max(readings) if readings else None
             entry["methods"][name]["peak_extra_bytes"] = peak
             print(f"C={entry['C']:5d} {name:18s} peak extra memory {peak}", flush=True)
-    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "machine": _machine(device, args.threads), "results": results}
+    return {"command": common.command_line(__file__, argv), "machine": machine, "results": results}
 
 
 def main(argv=None) -> None:
@@ -229,11 +130,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     p.add_argument("--out", help="write the results as JSON to this path")
     args = p.parse_args(argv)
-    report = run(args)
+    report = run(args, argv)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        common.write_json(args.out, report)
         print(f"wrote {args.out}")
 
 

@@ -22,7 +22,7 @@ Expected: evaluate ≈ floor + steps·(~10 ms); official ≈ full forward (~0.5�
 
 All methods must give identical per-edit steps, successes and error counts (checked and reported).
 
-    python benchmarks/bench_evaluate.py --out benchmarks/results/bench_evaluate.json
+    python benchmarks/experiments/bench_evaluate.py --out benchmarks/results/bench_evaluate.json
 """
 from __future__ import annotations
 
@@ -30,19 +30,21 @@ import argparse
 import copy
 import json
 import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
 
 import torch
-from bench_edit import official_style_steps  # the official loop, shared with the edit-latency benchmark
 
 import fastedit as fe
 from fastedit import data as fdata
 from fastedit._core import EditTarget
 from fastedit.models import load_pretrained_cifar_resnet
+
+if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+from benchmarks.experiments.bench_edit import classification_loss  # noqa: E402
 
 
 def official_protocol(model, x_e, y_e, x_c, y_c, editor, names, max_steps, control_batch):
@@ -51,7 +53,9 @@ def official_protocol(model, x_e, y_e, x_c, y_c, editor, names, max_steps, contr
     rows = []
     for i in range(x_e.shape[0]):
         backup = [p.detach().clone() for p in params]
-        steps = official_style_steps(model, x_e[i:i + 1], int(y_e[i]), editor, params, max_steps)
+        x, y = x_e[i:i + 1], int(y_e[i])
+        steps = common.naive_edit(params, lambda: classification_loss(model(x), y), editor, max_steps,
+                                  roll_back=False)
         with torch.no_grad():
             pred = torch.cat([model(x_c[lo:lo + control_batch]).argmax(-1) for lo in range(0, x_c.shape[0], control_batch)])
             for p, b in zip(params, backup):
@@ -72,11 +76,11 @@ def naive_loop(model, x_e, y_e, x_c, y_c, editor, max_steps):
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--weights", default="../shared/models/resnet20-12fca82f.th")
-    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--weights", help="the CIFAR-10 ResNet-20 checkpoint (default: $FASTEDIT_MODELS/resnet20-12fca82f.th)")
+    ap.add_argument("--data-dir", help="folder holding cifar10/ (default: $FASTEDIT_DATA)")
     ap.add_argument("--edits", type=int, default=40)
     ap.add_argument("--official-edits", type=int, default=20, help="the official protocol is slow: fewer edits")
     ap.add_argument("--official-batch", type=int, default=1017, help="control images per forward (official)")
@@ -85,11 +89,12 @@ def main() -> None:
     ap.add_argument("--chunk-sizes", default="64,128,256,512,1017", help="control chunk sizes to time")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    machine = common.machine_info()
 
-    model = load_pretrained_cifar_resnet(args.weights)
-    x, y = fdata.load_cifar10_lossless(pathlib.Path(args.data_dir) / "cifar10" / "cifar10_lossless_subset.npz", "test")
+    model = load_pretrained_cifar_resnet(args.weights or common.models_dir() / "resnet20-12fca82f.th")
+    x, y = fdata.load_cifar10_lossless(common.data_dir(args.data_dir) / "cifar10" / "cifar10_lossless_subset.npz", "test")
     x = fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(x.shape[0], generator=gen)[:args.edits]
@@ -114,14 +119,7 @@ def main() -> None:
     with torch.no_grad():
         for bs in [int(v) for v in args.chunk_sizes.split(",")]:
             acts = [target.prefix(x[lo:lo + bs]) for lo in range(0, x.shape[0], bs)]
-            for a in acts:
-                target.logits(a)  # warm-up
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for a in acts:
-                    target.logits(a)
-                times.append(time.perf_counter() - t0)
+            times = common.time_calls(lambda acts=acts: [target.logits(a) for a in acts], 5)
             chunk_seconds[bs] = statistics.median(times)
             print(f"suffix forward over {x.shape[0]} images in chunks of {bs}: {1000 * chunk_seconds[bs]:.1f} ms", flush=True)
     floor = min(chunk_seconds.values())
@@ -162,12 +160,10 @@ def main() -> None:
     }
     for k, v in summary.items():
         print(f"{k}: {v}")
-    out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "editor": editor.to_dict(),
+    out = {"command": common.command_line(__file__, argv), "editor": editor.to_dict(),
            "control_images": int(x.shape[0]), "results": results, "summary": summary,
-           "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "torch": torch.__version__, "threads": torch.get_num_threads()}}
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
+           "machine": machine, "load_average_at_end": common.load_average()}
+    common.write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,417 @@
+"""What every benchmark and experiment script shares: where the real data are, the command and the
+machine a result came from, timers, peak memory, JSON files written whole, resumable cells, and
+bit-exact snapshots of a model.
+
+Scripts run from the repository root, as files (``python benchmarks/kernels/bench_editor_step.py``)
+or as modules (``python -m benchmarks.kernels.bench_editor_step``).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ------------------------------------------------------------------------------------------------
+# where the real data and checkpoints are
+# ------------------------------------------------------------------------------------------------
+def _env_dir(var: str, kind: str, given: str | os.PathLike | None) -> pathlib.Path:
+    if given is not None:
+        return pathlib.Path(given)
+    value = os.environ.get(var)
+    # the documented default: shared/<kind> in the folder that holds the checkout (as the tests use)
+    return pathlib.Path(value) if value else ROOT.parent / "shared" / kind
+
+
+def data_dir(given: str | os.PathLike | None = None) -> pathlib.Path:
+    """``given``, else ``$FASTEDIT_DATA``, else ``shared/data`` beside the checkout."""
+    return _env_dir("FASTEDIT_DATA", "data", given)
+
+
+def models_dir(given: str | os.PathLike | None = None) -> pathlib.Path:
+    """``given``, else ``$FASTEDIT_MODELS``, else ``shared/models`` beside the checkout."""
+    return _env_dir("FASTEDIT_MODELS", "models", given)
+
+
+_INTERPRETER = re.compile(r"(?<![\w./-])/\S*/bin/python3?(?=\s|$)")
+
+
+def portable(text: str) -> str:
+    """``text`` with this machine's paths replaced: the data and model folders by
+    ``$FASTEDIT_DATA`` and ``$FASTEDIT_MODELS``, an interpreter's path by ``python``, the checkout's
+    root by nothing (paths relative to it)."""
+    for var, folder in (("$FASTEDIT_DATA", data_dir()), ("$FASTEDIT_MODELS", models_dir())):
+        for spelling in {str(folder), str(folder.resolve()) if folder.exists() else str(folder)}:
+            text = text.replace(spelling, var)
+    text = text.replace(str(ROOT) + os.sep, "")
+    return _INTERPRETER.sub("python", text)
+
+
+def command_line(script: str | os.PathLike, argv: list[str] | None = None) -> str:
+    """The command that made a result, as a user would type it from the repository root:
+    ``python <script> <arguments>`` (``script``: the script's ``__file__``; ``argv``: its arguments,
+    default ``sys.argv[1:]``)."""
+    path = pathlib.Path(script).resolve()
+    shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(script)
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    return portable("python " + " ".join(shlex.quote(a) for a in [shown, *args]))
+
+
+# ------------------------------------------------------------------------------------------------
+# the machine
+# ------------------------------------------------------------------------------------------------
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: torch.device | str | None = None) -> dict:
+    """The machine and software a result was measured on, with the load average at the call (two
+    cores are easily saturated: a loaded machine explains a slow run)."""
+    from fastedit.ops import _extension as extension
+
+    device = torch.device(device) if device is not None else None
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": load_average(),
+            "extension": extension.build_info(), "git_commit": _git_commit()}
+    if "transformers" in sys.modules:
+        info["transformers"] = sys.modules["transformers"].__version__
+    if device is not None:
+        info["device"] = str(device)
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# timers
+# ------------------------------------------------------------------------------------------------
+def sync(device: torch.device | str | None) -> None:
+    """Wait for the device's queued work (CUDA is asynchronous; a timer must not stop before it ends)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], repeats: int, *, warmup: int = 1, device=None,
+               cpu_times: list[float] | None = None) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (compilation,
+    caches); each call's process CPU seconds are appended to ``cpu_times`` when given."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
+    return times
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 1, device=None,
+                     before_each: Callable[[], object] | None = None,
+                     cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each function, the functions interleaved call by call so that a load spike
+    on a shared machine hits all of them alike. ``before_each`` runs untimed before every call
+    (e.g. overwriting a buffer larger than the last-level cache, so that every call starts cold);
+    each call's process CPU seconds go to ``cpu_times[name]`` when given."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if before_each is not None:
+                before_each()
+                sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - c0)
+    return times
+
+
+def summary_ms(times: list[float]) -> dict:
+    """Median and minimum of wall times in milliseconds, and their count."""
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "reps": len(times)}
+
+
+class Samples(dict):
+    """Named lists of measurements: ``add(forward=0.1, backward=0.2)``, then ``medians()``."""
+
+    def add(self, **values: float) -> None:
+        for name, value in values.items():
+            self.setdefault(name, []).append(value)
+
+    def medians(self) -> dict[str, float]:
+        return {name: statistics.median(v) for name, v in self.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the baseline every edit benchmark compares against
+# ------------------------------------------------------------------------------------------------
+def naive_edit(params: list[torch.Tensor], loss_of: Callable[[], torch.Tensor], editor, max_steps: int,
+               roll_back: bool = True) -> int:
+    """The official Editable code's edit loop on the live module: every step a full forward
+    (``loss_of()``, the edit's constraint as a scalar), ``.item()`` to stop once it holds, autograd,
+    and the editor's update written into ``params``; at most ``max_steps`` steps, each followed by
+    the forward that checks it. Returns the steps taken; ``roll_back`` restores the parameters
+    (the protocol applies every edit to the original model)."""
+    backup = [p.detach().clone() for p in params] if roll_back else None
+    state = editor.init_state([p.detach() for p in params])
+    steps = 0
+    while True:
+        loss = loss_of()
+        if loss.item() <= 0 or steps == max_steps:
+            break
+        grads = torch.autograd.grad(loss, params)
+        new, state = editor.step([p.detach() for p in params], list(grads), state)
+        with torch.no_grad():
+            for p, v in zip(params, new):
+                p.copy_(v)
+        steps += 1
+    if roll_back:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------
+# peak memory
+# ------------------------------------------------------------------------------------------------
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+def trim_heap() -> None:
+    """glibc: give free heap memory back to the system (malloc_trim), so that a later reuse of it
+    shows in the resident set."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def mmap_big_allocations() -> bool:
+    """glibc: serve every allocation of at least 64 KiB by mmap (returned to the system on free), so
+    that the resident set follows the live memory of repeated calls. Changes allocation costs: call
+    it only after the timings."""
+    return bool(_LIBC is not None and _LIBC.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set (VmHWM) restarts from the current one
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_increase(fn: Callable[[], object], device=None) -> tuple[int | None, object, str]:
+    """(peak memory during ``fn()`` above the level before it in bytes, fn's result, how it was
+    measured). CUDA: the caching allocator's peak; CPU: the peak resident set (VmHWM reset by
+    ``clear_refs``), or where that is refused, the resident set sampled every 0.5 ms."""
+    if device is not None and torch.device(device).type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before, out, "torch.cuda.max_memory_allocated"
+    trim_heap()
+    before = _status_bytes("VmRSS")
+    if before is None:
+        return None, fn(), "unavailable (no /proc/self/status)"
+    if _reset_peak_rss():
+        out = fn()
+        return max(0, _status_bytes("VmHWM") - before), out, "VmHWM after clear_refs=5"
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _status_bytes("VmRSS") or 0)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, max(peak, _status_bytes("VmRSS") or 0) - before), out, "VmRSS sampled every 0.5 ms"
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+def write_json(path: str | os.PathLike, obj, indent: int = 1) -> None:
+    """Write ``obj`` as JSON (NaN refused) through a temporary file: the file is complete or absent."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file: a checkpoint is complete or absent."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Cells:
+    """The resumable cells of one experiment, one JSON file each under ``<out>/cells``.
+
+    ``done(name, setting)`` says whether the cell exists and stops with a message when it was made
+    with another setting; ``save`` writes one with its command, seconds and machine;
+    ``budget_left()`` honours ``max_new`` (cells to compute in this run; None: all);
+    ``estimate(remaining)`` is a time estimate from this run's cells."""
+
+    def __init__(self, out: str | os.PathLike, command: str, max_new: int | None = None):
+        self.dir = pathlib.Path(out) / "cells"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.command, self.max_new = command, max_new
+        self.new = 0
+        self.seconds: list[float] = []
+
+    def path(self, name: str) -> pathlib.Path:
+        return self.dir / f"{name}.json"
+
+    def load(self, name: str) -> dict | None:
+        path = self.path(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def done(self, name: str, setting: dict) -> bool:
+        old = self.load(name)
+        if old is None:
+            return False
+        want, have = json.loads(json.dumps(setting)), old.get("setting", {})
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise SystemExit(f"{self.path(name)} was computed with another setting (differs in {diff}); "
+                             "use another output folder or delete the cell")
+        return True
+
+    def budget_left(self) -> bool:
+        return self.max_new is None or self.new < self.max_new
+
+    def save(self, name: str, setting: dict, result: dict, seconds: float) -> dict:
+        cell = {"command": self.command, "cell": name, "setting": setting, **result,
+                "cell_seconds": seconds, "machine": machine_info()}
+        write_json(self.path(name), cell)
+        self.new += 1
+        self.seconds.append(seconds)
+        return cell
+
+    def estimate(self, remaining: int) -> str:
+        if not self.seconds or remaining <= 0:
+            return ""
+        mean = statistics.fmean(self.seconds)
+        return f"; {remaining} cells left, ≈ {remaining * mean / 60:.1f} min more at {mean:.0f} s/cell"
+
+
+def progress_bar(total: int, desc: str, quiet: bool = False):
+    """A tqdm bar, disabled by ``quiet``."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def say(message: str, quiet: bool = False) -> None:
+    """Print a line without breaking a progress bar."""
+    if quiet:
+        print(message, flush=True)
+    else:
+        from tqdm import tqdm
+        tqdm.write(message)
+
+
+# ------------------------------------------------------------------------------------------------
+# bit-exact snapshots of a model
+# ------------------------------------------------------------------------------------------------
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bits as integers (NaN equals itself, −0.0 differs from 0.0); others as they are."""
+    return t.view(_INT_OF[t.dtype]) if t.dtype in _INT_OF else t
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every tensor of the state dict (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_scalars(model: torch.nn.Module, original: dict[str, torch.Tensor]) -> int:
+    """Scalars of the state dict whose bits differ from ``original``."""
+    state = model.state_dict()
+    return int(sum(int((bits(state[k]) != bits(v)).sum()) for k, v in original.items()))
+
+
+def assert_unchanged(model: torch.nn.Module, original: dict[str, torch.Tensor], where: str) -> None:
+    """Stop when the model's bits differ from ``original`` (after a revert, say)."""
+    n = changed_scalars(model, original)
+    if n:
+        raise RuntimeError(f"{where}: the model differs from the original in {n} scalars")

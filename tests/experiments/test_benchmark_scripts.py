@@ -1,0 +1,130 @@
+"""Every benchmark script runs end to end at a tiny size and writes JSON with its command and machine
+(a benchmark nobody runs breaks silently when the API under it moves); benchmarks.common's pieces
+against hand values."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import common
+
+# (module, arguments before --out, needs the real data and models)
+SCRIPTS = [
+    ("benchmarks.kernels.bench_editor_step",
+     ["--cases", "flat1e5", "--editors", "gd,adam", "--reps", "2", "--warmup", "1", "--no-compile"], False),
+    ("benchmarks.kernels.bench_edit_metrics",
+     ["--samples", "50", "--classes", "7", "--edits", "3", "--repeats", "2", "--no-compile"], False),
+    ("benchmarks.kernels.bench_edit_constraint", ["--cases", "3x7,1x130", "--repeats", "2", "--no-compile"], False),
+    ("benchmarks.kernels.bench_differentiable_step",
+     ["--steps", "2", "--repeats", "1", "--warmup", "0", "--editors", "rmsprop"], False),
+    ("benchmarks.experiments.bench_edit", ["--edits", "1"], True),
+    ("benchmarks.experiments.bench_editable_training",
+     ["--random-init", "--batch", "4", "--repeats", "1", "--warmup", "0", "--memory-repeats", "1",
+      "--methods", "plain,fastedit", "--max-load", "1000"], True),
+    ("benchmarks.experiments.editable_training_digits", ["--seeds", "1", "--epochs", "1", "--edits", "3"], False),
+]
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, args, real", SCRIPTS, ids=[s[0].rsplit(".", 1)[1] for s in SCRIPTS])
+def test_script_runs_and_records_itself(module, args, real, tmp_path, restore_threads, request):
+    if real:
+        request.getfixturevalue("shared_data_dir")  # skips without the real data and models
+        request.getfixturevalue("shared_models_dir")
+    out = tmp_path / "result.json"
+    argv = [*args, "--out", str(out)]
+    importlib.import_module(module).main(argv)
+    result = json.loads(out.read_text())
+    script = "benchmarks/" + module.split(".", 1)[1].replace(".", "/") + ".py"
+    assert result["command"].startswith(f"python {script} "), result["command"]
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["threads"] >= 1
+
+
+def test_command_line_is_portable(monkeypatch, tmp_path):
+    data, models = tmp_path / "d", tmp_path / "m"
+    data.mkdir()
+    models.mkdir()
+    monkeypatch.setenv("FASTEDIT_DATA", str(data))
+    monkeypatch.setenv("FASTEDIT_MODELS", str(models))
+    script = str(common.ROOT / "benchmarks" / "experiments" / "bench_edit.py")
+    line = common.command_line(script, ["--weights", f"{models}/r.th", "--data-dir", str(data), "--note", "a b"])
+    assert line == "python benchmarks/experiments/bench_edit.py --weights $FASTEDIT_MODELS/r.th " \
+                   "--data-dir $FASTEDIT_DATA --note 'a b'"
+    assert common.portable("/opt/venv/bin/python x.py") == "python x.py"
+
+
+def test_data_folders_follow_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTEDIT_DATA", str(tmp_path))
+    assert common.data_dir() == tmp_path and common.data_dir("elsewhere") == common.pathlib.Path("elsewhere")
+    monkeypatch.delenv("FASTEDIT_MODELS", raising=False)
+    assert common.models_dir() == common.ROOT.parent / "shared" / "models"
+
+
+def test_bits_tell_nan_and_signed_zero_apart():
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.bias[0] = 0.0
+    original = common.snapshot(model)
+    assert common.changed_scalars(model, original) == 0
+    with torch.no_grad():
+        model.bias[0] = -0.0  # == 0.0, other bits
+        model.weight[1, 2] = float("nan")
+    assert common.changed_scalars(model, original) == 2
+    with pytest.raises(RuntimeError, match="2 scalars"):
+        common.assert_unchanged(model, original, "after the edit")
+    nan = torch.tensor([float("nan")])
+    assert torch.equal(common.bits(nan), common.bits(nan.clone()))  # torch.equal(nan, nan) is False
+
+
+def test_write_json_is_whole_and_refuses_nan(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    common.write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(ValueError):
+        common.write_json(path, {"a": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file stays, whole
+    assert os.listdir(path.parent) == ["r.json"]
+
+
+def test_cells_resume_and_refuse_another_setting(tmp_path):
+    cells = common.Cells(tmp_path, "python x.py", max_new=1)
+    assert not cells.done("c1", {"lr": 0.1}) and cells.budget_left()
+    cells.save("c1", {"lr": 0.1}, {"score": 3}, seconds=2.0)
+    assert not cells.budget_left() and "1 cells left" in cells.estimate(1)
+    again = common.Cells(tmp_path, "python x.py")
+    assert again.done("c1", {"lr": 0.1}) and again.load("c1")["score"] == 3
+    with pytest.raises(SystemExit, match=r"another setting \(differs in \['lr'\]\)"):
+        again.done("c1", {"lr": 0.2})
+
+
+def test_timers_count_calls():
+    calls = []
+    times = common.time_calls(lambda: calls.append(1), 3, warmup=2)
+    assert len(times) == 3 and len(calls) == 5
+    cpu: dict = {}
+    rr = common.time_round_robin({"a": lambda: None, "b": lambda: None}, 4, warmup=0, cpu_times=cpu)
+    assert {k: len(v) for k, v in rr.items()} == {"a": 4, "b": 4} and len(cpu["b"]) == 4
+    s = common.summary_ms([0.001, 0.003, 0.002])
+    assert s == {"median_ms": 2.0, "min_ms": 1.0, "reps": 3}
+    samples = common.Samples()
+    samples.add(x=1.0, y=5.0)
+    samples.add(x=3.0)
+    assert samples.medians() == {"x": 2.0, "y": 5.0}
+
+
+def test_peak_memory_sees_an_allocation():
+    size = 64 * 2 ** 20
+    peak, out, how = common.peak_memory_increase(lambda: torch.ones(size // 4).sum().item())
+    assert out == size // 4 and how
+    assert peak is None or peak >= size // 2  # the resident set grew by (about) the tensor
