@@ -31,22 +31,23 @@ RESULTS = ROOT / "benchmarks" / "results"
 # ------------------------------------------------------------------------------------------------
 # where the real data and checkpoints are
 # ------------------------------------------------------------------------------------------------
-def _env_dir(var: str, kind: str, given: str | os.PathLike | None) -> pathlib.Path:
+def _env_dir(var: str, given: str | os.PathLike | None) -> pathlib.Path:
     if given is not None:
         return pathlib.Path(given)
     value = os.environ.get(var)
-    # the documented default: shared/<kind> in the folder that holds the checkout (as the tests use)
-    return pathlib.Path(value) if value else ROOT.parent / "shared" / kind
+    if not value:
+        raise SystemExit(f"${var} is not set: point it at the folder (or pass the script's option)")
+    return pathlib.Path(value)
 
 
 def data_dir(given: str | os.PathLike | None = None) -> pathlib.Path:
-    """``given``, else ``$FASTEDIT_DATA``, else ``shared/data`` beside the checkout."""
-    return _env_dir("FASTEDIT_DATA", "data", given)
+    """``given``, else ``$FASTEDIT_DATA`` (the folder holding cifar10/, mnist/, text/ …)."""
+    return _env_dir("FASTEDIT_DATA", given)
 
 
 def models_dir(given: str | os.PathLike | None = None) -> pathlib.Path:
-    """``given``, else ``$FASTEDIT_MODELS``, else ``shared/models`` beside the checkout."""
-    return _env_dir("FASTEDIT_MODELS", "models", given)
+    """``given``, else ``$FASTEDIT_MODELS`` (the folder holding the checkpoints)."""
+    return _env_dir("FASTEDIT_MODELS", given)
 
 
 _INTERPRETER = re.compile(r"(?<![\w./-])/\S*/bin/python3?(?=\s|$)")
@@ -56,9 +57,11 @@ def portable(text: str) -> str:
     """``text`` with this machine's paths replaced: the data and model folders by
     ``$FASTEDIT_DATA`` and ``$FASTEDIT_MODELS``, an interpreter's path by ``python``, the checkout's
     root by nothing (paths relative to it)."""
-    for var, folder in (("$FASTEDIT_DATA", data_dir()), ("$FASTEDIT_MODELS", models_dir())):
-        for spelling in {str(folder), str(folder.resolve()) if folder.exists() else str(folder)}:
-            text = text.replace(spelling, var)
+    for var in ("FASTEDIT_DATA", "FASTEDIT_MODELS"):
+        if os.environ.get(var):
+            folder = pathlib.Path(os.environ[var])
+            for spelling in sorted({str(folder), str(folder.resolve())}, key=len, reverse=True):
+                text = text.replace(spelling, "$" + var)
     text = text.replace(str(ROOT) + os.sep, "")
     return _INTERPRETER.sub("python", text)
 

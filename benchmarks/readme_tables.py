@@ -317,6 +317,74 @@ def edit_constraint_table() -> str:
     return "\n".join(lines)
 
 
+def _sequential_name(cell: dict) -> str:
+    s = cell["setting"]
+    base = s["config"].partition("@")[0]
+    if base == "rmsprop-linf":
+        return f"RMSProp, L∞ trust region r = {s['linf']:g}"
+    if base == "rmsprop-l2":
+        return f"RMSProp, L2 trust region r = {s['l2']:g}"
+    if base == "ewc-rmsprop":
+        return f"RMSProp + EWC at the original, λ = {s['ewc_lambda']:g}"
+    return {"gd": "GD", "rmsprop": "RMSProp", "rmsprop-recheck2": "RMSProp, re-edit ≤ 2 broken edits",
+            "surgery-b1000": "surgery, ≤ 1,000 scalars per edit",
+            "surgery-b100": "surgery, ≤ 100 scalars per edit"}.get(base, s["config"])
+
+
+def sequential_table(folder: str = "sequential_cifar") -> str:
+    data = json.loads((RESULTS / folder / "summary.json").read_text())
+    cells = {r["config"]: json.loads((RESULTS / folder / "cells" / f"{r['config']}.json").read_text())
+             for r in data["rows"]}
+    first = next(iter(cells.values()))
+    s = first["setting"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    at = lambda cell, n: next((c for c in cell["report"]["checkpoints"] if c["edits"] == n), None)  # noqa: E731
+    source = f"the model trained as `{s['trained']}`" if s.get("trained") else "pretrained ResNet-20"
+    what = ("the test images it misclassifies, fixed to their true labels" if s.get("targets") == "true"
+            else "CIFAR-10 JPEG test images, random labels")
+    lines = [f"{source}, `layer3`, {first['report']['num_edits']} sequential edits ({what}), control "
+             f"{first['report']['num_control']} other test images, base error {100 * first['report']['base_error']:.2f}%:", "",
+             "| method | edits until −1 pt or < 95% retention | drawdown after 10 / 100 / all edits | "
+             "retention after 10 / 100 / all | success | scalars changed | re-edits | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in cells.values():
+        final = cell["report"]["checkpoints"][-1]
+        points = [at(cell, 10), at(cell, 100), final]
+        dd = " / ".join(pct(c["drawdown"]) if c else "–" for c in points)
+        rt = " / ".join(pct(c["retention"]) if c else "–" for c in points)
+        journal = cell.get("journal")
+        note = f" (journal: {journal['entries']} entries, one rolled back {'exactly' if journal['exact'] else 'NOT exactly'})" \
+            if journal and journal.get("entries") else ""
+        lines.append(f"| {_sequential_name(cell)}{note} | {cell['edits_until']} | {dd} | {rt} | "
+                     f"{pct(final['success_rate'])} | {final['changed_scalars']:,} | {final['reedits']} | "
+                     f"{cell['cell_seconds'] / 60:.1f} |")
+    commands = sorted({c["command"] for c in cells.values()})
+    return "\n".join(lines + ["", "Commands: " + "; ".join(f"`{c}`" for c in commands) + "."])
+
+
+def sequential_trained_table(folder: str = "sequential_cifar_trained") -> str:
+    """Editable Training against its plain twin: the same sequential RMSProp edits on both models."""
+    lines = ["| model (600 steps from the pretrained ResNet-20) | editor (tuned for it) | control error before | edits until −1 pt "
+             "or < 95% retention | drawdown after 10 / 100 / all edits | retention after 10 / 100 / all | success |",
+             "|---|---|---|---|---|---|---|"]
+    commands = set()
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for sub in sorted(p for p in (RESULTS / folder).iterdir() if (p / "cells").is_dir()):
+        for path in sorted((sub / "cells").glob("*.json")):
+            cell = json.loads(path.read_text())
+            cps = cell["report"]["checkpoints"]
+            at = lambda n: next((c for c in cps if c["edits"] == n), None)  # noqa: E731,B023
+            points = [at(10), at(100), cps[-1]]
+            ed = cell["setting"].get("editor", {})
+            lines.append(f"| `{sub.name}` | RMSProp lr {ed.get('lr', 0):.2g}, β {ed.get('beta', 0):.2g} | "
+                         f"{100 * cell['report']['base_error']:.2f}% | {cell['edits_until']} | "
+                         + " / ".join(pct(c["drawdown"]) if c else "–" for c in points) + " | "
+                         + " / ".join(pct(c["retention"]) if c else "–" for c in points) + " | "
+                         f"{pct(cps[-1]['success_rate'])} |")
+            commands.add(cell["command"])
+    return "\n".join(lines + ["", "Commands: " + "; ".join(f"`{c}`" for c in sorted(commands)) + "."])
+
+
 def headline_table() -> str:
     """The README's headline numbers, one row per experiment family, each with its command and a
     link to the report that holds the full table (the links are relative to README.md)."""
@@ -379,6 +447,15 @@ def headline_table() -> str:
                  f"RMSProp {pct(dense['drawdown'])} ({dense['nnz_mean']:,.0f} scalars changed)",
                  "; ".join(commands), "docs/results/surgery.md"))
 
+    sq = {p.stem: json.loads(p.read_text()) for p in (RESULTS / "sequential_cifar" / "cells").glob("*.json")}
+    final = lambda name: sq[name]["report"]["checkpoints"][-1]  # noqa: E731
+    n_seq = sq["rmsprop"]["report"]["num_edits"]
+    rows.append((f"Sequential editing: {n_seq} edits one after another, pretrained ResNet-20 `layer3`",
+                 f"tuned RMSProp loses {pct(final('rmsprop')['drawdown'], 1)} of accuracy, retention "
+                 f"{pct(final('rmsprop')['retention'], 1)}; EWC at the original keeps the accuracy "
+                 f"({pct(final('ewc-rmsprop')['drawdown'], 1)}) but only {pct(final('ewc-rmsprop')['success_rate'], 1)} "
+                 "of the edits succeed", sq["rmsprop"]["command"], "docs/results/sequential.md"))
+
     es = load("bench_editor_step.json")
     step = next(r for r in es["rows"] if r["case"] == "layer3" and r["editor"] == "rmsprop")
     f = step["results"]["fastedit_cpu"]
@@ -417,6 +494,9 @@ TABLES = {
     "kernels_editor_step": editor_step_table,
     "kernels_edit_metrics": edit_metrics_table,
     "kernels_edit_constraint": edit_constraint_table,
+    "sequential_cifar": sequential_table,
+    "sequential_cifar_fixes": lambda: sequential_table("sequential_cifar_fixes"),
+    "sequential_cifar_trained": sequential_trained_table,
     "headline": headline_table,
 }
 

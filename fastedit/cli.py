@@ -1,4 +1,4 @@
-"""The ``fastedit`` command line: ``fastedit demo``, ``evaluate``, ``tune`` and ``backends``.
+"""The ``fastedit`` command line: ``fastedit demo``, ``evaluate``, ``tune``, ``sequential`` and ``backends``.
 
 User errors. A mistake in the command line or in what it points to prints exactly one line on
 stderr, ``fastedit COMMAND: error: WHAT``, and exits with code 2, without a traceback: a value
@@ -431,8 +431,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(args: argparse.Namespace) -> int:
+def _training_pool(args: argparse.Namespace, dataset, limit: int | None):
+    """(images, labels) of the training split and where they come from: the data the model was
+    trained on here, or for pretrained CIFAR models the dataset's training images (disjoint from the
+    test images the commands edit and measure)."""
+    if dataset.train is not None:
+        return dataset.train, "the training split"
     from . import data as fdata
+    xt, yt = fdata.load_dataset(args.data, args.data_dir, split="train", limit=limit)
+    return (fdata.to_float_tensor(xt, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD), yt), "training images"
+
+
+def _tune(args: argparse.Namespace) -> int:
     from .demo import prepare_model_and_data
     from .editors import make_editor
     from .tuning import tune
@@ -449,11 +459,7 @@ def _tune(args: argparse.Namespace) -> int:
     rank = _init_distributed()
     model, dataset, num_classes, _ = prepare_model_and_data(
         args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)
-    if dataset.train is not None:
-        pool, source = dataset.train, "the training split"
-    else:  # pretrained CIFAR models: tuning edits from the training images, disjoint from the test set
-        xt, yt = fdata.load_dataset(args.data, args.data_dir, split="train", limit=args.tune_pool)
-        pool, source = (fdata.to_float_tensor(xt, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD), yt), "training images"
+    pool, source = _training_pool(args, dataset, args.tune_pool)
     x_e, y_e, _ = _pick_edits(*pool, args.tune_edits, num_classes, args.seed + 1)
     result = tune(model, (x_e, y_e), dataset.test, editor=make_editor(args.editor, **{"lr": grid["lr"][0]}),
                   params=params, max_steps=args.max_steps, grid=grid, min_success=args.min_success,
@@ -467,6 +473,60 @@ def _tune(args: argparse.Namespace) -> int:
           f"(drawdown {100 * result.report.drawdown:.2f}%, success {100 * result.report.success_rate:.1f}%"
           f"{'' if result.feasible else ', NO setting reached the success target'})")
     print(f"wrote {out}/tune.json, tune.csv")
+    return 0
+
+
+def _trust_region(text: str):
+    kind, sep, radius = text.partition(":")
+    if not sep or kind not in ("l2", "linf"):
+        raise argparse.ArgumentTypeError(f"expected l2:RADIUS or linf:RADIUS, got {text!r}")
+    return kind, _positive_float(radius)
+
+
+def _sequential(args: argparse.Namespace) -> int:
+    import torch
+
+    from .demo import prepare_model_and_data
+    from .sequential import evaluate_sequential
+
+    editor = _editor_from_args(args, _setting(args.model)) if args.method != "surgery" or args.lr else None
+    if args.method == "surgery" and args.budget is None:
+        raise UsageError("--method surgery needs --budget (changed scalars per edit)")
+    params = _check_inputs(args)
+    out = _check_out(args.out)
+    model, dataset, num_classes, _ = prepare_model_and_data(
+        args.model, args.weights, args.data, args.data_dir, limit=args.limit, epochs=args.epochs, seed=args.seed)
+    x, y = dataset.test
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(x.shape[0], generator=gen)
+    n_edits = min(args.edits, x.shape[0] - 1)
+    pick, rest = order[:n_edits], order[n_edits:]
+    if args.control is not None:
+        rest = rest[:args.control]
+    edits = (x[pick], torch.randint(0, num_classes, (n_edits,), generator=gen))
+    fisher = None
+    if args.method == "ewc":
+        from .baselines import fisher_diagonal
+        pool, _ = _training_pool(args, dataset, args.fisher_samples)
+        fisher = fisher_diagonal(model, (pool[0][:args.fisher_samples], pool[1][:args.fisher_samples]), params=params)
+    every = args.every or max(1, n_edits // 20)
+    report = evaluate_sequential(
+        model, edits, (x[rest], y[rest]), editor=editor, params=params, max_steps=args.max_steps, method=args.method,
+        checkpoints=range(0, n_edits + 1, every), recheck=args.recheck, trust_region=args.trust_region,
+        budget=args.budget, fisher=fisher, ewc_lambda=args.ewc_lambda, batch_size=args.batch_size,
+        progress=not args.no_progress)
+    report.to_json(out / "report.json")
+    report.to_csv(out / "checkpoints.csv")
+    _record_command(out / "report.json")
+    report.plot(out / "sequential.png", title=f"{args.model}, {args.method}, {n_edits} sequential edits")
+    f = report.final
+    until = report.edits_until()
+    print(f"{args.method} on {args.model}, {n_edits} sequential edits of {params!r}, control {report.num_control}: "
+          f"drawdown {100 * f['drawdown']:.2f}%, retention {100 * f['retention']:.1f}%, success "
+          f"{100 * f['success_rate']:.1f}%, flip rate {100 * f['flip_rate']:.2f}%, {f['changed_scalars']} scalars changed; "
+          + (f"1 point of accuracy or 5% retention lost after {until} edits" if until is not None
+             else "within 1 point of accuracy and 95% retention throughout"))
+    print(f"wrote {out}/report.json, checkpoints.csv, sequential.png")
     return 0
 
 
@@ -588,13 +648,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_args(tu)
     tu.set_defaults(func=_tune)
 
+    sq = sub.add_parser(
+        "sequential", help="apply many edits one after another and measure the drift, retention and drawdown",
+        description="Apply N edits (test images with random target labels) IN ORDER to one copy of the model, each "
+                    "on the model the previous ones left, and measure at checkpoints against the original model: "
+                    "drawdown and flip rate on the other test images, retention of the earlier edits, success and "
+                    "changed parameters. Writes report.json, checkpoints.csv and sequential.png (drawdown and "
+                    "retention against the edits applied).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_data_args(sq)
+    _add_editor_args(sq)
+    sq.add_argument("--edits", type=_count, default=200, help="number of sequential edits")
+    sq.add_argument("--control", type=_count, default=None, help="control images (default: every test image not edited)")
+    sq.add_argument("--method", default="edit", choices=["edit", "surgery", "ewc"], help="how each edit is made")
+    sq.add_argument("--budget", type=_count, default=None, help="surgery: changed scalars per edit")
+    sq.add_argument("--ewc-lambda", type=_nonnegative_float, default=1.0, help="ewc: the penalty weight")
+    sq.add_argument("--fisher-samples", type=_count, default=1000, help="ewc: training images for the Fisher")
+    sq.add_argument("--recheck", type=int, default=0, help="re-edit up to this many broken earlier edits after each edit")
+    sq.add_argument("--trust-region", type=_trust_region, default=None,
+                    help="l2:RADIUS or linf:RADIUS around the original parameters")
+    sq.add_argument("--every", type=_count, default=None, help="edits between checkpoints (default: N/20)")
+    sq.add_argument("--batch-size", type=_count, default=256, help="images per forward pass")
+    sq.add_argument("--out", default="runs/sequential", help="output folder")
+    sq.set_defaults(func=_sequential)
+
     be = sub.add_parser("backends", help="show which kernel backends are usable here, and why not",
                         description="List the kernel backends (cuda, triton, cpu, reference) in priority order, "
                                     "whether each is usable on this machine and why not, and the compiled "
                                     "extension's build information. FASTEDIT_BACKEND forces one backend.")
     be.add_argument("--json", action="store_true", help="print JSON")
     be.set_defaults(func=_backends)
-    for command in (demo, ev, tu, be):  # --debug after the command too; not given, it keeps the main one's value
+    for command in (demo, ev, tu, sq, be):  # --debug after the command too; not given, it keeps the main one's value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of a user error instead of its one-line message")
     return parser
@@ -612,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         debug = args.debug
         if not getattr(args, "func", None):
-            raise UsageError("no command given: choose demo, evaluate, tune or backends (see fastedit --help)")
+            raise UsageError("no command given: choose demo, evaluate, tune, sequential or backends (see fastedit --help)")
         prog = f"fastedit {args.command}"
         return args.func(args)
     except UsageError as exc:

@@ -30,8 +30,8 @@ from .sparse_delta import (
     _Named,
     _parse_json,
     _read_safetensors,
-    _same_bits,
     _write_hits,
+    same_bits,
 )
 
 __all__ = ["EditJournal", "JournalEntry", "JOURNAL_FORMAT"]
@@ -113,7 +113,7 @@ class EditJournal:
             first_name, first = h.tensors[0]
             old = _flat_read(first, e.indices).clone()
             for m, t in h.tensors[1:]:
-                if not bool(_same_bits(_flat_read(t, e.indices), old.to(t.device)).all()):
+                if not bool(same_bits(_flat_read(t, e.indices), old.to(t.device)).all()):
                     raise ValueError(f"{first_name} and {m} are separate tensors in the model, holding different "
                                      f"values at the coordinates of {h.name}, which the delta treats as one "
                                      f"tensor (aliases); the journal cannot record one OLD value for both "

@@ -123,7 +123,7 @@ class EvalReport:
         if self.control_kind == "tokens":
             out["sequence_base_error"], out["sequence_drawdown"] = self.sequence_base_error, self.sequence_drawdown
             out["num_control_tokens"] = self.num_control_tokens
-        out["per_class_drawdown"] = _nan_to_none(self.per_class_drawdown.tolist())
+        out["per_class_drawdown"] = nan_to_none(self.per_class_drawdown.tolist())
         if per_edit:
             out["per_edit"] = {k: v.tolist() for k, v in self.per_edit.items()}
         return out
@@ -131,7 +131,7 @@ class EvalReport:
     def to_json(self, path) -> str:
         """Write ``to_dict(per_edit=True)`` as strict JSON (every NaN/±inf becomes null); returns ``path``."""
         with open(path, "w") as f:
-            json.dump(_nan_to_none(self.to_dict(per_edit=True)), f, allow_nan=False)
+            json.dump(nan_to_none(self.to_dict(per_edit=True)), f, allow_nan=False)
         return path
 
     CSV_COLUMNS = ("index", "success", "steps", "errors", "flips", "correct_to_wrong", "wrong_to_correct",
@@ -158,13 +158,13 @@ _COUNT_COLUMNS = ("success", "steps", "errors", "flips", "correct_to_wrong", "wr
                   "sequence_errors")
 
 
-def _nan_to_none(obj):
+def nan_to_none(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
+        return [nan_to_none(v) for v in obj]
     return obj
 
 
@@ -175,20 +175,20 @@ DEFAULT_CACHE_BUDGET = 2 * 1024 ** 3
 STRATEGIES = ("auto", "loop", "vmap", "measure")
 
 
-def _is_pair(value) -> bool:
+def is_pair(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2
 
 
-class _Edits:
+class EditSet:
     """The edits of an evaluation, each ``(ModelInputs, Constraint)``: from ``(inputs, target)``, whose
     units (rows, or groups of candidates) are the edits, or from a list of ``(inputs, target)`` pairs."""
 
     def __init__(self, target: EditTarget, edits):
         self.batched: tuple[ModelInputs, Constraint] | None = None
         self.cases: list[tuple[ModelInputs, Constraint]] = []
-        if isinstance(edits, (tuple, list)) and edits and all(_is_pair(e) for e in edits):
+        if isinstance(edits, (tuple, list)) and edits and all(is_pair(e) for e in edits):
             self.cases = [target.check_inputs(inp, tgt, f"edit {k}") for k, (inp, tgt) in enumerate(edits)]
-        elif _is_pair(edits):
+        elif is_pair(edits):
             mi, c = target.check_inputs(edits[0], edits[1], "edits")
             if c.rows_per_unit is None:
                 raise TypeError(f"{type(c).__name__} covers one whole edit: pass the edits as a list of "
@@ -248,7 +248,7 @@ class _Edits:
         return torch.cat(classes)
 
 
-class _ControlSet:
+class ControlSet:
     """The control set in chunks of ``batch_size`` rows: labels and the original logits always kept, the
     frozen prefix's activations kept while they fit ``budget`` bytes and recomputed per use beyond.
 
@@ -385,7 +385,7 @@ class _GroupRunner:
         self.last: dict[str, Tensor] = {}
         self.fallback: str | None = None  # why vmap was given up for the loop
 
-    def edit_loops(self, strategy: str, edits: _Edits, idx: range):
+    def edit_loops(self, strategy: str, edits: EditSet, idx: range):
         """Per group: edited parameters (list of ``[G, ...]``), steps, final loss and bad steps ``[G]``."""
         t = self.target
         if strategy == "loop":
@@ -430,7 +430,7 @@ class _GroupRunner:
                 else:
                     logits = torch.stack([t.logits(acts, [p[e] for p in params]) for e in range(g)])
                 logits = self.control.gather(logits, index)
-                m = _chunk_metrics(ref, y, logits, self.keep_kl)
+                m = chunk_metrics(ref, y, logits, self.keep_kl)
                 if tokens:
                     m["sequence_errors"] = _sequence_errors(logits.argmax(-1), y, index)
                 for k in totals:
@@ -442,7 +442,7 @@ class _GroupRunner:
             totals["kl_vector"] = torch.cat(kl_rows, dim=1).cpu()
         return totals
 
-    def run(self, strategy: str, edits: _Edits, idx: range) -> dict[str, Tensor]:
+    def run(self, strategy: str, edits: EditSet, idx: range) -> dict[str, Tensor]:
         if strategy == "vmap":
             try:
                 return self._run("vmap", edits, idx)
@@ -452,7 +452,7 @@ class _GroupRunner:
                 return self._run("loop", edits, idx)
         return self._run(strategy, edits, idx)
 
-    def _run(self, strategy: str, edits: _Edits, idx: range) -> dict[str, Tensor]:
+    def _run(self, strategy: str, edits: EditSet, idx: range) -> dict[str, Tensor]:
         params, steps, loss, bad_step = self.edit_loops(strategy, edits, idx)
         g = len(idx)
         # an edit with no step kept the original parameters: its metrics are the original model's
@@ -472,7 +472,7 @@ class _GroupRunner:
         self.last = row
         return row
 
-    def measure(self, edits: _Edits, idx: range) -> str:
+    def measure(self, edits: EditSet, idx: range) -> str:
         """Run the group both ways, keep the loop's results (the reference), return the faster strategy."""
         seconds = {}
         try:
@@ -570,13 +570,13 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
     if distributed not in ("auto", True, False):
         raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
     editor = make_editor(editor)
-    if not _is_pair(control):
+    if not is_pair(control):
         raise TypeError("control must be a pair (inputs, labels) or (inputs, fe.TokenTargets(labels))")
     rank, world = _shard_info(distributed)
     start = time.perf_counter()
     with eval_mode(model):
         target = EditTarget.build(model, params, use_prefix, output=output, include_frozen=include_frozen)
-        edit_set = _Edits(target, edits)
+        edit_set = EditSet(target, edits)
         target = target.for_inputs(edit_set.first_inputs())
         early = resolve_early_exit(early_exit, target.device)
         if strategy == "auto":
@@ -584,7 +584,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         group = edits_per_group or (1 if strategy == "loop" else 16)
 
         with torch.no_grad():
-            control_set = _ControlSet(target.for_inputs(control[0]), control[0], control[1], batch_size,
+            control_set = ControlSet(target.for_inputs(control[0]), control[0], control[1], batch_size,
                                       cache_budget)
             predicted = edit_set.checked_classes(target, batch_size or 256)
         tokens = control_set.kind == "tokens"
@@ -672,7 +672,7 @@ def _nonfinite_message(nonfinite: Tensor, shown: int = 5) -> str:
             "a smaller editor learning rate if the steps diverge (report.num_nonfinite, per_edit['nonfinite'])")
 
 
-def _base_row(control_set: _ControlSet, base_per_class: Tensor) -> dict[str, Tensor]:
+def _base_row(control_set: ControlSet, base_per_class: Tensor) -> dict[str, Tensor]:
     """The per-edit metrics of an edit that changed nothing (the original model's)."""
     row = {k: torch.zeros((), dtype=torch.int64) for k in _METRIC_KEYS}
     row["errors"] += int(base_per_class.sum())
@@ -688,7 +688,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _chunk_metrics(ref: Tensor, y: Tensor, logits: Tensor, keep_kl: bool) -> dict[str, Tensor]:
+def chunk_metrics(ref: Tensor, y: Tensor, logits: Tensor, keep_kl: bool) -> dict[str, Tensor]:
     """Per-edit metrics of one control chunk (``ref [B, C]``, ``y [B]``, ``logits [G, B, C]``; B samples
     or labelled tokens) from the fused :func:`fastedit.ops.edit_metrics` (one pass per row, no
     ``[G, B, C]`` softmax)."""

@@ -1,4 +1,5 @@
-"""Figures from :class:`fastedit.EvalReport` (paper Figure 2 and an editor comparison).
+"""Figures from :class:`fastedit.EvalReport` (paper Figure 2 and an editor comparison) and
+:class:`fastedit.SequentialReport` (drawdown and retention against the edits applied).
 
 matplotlib (Agg backend, nothing is shown) and, for the t-SNE, scikit-learn are imported lazily, so
 ``import fastedit`` does not need them. Every function writes a PNG (or whatever ``path``'s suffix
@@ -13,7 +14,7 @@ import torch
 from .evaluate import EvalReport
 
 __all__ = ["plot_per_class_drawdown", "plot_edit_tsne", "plot_editor_comparison", "plot_drawdown_vs_error",
-           "plot_per_class_drawdowns"]
+           "plot_per_class_drawdowns", "plot_sequential"]
 
 
 def _pyplot():
@@ -224,6 +225,35 @@ def plot_per_class_drawdowns(matrices: dict[str, torch.Tensor], path, class_name
         axes[0][0].set_ylabel("class of edited input", fontsize=8)
         fig.colorbar(img, ax=list(axes[0]), label="drawdown (percentage points)", shrink=0.8)
         fig.suptitle(title if title is not None else "Per-class drawdown (%)")
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_sequential(reports: dict, path, title=None):
+    """Drawdown and retention (percent) against the number of edits applied, one line per named
+    :class:`~fastedit.SequentialReport` (e.g. one per method or option)."""
+    if not reports:
+        raise ValueError("reports is empty")
+    plt = _pyplot()
+    fig, (ax_d, ax_r) = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for name, rep in reports.items():
+            edits = [row["edits"] for row in rep.checkpoints]
+            ax_d.plot(edits, [100.0 * row["drawdown"] for row in rep.checkpoints], marker=".", label=name)
+            kept = [(row["edits"], 100.0 * row["retention"]) for row in rep.checkpoints
+                    if not math.isnan(row["retention"])]
+            ax_r.plot([e for e, _ in kept], [r for _, r in kept], marker=".", label=name)
+        ax_d.set_ylabel("drawdown (percentage points)")
+        ax_r.set_ylabel("retention of earlier edits (%)")
+        ax_r.set_ylim(0, 102)
+        for ax in (ax_d, ax_r):
+            ax.set_xlabel("edits applied")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(title if title is not None else "Sequential editing")
+        fig.tight_layout()
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)

@@ -60,7 +60,7 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(_BITS[t.dtype]) if t.dtype in _BITS else t
 
 
-def _same_bits(a: Tensor, b: Tensor) -> Tensor:
+def same_bits(a: Tensor, b: Tensor) -> Tensor:
     """Elementwise bit equality of two tensors of one dtype."""
     return _bits(a) == _bits(b)
 
@@ -195,7 +195,7 @@ def _merge(a_name: str, a: _Entry, b_name: str, b: _Entry) -> _Entry:
     idx, old, new = idx[order], old[order], new[order]
     dup = idx[1:] == idx[:-1]
     if bool(dup.any()):
-        agree = _same_bits(old[1:], old[:-1]) & _same_bits(new[1:], new[:-1])
+        agree = same_bits(old[1:], old[:-1]) & same_bits(new[1:], new[:-1])
         bad = int((dup & ~agree).sum())
         if bad:
             raise ValueError(f"{a_name} and {b_name} are one tensor in the model (tied weights), but the delta "
@@ -358,10 +358,10 @@ class SparseDelta:
                     continue  # one tensor in after too
                 tm = a[m].detach()
                 if tm.shape != ta.shape or tm.dtype != ta.dtype \
-                        or not bool(_same_bits(tm.to(tb.device).reshape(-1), fa).all()):
+                        or not bool(same_bits(tm.to(tb.device).reshape(-1), fa).all()):
                     raise ValueError(f"{in_after[0]} and {m} are one tensor in before (tied weights), but after "
                                      f"holds different values under the two names; a delta cannot record both")
-            idx = torch.nonzero(~_same_bits(fb, fa)).reshape(-1)
+            idx = torch.nonzero(~same_bits(fb, fa)).reshape(-1)
             if idx.numel():
                 out[c] = _Entry(idx, fb[idx].clone(), fa[idx].clone(), tuple(tb.shape), tb.dtype)
                 if len(group) > 1:
@@ -419,7 +419,7 @@ class SparseDelta:
             f = other._entries[n]
             if e.shape != f.shape or e.dtype != f.dtype or not torch.equal(e.indices.cpu(), f.indices.cpu()):
                 return False
-            if not bool(_same_bits(e.old.cpu(), f.old.cpu()).all()) or not bool(_same_bits(e.new.cpu(), f.new.cpu()).all()):
+            if not bool(same_bits(e.old.cpu(), f.old.cpu()).all()) or not bool(same_bits(e.new.cpu(), f.new.cpu()).all()):
                 return False
         return True
 
@@ -489,7 +489,7 @@ class SparseDelta:
                 e = h.entry
                 want = e.old if expect == "old" else e.new
                 for m, t in h.tensors:
-                    ok = _same_bits(_flat_read(t, e.indices), want.to(t.device))
+                    ok = same_bits(_flat_read(t, e.indices), want.to(t.device))
                     if not bool(ok.all()):
                         bad = int((~ok).sum())
                         raise ValueError(f"{m}: {bad} of {e.indices.numel()} coordinates do not hold the delta's "

@@ -65,19 +65,17 @@ def triton_interpreter_numpy_compat() -> bool:
 
 TRITON_INTERPRETER_PATCHED = triton_interpreter_numpy_compat()
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root (tests/ is one level down)
 
 
-def _dir_from_env(var: str, fallback: pathlib.Path) -> pathlib.Path | None:
+def _dir_from_env(var: str) -> pathlib.Path | None:
     value = os.environ.get(var)
-    path = pathlib.Path(value) if value else fallback
-    return path if path.is_dir() else None
+    return pathlib.Path(value) if value and pathlib.Path(value).is_dir() else None
 
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> pathlib.Path:
-    """`$FASTEDIT_DATA` (CI sets it; default: shared/data beside the checkout); skips the test when absent."""
-    path = _dir_from_env("FASTEDIT_DATA", _ROOT.parent / "shared" / "data")
+    """`$FASTEDIT_DATA` (CI sets it); skips the test when it is not set or not a folder."""
+    path = _dir_from_env("FASTEDIT_DATA")
     if path is None:
         pytest.skip("real data not found: set FASTEDIT_DATA to the folder holding cifar10/ and mnist/")
     return path
@@ -85,8 +83,8 @@ def shared_data_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def shared_models_dir() -> pathlib.Path:
-    """`$FASTEDIT_MODELS` (CI sets it; default: shared/models beside the checkout); skips the test when absent."""
-    path = _dir_from_env("FASTEDIT_MODELS", _ROOT.parent / "shared" / "models")
+    """`$FASTEDIT_MODELS` (CI sets it); skips the test when it is not set or not a folder."""
+    path = _dir_from_env("FASTEDIT_MODELS")
     if path is None:
         pytest.skip("pretrained models not found: set FASTEDIT_MODELS to the folder of resnet*.th")
     return path

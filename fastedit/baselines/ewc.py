@@ -242,7 +242,7 @@ class EWCEditResult(EditResult):
         return {**super().to_dict(), "penalty": self.penalty, "ewc_lambda": self.ewc_lambda}
 
 
-def _check_fisher(fisher, names: list[str], params: list[nn.Parameter], what: str) -> list[Tensor]:
+def check_fisher(fisher, names: list[str], params: list[nn.Parameter], what: str) -> list[Tensor]:
     if not isinstance(fisher, Mapping):
         raise TypeError(f"{what} must be a dict name → tensor (e.g. from fisher_diagonal), got {type(fisher).__name__}")
     out = []
@@ -302,13 +302,13 @@ def ewc_edit(model: nn.Module, inputs=None, target=None, fisher: Mapping[str, Te
     editor = make_editor(editor)
     with eval_mode(model):
         et = EditTarget.build(model, params, use_prefix, output=output, include_frozen=include_frozen)
-        f_list = _check_fisher(fisher, et.names, et.params, "fisher")
+        f_list = check_fisher(fisher, et.names, et.params, "fisher")
         if any(bool(((f < 0) | ~torch.isfinite(f)).any()) for f in f_list):
             raise ValueError("fisher must be finite and non-negative")
         if anchor is None:
             a_list = [p.detach().clone() for p in et.params]
         else:
-            a_list = _check_fisher(anchor, et.names, et.params, "anchor")
+            a_list = check_fisher(anchor, et.names, et.params, "anchor")
         et = et.for_inputs(inputs)
         mi, c = et.check_inputs(inputs, target)
         acts = et.checked_prefix(mi)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..sparse_delta import _same_bits
+from ..sparse_delta import same_bits
 
 __all__ = ["top_masks", "abs_delta", "reset_outside", "count", "nnz"]
 
@@ -46,4 +46,4 @@ def count(masks: Sequence[Tensor]) -> int:
 
 def nnz(theta: Sequence[Tensor], theta0: Sequence[Tensor]) -> int:
     """The number of coordinates whose bits differ between ``theta`` and ``theta0``."""
-    return int(sum(int((~_same_bits(t, t0)).sum()) for t, t0 in zip(theta, theta0)))
+    return int(sum(int((~same_bits(t, t0)).sum()) for t, t0 in zip(theta, theta0)))

@@ -77,6 +77,21 @@ def test_evaluate_and_tune_commands_write_their_outputs(tmp_path):
     assert result["editor"]["lr"] in (0.01, 0.05)
 
 
+def test_sequential_command_writes_its_outputs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "seq"
+    argv = ["sequential", "--edits", "9", "--every", "3", "--method", "surgery", "--budget", "30", "--recheck", "1",
+            "--epochs", "2", "--no-progress", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["fastedit", *argv])  # the command the report records
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"].startswith("fastedit sequential --edits 9") and report["method"] == "surgery"
+    assert [c["edits"] for c in report["checkpoints"]] == [0, 3, 6, 9] and report["options"]["recheck"] == 1
+    assert report["num_control"] == 450 - 9  # the test images not edited
+    assert len((out / "checkpoints.csv").read_text().strip().splitlines()) == 5
+    assert (out / "sequential.png").stat().st_size > 1000
+    assert "9 sequential edits" in capsys.readouterr().out
+
+
 def test_summary_line_counts_nonfinite_edits():
     import fastedit as fe
     from fastedit.cli import report_summary
@@ -108,7 +123,7 @@ def _user_error(capsys, argv, *fragments, prog: str | None = None) -> str:
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert "Traceback" not in err
-    command = next((a for a in argv if a in ("demo", "evaluate", "tune", "backends")), None)
+    command = next((a for a in argv if a in ("demo", "evaluate", "tune", "sequential", "backends")), None)
     prog = prog or (f"fastedit {command}" if command else "fastedit")
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
     for fragment in fragments:
@@ -306,3 +321,9 @@ def test_user_errors_in_a_real_process(tmp_path):
     proc = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr and "UsageError: --weights" in proc.stderr
+
+
+def test_sequential_user_errors(capsys):
+    _user_error(capsys, ["sequential", "--method", "surgery", "--out", "x"], "--method surgery needs --budget")
+    _user_error(capsys, ["sequential", "--trust-region", "l3:1"], "expected l2:RADIUS or linf:RADIUS")
+    _user_error(capsys, ["sequential", "--trust-region", "l2:-1"], "--trust-region")

@@ -108,13 +108,13 @@ def test_cache_budget_and_chunks_do_not_change_results(budget, batch_size):
 
 
 def test_cache_budget_bounds_kept_activations():
-    from fastedit.evaluate import _ControlSet
+    from fastedit.evaluate import ControlSet
     model = make_model()
     _, (x_c, y_c) = _data()
     target = EditTarget.build(model, "block")
     per_sample = sum(a[:1].nbytes for a in target.prefix(x_c[:1]))
     for budget in (0, 10 * per_sample, 25 * per_sample):
-        cs = _ControlSet(target, x_c, y_c, 5, budget)
+        cs = ControlSet(target, x_c, y_c, 5, budget)
         kept = sum(c[2] is not None for c in cs.chunks)
         assert cs.cached_bytes <= budget and kept == min(budget // (5 * per_sample), len(cs.chunks))
 

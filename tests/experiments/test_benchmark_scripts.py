@@ -68,7 +68,9 @@ def test_data_folders_follow_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTEDIT_DATA", str(tmp_path))
     assert common.data_dir() == tmp_path and common.data_dir("elsewhere") == common.pathlib.Path("elsewhere")
     monkeypatch.delenv("FASTEDIT_MODELS", raising=False)
-    assert common.models_dir() == common.ROOT.parent / "shared" / "models"
+    with pytest.raises(SystemExit, match=r"\$FASTEDIT_MODELS is not set"):
+        common.models_dir()
+    assert common.models_dir(tmp_path) == tmp_path
 
 
 def test_bits_tell_nan_and_signed_zero_apart():
@@ -128,3 +130,26 @@ def test_peak_memory_sees_an_allocation():
     peak, out, how = common.peak_memory_increase(lambda: torch.ones(size // 4).sum().item())
     assert out == size // 4 and how
     assert peak is None or peak >= size // 2  # the resident set grew by (about) the tensor
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_sequential_experiment_runs_resumes_and_checks_its_journal(tmp_path, shared_data_dir, shared_models_dir,
+                                                                   restore_threads):
+    from benchmarks.experiments import sequential_cifar
+
+    argv = ["--edits", "6", "--control", "20", "--pool", "30", "--every", "3", "--configs", "gd", "surgery-b100",
+            "--out-dir", str(tmp_path), "--threads", "1", "--quiet"]
+    assert sequential_cifar.main(argv) == 0
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
+    assert set(cells) == {"gd", "surgery-b100"}
+    assert [c["edits"] for c in cells["gd"]["report"]["checkpoints"]] == [0, 1, 2, 3, 5, 6]
+    journal = cells["surgery-b100"]["journal"]
+    assert journal["entries"] == 0 or journal["exact"] is True
+    assert all(n <= 100 for n in cells["surgery-b100"]["report"]["per_edit"]["nnz"])
+    before = {k: v["cell_seconds"] for k, v in cells.items()}
+    assert sequential_cifar.main(argv) == 0  # resumed: nothing recomputed
+    again = {p.stem: json.loads(p.read_text())["cell_seconds"] for p in (tmp_path / "cells").glob("*.json")}
+    assert again == before
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["config"] for r in summary["rows"]] == ["gd", "surgery-b100"] and (tmp_path / "sequential.png").exists()
