@@ -339,11 +339,17 @@ def sequential_table(folder: str = "sequential_cifar") -> str:
     s = first["setting"]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     at = lambda cell, n: next((c for c in cell["report"]["checkpoints"] if c["edits"] == n), None)  # noqa: E731
-    source = f"the model trained as `{s['trained']}`" if s.get("trained") else "pretrained ResNet-20"
-    what = ("the test images it misclassifies, fixed to their true labels" if s.get("targets") == "true"
-            else "CIFAR-10 JPEG test images, random labels")
-    lines = [f"{source}, `layer3`, {first['report']['num_edits']} sequential edits ({what}), control "
-             f"{first['report']['num_control']} other test images, base error {100 * first['report']['base_error']:.2f}%:", "",
+    text = "max_len" in s  # the MiniLM experiment
+    source = ("the fine-tuned MiniLM classifier" if text else
+              f"the model trained as `{s['trained']}`" if s.get("trained") else "pretrained ResNet-20")
+    what = {("true", False): "the test images it misclassifies, fixed to their true labels",
+            ("random", False): "CIFAR-10 JPEG test images, random labels",
+            ("flip", True): "test snippets, each edited to the opposite of its prediction",
+            ("true", True): "the test snippets it misclassifies, fixed to their true labels"}[
+        (s.get("targets", "flip" if text else "random"), text)]
+    lines = [f"{source}, `{s['params']}`, {first['report']['num_edits']} sequential edits ({what}), control "
+             f"{first['report']['num_control']} other {'snippets' if text else 'test images'}, base error "
+             f"{100 * first['report']['base_error']:.2f}%:", "",
              "| method | edits until −1 pt or < 95% retention | drawdown after 10 / 100 / all edits | "
              "retention after 10 / 100 / all | success | scalars changed | re-edits | minutes |",
              "|---|---|---|---|---|---|---|---|"]

@@ -238,9 +238,13 @@ def _order(path: pathlib.Path) -> tuple:
     return (CONFIGS.index(base) if base in CONFIGS else len(CONFIGS), float(value) if value else 0.0)
 
 
-def summarise(out: pathlib.Path, command: str) -> None:
+def summarise(out: pathlib.Path, command: str, skip: tuple[str, ...] = (),
+              title: str = "ResNet-20 layer3, CIFAR-10: sequential edits") -> None:
+    """``summary.json`` and the figure from the cells of ``out`` (names starting with ``skip`` left out)."""
     rows, reports = [], {}
     for path in sorted((out / "cells").glob("*.json"), key=_order):
+        if path.stem.startswith(skip):
+            continue
         name, cell = path.stem, json.loads(path.read_text())
         rep = cell["report"]
         final = rep["checkpoints"][-1]
@@ -251,7 +255,7 @@ def summarise(out: pathlib.Path, command: str) -> None:
     common.write_json(out / "summary.json", {"command": command, "rows": rows, "machine": common.machine_info()})
     if reports:
         from fastedit.plots import plot_sequential
-        plot_sequential(reports, out / "sequential.png", title="ResNet-20 layer3, CIFAR-10: sequential edits")
+        plot_sequential(reports, out / "sequential.png", title=title)
 
 
 class _Curve:

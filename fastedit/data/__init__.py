@@ -1,6 +1,6 @@
 """Dataset loaders for local files (nothing is downloaded).
 
-Every loader returns ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[N, H, W, C]``
+The text corpora (:mod:`fastedit.data.text`) return ``(texts, labels)``. Every image loader returns ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[N, H, W, C]``
 (colour) or ``[N, H, W]`` (greyscale), ``labels`` ``torch.int64 [N]``. Use
 :func:`to_float_tensor` to get ``float32`` ``NCHW`` model inputs and :func:`augment_cifar` for
 training-time augmentation.
@@ -17,6 +17,14 @@ from .common import (
 from .digits import load_digits
 from .mnist import load_mnist, read_idx
 from .registry import DATASET_NAMES, load_dataset
+from .text import (
+    ROTTEN_TOMATOES_CLASSES,
+    SMS_SPAM_CLASSES,
+    TREC_COARSE_CLASSES,
+    load_rotten_tomatoes,
+    load_sms_spam,
+    load_trec_questions,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -33,4 +41,10 @@ __all__ = [
     "load_mnist",
     "read_idx",
     "to_float_tensor",
+    "load_rotten_tomatoes",
+    "load_sms_spam",
+    "load_trec_questions",
+    "ROTTEN_TOMATOES_CLASSES",
+    "SMS_SPAM_CLASSES",
+    "TREC_COARSE_CLASSES",
 ]

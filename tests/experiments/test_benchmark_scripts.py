@@ -153,3 +153,26 @@ def test_sequential_experiment_runs_resumes_and_checks_its_journal(tmp_path, sha
     assert again == before
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["config"] for r in summary["rows"]] == ["gd", "surgery-b100"] and (tmp_path / "sequential.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_minilm_scripts_fine_tune_then_edit_in_sequence(tmp_path, shared_data_dir, shared_models_dir, restore_threads):
+    pytest.importorskip("transformers")
+    from benchmarks.experiments import minilm_rotten_tomatoes, sequential_minilm
+
+    saved = tmp_path / "classifier"
+    assert minilm_rotten_tomatoes.main(["--train-limit", "32", "--eval-limit", "16", "--batch", "16", "--save", str(saved),
+                                        "--threads", "1",
+                                        "--out", str(tmp_path / "ft.json"), "--quiet"]) == 0
+    ft = json.loads((tmp_path / "ft.json").read_text())
+    assert ft["config"]["steps"] == 2 and 0 <= ft["accuracy"]["test"] <= 1 and (saved / "config.json").exists()
+    out = tmp_path / "seq"
+    assert sequential_minilm.main(["--classifier", str(saved), "--edits", "4", "--control", "12", "--tune-edits", "3",
+                                   "--tune-control", "8",
+                                   "--every", "2", "--configs", "rmsprop", "surgery-b1000", "--out-dir", str(out),
+                                   "--threads", "1", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["config"] for r in summary["rows"]] == ["rmsprop", "surgery-b1000"]
+    tuned = json.loads((out / "cells" / "tuned_rmsprop.json").read_text())
+    assert tuned["chosen"]["lr"] in sequential_minilm.GRIDS["rmsprop"]
