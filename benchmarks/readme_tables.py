@@ -503,6 +503,7 @@ TABLES = {
     "sequential_cifar": sequential_table,
     "sequential_cifar_fixes": lambda: sequential_table("sequential_cifar_fixes"),
     "sequential_cifar_trained": sequential_trained_table,
+    "sequential_minilm": lambda: sequential_table("sequential_minilm"),
     "headline": headline_table,
 }
 
