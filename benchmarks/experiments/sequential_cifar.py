@@ -217,20 +217,24 @@ def main(argv=None) -> int:
         if cells.done(name, s):
             common.say(f"{name}: done earlier", args.quiet)
             continue
-        t0 = time.perf_counter()
-        rep = fe.evaluate_sequential(model, edits, control, params="layer3", max_steps=10,
-                                     checkpoints=checkpoints(args, len(edits[1])), progress=not args.quiet,
-                                     **options(name, args, model, train))
-        result = {"report": rep.to_dict(), "edits_until": rep.edits_until()}
-        if rep.journal is not None:
-            result["journal"] = journal_check(rep, model)
-        cells.save(name, s, result, time.perf_counter() - t0)
-        f = rep.final
-        common.say(f"{name}: drawdown {100 * f['drawdown']:.2f}%  retention {100 * f['retention']:.1f}%  success "
-                   f"{100 * f['success_rate']:.1f}%  changed {f['changed_scalars']}  until {rep.edits_until()}  "
-                   f"({time.perf_counter() - t0:.0f} s)", args.quiet)
+        run_cell(cells, name, s, model, edits, control, "layer3", args, **options(name, args, model, train))
     summarise(args.out_dir, command)
     return 0
+
+
+def run_cell(cells: common.Cells, name: str, setting: dict, model, edits, control, params: str, args, **options) -> None:
+    """One configuration: the sequential run, its journal checked (surgery), the cell saved, a line printed."""
+    t0 = time.perf_counter()
+    rep = fe.evaluate_sequential(model, edits, control, params=params, max_steps=10,
+                                 checkpoints=checkpoints(args, len(edits[1])), progress=not args.quiet, **options)
+    result = {"report": rep.to_dict(), "edits_until": rep.edits_until()}
+    if rep.journal is not None:
+        result["journal"] = journal_check(rep, model)
+    cells.save(name, setting, result, time.perf_counter() - t0)
+    f = rep.final
+    common.say(f"{name}: drawdown {100 * f['drawdown']:.2f}%  retention {100 * f['retention']:.1f}%  success "
+               f"{100 * f['success_rate']:.1f}%  changed {f['changed_scalars']}  until {rep.edits_until()}  "
+               f"({time.perf_counter() - t0:.0f} s)", args.quiet)
 
 
 def _order(path: pathlib.Path) -> tuple:

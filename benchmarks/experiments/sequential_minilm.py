@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a file: the repository root on the path,
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
 from benchmarks.experiments.minilm_rotten_tomatoes import DEFAULT_SAVE, load_classifier, predict, tokenize  # noqa: E402
-from benchmarks.experiments.sequential_cifar import checkpoints, journal_check, summarise  # noqa: E402
+from benchmarks.experiments.sequential_cifar import run_cell, summarise  # noqa: E402
 
 PARAMS = "bert.encoder.layer.5"
 CONFIGS = ("gd", "rmsprop", "rmsprop-recheck2", "rmsprop-linf", "ewc-rmsprop", "surgery-b1000")
@@ -132,22 +132,13 @@ def main(argv=None) -> int:
             opts["trust_region"] = ("linf", args.linf)
             setting["linf"] = args.linf
         elif name == "ewc-rmsprop":
-            opts.update(method="ewc", fisher=fisher_diagonal(model, train, params=PARAMS), ewc_lambda=args.ewc_lambda)
             setting["ewc_lambda"] = args.ewc_lambda
         if cells.done(name, setting):
             common.say(f"{name}: done earlier", args.quiet)
             continue
-        t0 = time.perf_counter()
-        rep = fe.evaluate_sequential(model, edits, control, params=PARAMS, max_steps=10,
-                                     checkpoints=checkpoints(args, len(edits[1])), progress=not args.quiet, **opts)
-        result = {"report": rep.to_dict(), "edits_until": rep.edits_until()}
-        if rep.journal is not None:
-            result["journal"] = journal_check(rep, model)
-        cells.save(name, setting, result, time.perf_counter() - t0)
-        f = rep.final
-        common.say(f"{name}: drawdown {100 * f['drawdown']:.2f}%  retention {100 * f['retention']:.1f}%  success "
-                   f"{100 * f['success_rate']:.1f}%  until {rep.edits_until()}  ({time.perf_counter() - t0:.0f} s)",
-                   args.quiet)
+        if name == "ewc-rmsprop":  # the Fisher only for a cell still to run
+            opts.update(method="ewc", fisher=fisher_diagonal(model, train, params=PARAMS), ewc_lambda=args.ewc_lambda)
+        run_cell(cells, name, setting, model, edits, control, PARAMS, args, **opts)
     summarise(args.out_dir, command, skip=("tuned_",), title="MiniLM, Rotten Tomatoes: sequential edits")
     return 0
 
