@@ -211,7 +211,7 @@ def surgery_edits_table(folder: str = "surgery_cifar") -> str:
 
 
 def _hp(chosen: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k in ("lr", "beta"))
+    return ", ".join(f"{k} {v:.3g}" for k, v in chosen.items() if k in ("lr", "beta"))
 
 
 def evaluation_table(table: str) -> str:
@@ -391,6 +391,118 @@ def sequential_trained_table(folder: str = "sequential_cifar_trained") -> str:
     return "\n".join(lines + ["", "Commands: " + "; ".join(f"`{c}`" for c in sorted(commands)) + "."])
 
 
+def _pct(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _tuned(r: dict) -> str:
+    return (f"{_hp(r['chosen'])}{'' if r['feasible'] else ' (<95%)'}"
+            f"{' (grid edge: ' + r['chosen_at_grid_edge'] + ')' if r['chosen_at_grid_edge'] else ''}")
+
+
+def g2p_model_table() -> str:
+    m = json.loads((RESULTS / "g2p_editing" / "model.json").read_text())
+    return "\n".join([
+        f"| g2p-en (pretrained, {m['parameters']:,} parameters) | words | word accuracy |", "|---|---|---|",
+        f"| greedy, CMUdict test split (a–z words, first pronunciation, stress kept) | {m['test_words']:,} | "
+        f"{_pct(m['greedy_accuracy_test_split'], 1)} |",
+        f"| greedy, the fixed 500-word sample of `fastedit/models/g2p.py` | 500 | {_pct(m['greedy_accuracy_docstring_sample'], 1)} |",
+        f"| beam 5, best hypothesis, test split | {m['test_words']:,} | {_pct(m['beam5_top1_accuracy_test_split'], 1)} |",
+        f"| beam 5, dictionary pronunciation among the 5 (oracle), test split | {m['test_words']:,} | "
+        f"{_pct(m['beam5_oracle_accuracy_test_split'], 1)} |",
+        "", f"Command: `{m['command']}`."])
+
+
+def _split_runs(command: str, rows: list[dict]) -> str:
+    """The command that makes every cell, and a note when the cells were computed by parallel runs
+    split with ``--only`` (each cell's JSON records its own command)."""
+    split = any(r["command"] != command for r in rows)
+    return f"Command: `{command.split(' --only ')[0]}`" + (
+        " (the cells were computed by parallel runs of it split with `--only`; each cell's JSON records its "
+        "command)." if split else ".")
+
+
+def g2p_editing_table(which: str) -> str:
+    data = json.loads((RESULTS / "g2p_editing" / "tables.json").read_text())
+    proto, parts = data["protocol"], ["decoder", "output", "encoder", "all"]
+    editors = ["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"]
+    if which == "1":
+        rows = [r for r in data["rows"] if r["constraint"] == "tokens" and r["part"] == "decoder"]
+    else:
+        constraint = "tokens" if which == "2" else "ranking"
+        rows = [r for r in data["rows"] if r["constraint"] == constraint and r["editor"] in ("gd", "rmsprop")]
+    rows.sort(key=lambda r: (parts.index(r["part"]), editors.index(r["editor"])))
+    if not rows:
+        return "(not run yet)"
+    lines = ["| part edited | editor | tuned (lr, β) | word drawdown | phoneme drawdown | success | mean steps | "
+             "phoneme flip rate | edits | s / cell |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['part']} | {r['editor']} | {_tuned(r)} | {_pct(r['word_drawdown'])} | "
+                     f"{_pct(r['phoneme_drawdown'])} | {_pct(r['success_rate'], 1)} | {r['mean_steps']:.2f} | "
+                     f"{_pct(r['flip_rate'])} | {r['num_edits']} | {r['cell_seconds']:.0f} |")
+    base = rows[0]
+    lines += ["", f"Control: {proto['control']:,} test-split words, word error {_pct(base['word_error'])}, phoneme "
+              f"error {_pct(base['phoneme_error'])} (teacher-forced); k = {proto['max_steps']}; tuned on "
+              f"{proto['tune_edits']} validation mistakes against {proto['tune_control']} validation words. "
+              + _split_runs(data["command"], rows)]
+    return "\n".join(lines)
+
+
+def minilm_editing_table() -> str:
+    if not (RESULTS / "minilm_editing" / "tables.json").exists():
+        return "(not run yet: `python benchmarks/experiments/minilm_editing.py --threads 1 --quiet`)"
+    data = json.loads((RESULTS / "minilm_editing" / "tables.json").read_text())
+    proto = data["protocol"]
+    lines = ["| layers edited | editor | tuned (lr, β) | drawdown | success | mean steps | flip rate | edits | s / cell |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['part']} | {r['editor']} | {_tuned(r)} | {_pct(r['drawdown'])} | "
+                     f"{_pct(r['success_rate'], 1)} | {r['mean_steps']:.2f} | {_pct(r['flip_rate'])} | "
+                     f"{r['num_edits']} | {r['cell_seconds']:.0f} |")
+    base = data["rows"][0]["base_error"] if data["rows"] else None
+    lines += ["", f"Control: {proto['control']} test snippets, error {_pct(base)}; {proto['max_len']} tokens; "
+              f"k = {proto['max_steps']}; tuned on {proto['tune_edits']} validation flips against "
+              f"{proto['tune_control']} validation snippets. Command: `{data['command']}`."]
+    return "\n".join(lines)
+
+
+def surgery_minilm_table() -> str:
+    if not (RESULTS / "surgery_minilm" / "summary.json").exists():
+        return "(not run yet: `python benchmarks/experiments/surgery_minilm.py --threads 1 --quiet`)"
+    data = json.loads((RESULTS / "surgery_minilm" / "summary.json").read_text())
+    order = ["original"] + [f"{m}_b{b}" for b in (10, 100, 1000) for m in
+                            ("dynamic", "select-random", "select-grad", "select-delta", "lagrange")] \
+        + ["unrestricted", "dense_last", "dense_all"]
+    rows = sorted(data["rows"], key=lambda r: order.index(r["cell"]) if r["cell"] in order else len(order))
+    lines = ["| cell | tuned | changed scalars | pattern success | clean accuracy | consistency | "
+             "validation pattern / consistency | s / cell |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        chosen = r.get("chosen") or {}
+        tuned = ", ".join(f"{k} {v:g}" for k, v in chosen.items()) + ("" if r.get("feasible", True) else " (<90%)")
+        lines.append(f"| {r['cell']} | {tuned} | {r['nnz']:,} | {_pct(r['test_pattern_success'], 1)} | "
+                     f"{_pct(r['test_clean_accuracy'], 1)} | {_pct(r['test_consistency'], 1)} | "
+                     f"{_pct(r['validation_pattern_success'], 1)} / {_pct(r['validation_consistency'], 1)} | "
+                     f"{r['cell_seconds']:.0f} |")
+    commands = sorted({f"`{r['command']}`" for r in rows})
+    return "\n".join(lines + ["", "Test numbers of the point chosen on the validation split. Commands: "
+                               + "; ".join(commands) + "."])
+
+
+def editable_training_g2p_table() -> str:
+    data = json.loads((RESULTS / "editable_training_g2p" / "summary.json").read_text())
+    ms = lambda v: "–" if v is None else (f"{100 * v['mean']:.2f}" + (f" ± {100 * v['std']:.2f}" if v.get("std") is not None else ""))  # noqa: E731
+    diff = lambda v: ms(v.get("minus_plain")) if v.get("minus_plain") else ""  # noqa: E731
+    lines = ["| model | seeds | word accuracy % | shared editor: word drawdown % | success % | tuned editor: word "
+             "drawdown % | success % | phoneme flips % | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        cells = [r[k] for k in ("word_accuracy", "shared_editor_word_drawdown", "shared_editor_success_rate",
+                                "tuned_editor_word_drawdown", "tuned_editor_success_rate", "tuned_editor_flip_rate")]
+        lines.append(f"| {r['config']} | {len(r['seeds'])} | " + " | ".join(
+            ms(c) + (f" (Δ {diff(c)})" if diff(c) else "") for c in cells) + f" | {r['train_seconds']:.0f} |")
+    return "\n".join(lines + ["", "Mean ± std over seeds; Δ: the paired difference to `plain` (same seed, same "
+                               f"batches). Command: `{data['command']}`."])
+
+
 def headline_table() -> str:
     """The README's headline numbers, one row per experiment family, each with its command and a
     link to the report that holds the full table (the links are relative to README.md)."""
@@ -504,6 +616,13 @@ TABLES = {
     "sequential_cifar_fixes": lambda: sequential_table("sequential_cifar_fixes"),
     "sequential_cifar_trained": sequential_trained_table,
     "sequential_minilm": lambda: sequential_table("sequential_minilm"),
+    "g2p_model": g2p_model_table,
+    "g2p_editing_table1": lambda: g2p_editing_table("1"),
+    "g2p_editing_table2": lambda: g2p_editing_table("2"),
+    "g2p_editing_ranking": lambda: g2p_editing_table("ranking"),
+    "minilm_editing": minilm_editing_table,
+    "surgery_minilm": surgery_minilm_table,
+    "editable_training_g2p": editable_training_g2p_table,
     "headline": headline_table,
 }
 

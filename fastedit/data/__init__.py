@@ -1,11 +1,13 @@
 """Dataset loaders for local files (nothing is downloaded).
 
-The text corpora (:mod:`fastedit.data.text`) return ``(texts, labels)``. Every image loader returns ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[N, H, W, C]``
-(colour) or ``[N, H, W]`` (greyscale), ``labels`` ``torch.int64 [N]``. Use
-:func:`to_float_tensor` to get ``float32`` ``NCHW`` model inputs and :func:`augment_cifar` for
-training-time augmentation.
+The text corpora (:mod:`fastedit.data.text`) return ``(texts, labels)`` (the verse pairs ``(english,
+spanish)``); CMUdict (:mod:`fastedit.data.cmudict`) ``(words, pronunciations)``. Every image loader
+returns ``(images, labels)``: ``images`` a ``torch.uint8`` tensor ``[N, H, W, C]`` (colour) or
+``[N, H, W]`` (greyscale), ``labels`` ``torch.int64 [N]``. Use :func:`to_float_tensor` to get
+``float32`` ``NCHW`` model inputs and :func:`augment_cifar` for training-time augmentation.
 """
 from .cifar import load_cifar10_jpeg_zip, load_cifar10_lossless, load_cifar10_pickle
+from .cmudict import load_cmudict, read_cmudict
 from .common import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -24,6 +26,7 @@ from .text import (
     load_rotten_tomatoes,
     load_sms_spam,
     load_trec_questions,
+    load_verse_pairs,
 )
 
 __all__ = [
@@ -44,6 +47,9 @@ __all__ = [
     "load_rotten_tomatoes",
     "load_sms_spam",
     "load_trec_questions",
+    "load_verse_pairs",
+    "load_cmudict",
+    "read_cmudict",
     "ROTTEN_TOMATOES_CLASSES",
     "SMS_SPAM_CLASSES",
     "TREC_COARSE_CLASSES",

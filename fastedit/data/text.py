@@ -1,7 +1,9 @@
-"""Text classification corpora from local TSV files: Rotten Tomatoes snippets, SMS spam, TREC questions.
+"""Text corpora from local TSV files: Rotten Tomatoes snippets, SMS spam, TREC questions (classification)
+and English–Spanish Bible verses (translation pairs).
 
-Every loader returns ``(texts, labels)``: a list of strings and ``torch.int64 [N]`` class indices
-(the class names are in the module's ``*_CLASSES``), for one split of a fixed, seeded partition:
+The classification loaders return ``(texts, labels)``: a list of strings and ``torch.int64 [N]`` class
+indices (the class names are in the module's ``*_CLASSES``); :func:`load_verse_pairs` returns
+``(english, spanish)``, two aligned lists of strings. Each is one split of a fixed, seeded partition:
 ``"train"``, ``"validation"`` or ``"test"`` (80 / 10 / 10 % by default). The files are looked for in
 ``data_dir/text/`` and in ``data_dir`` itself; ``data_dir`` defaults to ``$FASTEDIT_DATA``.
 
@@ -10,10 +12,13 @@ Every loader returns ``(texts, labels)``: a list of strings and ``torch.int64 [N
   assigned in order until each split holds its share of the snippets). ``rotten`` = 0, ``fresh`` = 1.
 - :func:`load_sms_spam`: ``label`` (``ham``/``spam``), ``text``; a seeded permutation of the messages.
 - :func:`load_trec_questions`: ``coarse``, ``fine``, ``question``; the 6 coarse classes; seeded.
+- :func:`load_verse_pairs`: ``bible_en_es.tsv.gz`` (gzip or plain), ``verse_index``, ``en_kjv``,
+  ``es_rv1909``; a seeded permutation of the verses.
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 
 import torch
@@ -25,8 +30,8 @@ SMS_SPAM_CLASSES = ("ham", "spam")
 TREC_COARSE_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 SPLITS = ("train", "validation", "test")
 
-__all__ = ["load_rotten_tomatoes", "load_sms_spam", "load_trec_questions", "ROTTEN_TOMATOES_CLASSES",
-           "SMS_SPAM_CLASSES", "TREC_COARSE_CLASSES"]
+__all__ = ["load_rotten_tomatoes", "load_sms_spam", "load_trec_questions", "load_verse_pairs",
+           "ROTTEN_TOMATOES_CLASSES", "SMS_SPAM_CLASSES", "TREC_COARSE_CLASSES"]
 
 
 def _read(name: str, data_dir, required: tuple[str, ...]) -> list[dict]:
@@ -35,7 +40,8 @@ def _read(name: str, data_dir, required: tuple[str, ...]) -> list[dict]:
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{name} not found (looked at {', '.join(map(str, candidates))})")
-    with open(path, newline="", encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -109,3 +115,14 @@ def load_trec_questions(data_dir=None, split: str = "train", *, fractions=(0.8, 
     labels = _labels(rows, "coarse", TREC_COARSE_CLASSES, "trec_questions.tsv")
     pick = _by_rows(len(rows), split, fr, seed)
     return [rows[i]["question"] for i in pick], labels[pick]
+
+
+def load_verse_pairs(data_dir=None, split: str = "train", *, fractions=(0.8, 0.1, 0.1), seed: int = 0,
+                     file_name: str = "bible_en_es.tsv.gz"):
+    """Aligned English (King James) – Spanish (Reina-Valera 1909) verses ``(english, spanish)``, one split
+    of a seeded permutation of the verses (see the module docstring). Rows with an empty side are dropped."""
+    fr = _check(split, fractions)
+    rows = _read(file_name, data_dir, ("verse_index", "en_kjv", "es_rv1909"))
+    rows = [r for r in rows if r["en_kjv"].strip() and r["es_rv1909"].strip()]
+    pick = _by_rows(len(rows), split, fr, seed)
+    return [rows[i]["en_kjv"] for i in pick], [rows[i]["es_rv1909"] for i in pick]

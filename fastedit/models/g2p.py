@@ -29,7 +29,12 @@ letters to ``<unk>``).
 
 Greedy accuracy, measured: 70.4% of 500 CMUdict words spelled exactly as their first pronunciation
 (stress digits kept). Sample: the words of ``cmudict.dict`` made of the letters a-z only, sorted,
-then ``random.Random(0).sample(words, 500)`` (see ``tests/test_g2p_model.py``).
+then ``random.Random(0).sample(words, 500)`` (see ``tests/api/test_g2p_model.py``); 67.7% of the
+11,750 words of :func:`fastedit.data.load_cmudict`'s test split, 69.1% with a beam of 5
+(``benchmarks/results/g2p_editing/model.json``).
+
+Decoders: :meth:`G2P.greedy_decode` (the reference rule), :meth:`G2P.beam_search` (n-best with
+log-probabilities) and :meth:`G2P.sample` (ancestral sampling).
 
 Double backward goes through ``nn.GRU`` on CPU; on CUDA, cuDNN's RNN has no double backward, so run
 such code under ``torch.backends.cudnn.flags(enabled=False)``.
@@ -38,7 +43,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 
 import numpy as np
 import torch
@@ -61,7 +65,6 @@ __all__ = [
     "load_g2p",
     "encode_words",
     "encode_phonemes",
-    "read_cmudict",
 ]
 
 GRAPHEMES: tuple[str, ...] = ("<pad>", "<unk>", "</s>") + tuple("abcdefghijklmnopqrstuvwxyz")
@@ -152,6 +155,83 @@ class G2P(nn.Module):
                 break
         return [[PHONEMES[i] for i in itertools.takewhile(lambda i: i != PHONEME_EOS, row)] for row in ids.tolist()]
 
+    @torch.no_grad()
+    def sample(self, src: torch.Tensor, max_len: int = 20, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> list[list[str]]:
+        """Ancestral samples, one per row of ``src [B, S]``: from ``<s>``, each phoneme drawn from
+        ``softmax(logits / temperature)`` (``torch.multinomial`` with ``generator``), until ``</s>`` or
+        ``max_len`` steps. The official Editable MT code draws the desired outputs of its training edits so."""
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        src = src.to(self.fc.weight.device)
+        h = self.encode(src)
+        tok = src.new_full((src.size(0), 1), PHONEME_SOS)
+        ids = src.new_full((src.size(0), max_len), PHONEME_EOS)
+        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+        for t in range(max_len):
+            out, h = self.decoder(self.dec_emb(tok), h)
+            probs = torch.softmax(self.fc(out)[:, 0].float() / temperature, -1)
+            tok = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            ids[:, t] = torch.where(done, PHONEME_EOS, tok[:, 0])
+            done |= tok[:, 0] == PHONEME_EOS
+            if done.all():
+                break
+        return [[PHONEMES[i] for i in itertools.takewhile(lambda i: i != PHONEME_EOS, row)] for row in ids.tolist()]
+
+    @torch.no_grad()
+    def beam_search(self, src: torch.Tensor, beam_size: int = 4, n_best: int | None = None,
+                    max_len: int = 20) -> list[list[tuple[list[str], float]]]:
+        """The ``n_best`` (default ``beam_size``) pronunciations of each row of ``src [B, S]`` with scores.
+
+        A hypothesis's score is the sum of its tokens' log-probabilities, its ``</s>`` included. Rule
+        (a shrinking beam): from ``<s>``, each step extends every live hypothesis by every phoneme and
+        keeps the ``beam_size − f`` best extensions, where ``f`` hypotheses have finished so far (ties
+        by hypothesis rank, then phoneme index); a kept extension ending in ``</s>`` finishes
+        (``</s>`` is not part of its phonemes), and after ``max_len`` steps the live ones finish as
+        they are. So ``beam_size`` hypotheses finish per row; they are returned best first as
+        ``(phonemes, score)``, ties in finishing order. ``beam_size=1`` is greedy decoding.
+        """
+        for name, v in (("beam_size", beam_size), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "beam_size" else 0):
+                raise ValueError(f"{name} must be an integer ≥ {1 if name == 'beam_size' else 0}, got {v!r}")
+        n_best = beam_size if n_best is None else n_best
+        if isinstance(n_best, bool) or not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
+            raise ValueError(f"n_best must be an integer in [1, beam_size={beam_size}], got {n_best!r}")
+        src = src.to(self.fc.weight.device)
+        b, k, v = src.size(0), beam_size, self.fc.out_features
+        h = self.encode(src).repeat_interleave(k, dim=1)  # [1, B*k, H], slot-major within a row
+        score = torch.full((b, k), float("-inf"), device=src.device)
+        score[:, 0] = 0.0  # one live hypothesis (<s>) per row at the start
+        tokens = src.new_full((b, k, 1), PHONEME_SOS)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        budget = torch.full((b,), k, device=src.device)  # beam_size − finished so far
+        for _ in range(max_len):
+            if not (budget > 0).any():
+                break
+            out, h = self.decoder(self.dec_emb(tokens[:, :, -1].reshape(b * k, 1)), h)
+            logp = torch.log_softmax(self.fc(out).float(), -1).view(b, k, v)
+            cand = (score.unsqueeze(-1) + logp).view(b, k * v)  # dead slots stay -inf
+            top, order = cand.sort(dim=-1, descending=True, stable=True)
+            top, order = top[:, :k], order[:, :k]
+            keep = torch.arange(k, device=src.device) < budget.unsqueeze(1)
+            slot, tok = order // v, order % v
+            ends = keep & (tok == PHONEME_EOS)
+            for row, j in ends.nonzero().tolist():
+                finished[row].append((top[row, j].item(), tokens[row, slot[row, j], 1:].tolist()))
+            live = keep & ~ends
+            budget = budget - ends.sum(1)
+            score = torch.where(live, top, float("-inf"))
+            tokens = torch.cat([tokens.gather(1, slot.unsqueeze(-1).expand(-1, -1, tokens.size(-1))),
+                                tok.unsqueeze(-1)], dim=-1)
+            h = h.view(1, b, k, -1).gather(2, slot.view(1, b, k, 1).expand(1, b, k, h.size(-1))).view(1, b * k, -1)
+        for row, j in (score > float("-inf")).nonzero().tolist():  # ran out of steps
+            finished[row].append((score[row, j].item(), tokens[row, j, 1:].tolist()))
+        results = []
+        for hyps in finished:
+            ranked = sorted(hyps, key=lambda sh: -sh[0])[:n_best]  # stable: ties keep finishing order
+            results.append([([PHONEMES[i] for i in ids], s) for s, ids in ranked])
+        return results
+
     def predict(self, word: str) -> list[str]:
         """Greedy ARPAbet phonemes of one word (lower-cased; characters outside a-z are ``<unk>``)."""
         return self.greedy_decode(encode_words([word]))[0]
@@ -171,6 +251,11 @@ class G2P(nn.Module):
         )
         load_state_dict_strict(model, state, str(path))
         return model.eval()
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the parameters in the checkpoint's layout (``.npz``, float32), for :meth:`from_checkpoint`."""
+        state = self.state_dict()
+        np.savez(path, **{key: state[name].detach().float().cpu().numpy() for key, name in _NPZ_NAMES.items()})
 
 
 def load_g2p(path: str | os.PathLike) -> G2P:
@@ -207,23 +292,3 @@ def encode_phonemes(prons: list[list[str]], add_sos: bool = True) -> tuple[torch
         dec_in[i, : len(row) + add_sos] = torch.tensor([PHONEME_SOS] * add_sos + row, dtype=torch.long)
         labels[i, : len(row) + 1] = torch.tensor(row + [PHONEME_EOS])
     return dec_in, labels
-
-
-_ALTERNATE = re.compile(r"\(\d+\)$")
-
-
-def read_cmudict(path: str | os.PathLike, first_only: bool = True) -> dict[str, list[str]]:
-    """``{word: phonemes}`` from a ``cmudict.dict`` file (lines ``word PH1 PH2 ...``, stress digits kept).
-
-    Text after ``#`` is a comment and blank lines are skipped. Alternate pronunciations are lines
-    ``word(2) ...``: with ``first_only`` they are dropped, so each word maps to its first
-    pronunciation; otherwise they are kept under their own keys (``"word(2)"``).
-    """
-    entries: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.split("#", 1)[0].split()
-            if not fields or (first_only and _ALTERNATE.search(fields[0])):
-                continue
-            entries.setdefault(fields[0], fields[1:])
-    return entries

@@ -410,7 +410,8 @@ def test_g2p_random_weights():
 
 
 def test_g2p_checkpoint_fixes_a_word(shared_models_dir, shared_data_dir):
-    from fastedit.models.g2p import G2P, encode_words, read_cmudict
+    from fastedit.data import read_cmudict
+    from fastedit.models.g2p import G2P, encode_words
     ckpt = shared_models_dir / "g2p-en" / "checkpoint20.npz"
     cmu = shared_data_dir / "g2p" / "cmudict.dict"
     if not ckpt.is_file() or not cmu.is_file():

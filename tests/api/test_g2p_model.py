@@ -10,6 +10,7 @@ import torch
 import torch.fx
 from torch.func import functional_call
 
+from fastedit.data import read_cmudict
 from fastedit.models.g2p import (
     G2P,
     GRAPHEME_EOS,
@@ -25,7 +26,6 @@ from fastedit.models.g2p import (
     encode_phonemes,
     encode_words,
     load_g2p,
-    read_cmudict,
 )
 
 WORDS = ["a", "cat", "editing", "grapheme", "xylophone", "qu", "zzzz", "antidisestablishment"]
@@ -68,6 +68,35 @@ def np_predict(v: dict, word: str) -> list[str]:
             break
         preds.append(PHONEMES[tok])
     return preds
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    m = z.max()
+    return z - m - np.log(np.exp(z - m).sum())
+
+
+def np_beam_search(v: dict, word: str, k: int, max_len: int = 20) -> list[tuple[list[str], float]]:
+    """The shrinking-beam rule of ``G2P.beam_search``, one word, one hypothesis at a time."""
+    live = [([], 0.0, _np_encode(v, word), PHONEME_SOS)]  # (phoneme ids, score, hidden, last token)
+    done: list[tuple[list[str], float]] = []
+    for _ in range(max_len):
+        if not live:
+            break
+        cands = []
+        for rank, (ids, score, h, tok) in enumerate(live):
+            logits, h2 = _np_step(v, tok, h)
+            for t, lp in enumerate(_log_softmax(logits[0])):
+                cands.append((score + lp, rank, t, ids, h2))
+        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+        live = []
+        for score, _, t, ids, h2 in cands[: k - len(done)]:
+            if t == PHONEME_EOS:
+                done.append(([PHONEMES[i] for i in ids], score))
+            else:
+                live.append((ids + [t], score, h2, t))
+    done += [([PHONEMES[i] for i in ids], score) for ids, score, _, _ in live]
+    return sorted(done, key=lambda d: -d[1])
 
 
 def np_teacher_logits(v: dict, word: str, dec_in: list[int]) -> np.ndarray:
@@ -164,13 +193,6 @@ def test_encode_phonemes_round_trip():
         encode_phonemes([["K", "AH", "T"]])
 
 
-def test_read_cmudict(tmp_path):
-    path = tmp_path / "mini.dict"
-    path.write_text("a AH0\na(2) EY1\n\naalborg AO1 L B AO0 R G # place, danish\n'bout B AW1 T\n")
-    assert read_cmudict(path) == {"a": ["AH0"], "aalborg": "AO1 L B AO0 R G".split(), "'bout": ["B", "AW1", "T"]}
-    assert read_cmudict(path, first_only=False)["a(2)"] == ["EY1"]
-
-
 # --- against the numpy reference, random weights -----------------------------------------------------
 
 
@@ -188,6 +210,68 @@ def test_matches_numpy_reference(random_g2p):
     for row, word in enumerate(WORDS):
         ref = np_teacher_logits(arrays, word, dec_in[row].tolist())
         np.testing.assert_allclose(logits[row].numpy(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_beam_search_matches_numpy_reference(random_g2p, k):
+    model, arrays = random_g2p
+    got = model.beam_search(encode_words(WORDS), beam_size=k, max_len=12)
+    assert len(got) == len(WORDS)
+    for word, hyps in zip(WORDS, got):
+        ref = np_beam_search(arrays, word, k, max_len=12)
+        assert [p for p, _ in hyps] == [p for p, _ in ref], word
+        np.testing.assert_allclose([s for _, s in hyps], [s for _, s in ref], atol=1e-4, rtol=0)
+        assert len(hyps) == k and all(a[1] >= b[1] for a, b in zip(hyps, hyps[1:]))
+    if k == 1:  # a beam of one is greedy decoding
+        assert [h[0][0] for h in got] == model.greedy_decode(encode_words(WORDS), max_len=12)
+    lengths = [len(p) for hyps in got for p, _ in hyps]
+    assert min(lengths) < 12 and max(lengths) == 12  # both endings: </s> and out of steps
+
+
+def test_beam_search_scores_are_teacher_forced_log_probs(random_g2p):
+    model, _ = random_g2p
+    hyps = model.beam_search(encode_words(["editing"]), beam_size=4, n_best=2)[0]
+    assert len(hyps) == 2
+    for phonemes, score in hyps:
+        dec_in, labels = encode_phonemes([phonemes])
+        with torch.no_grad():
+            logp = model(encode_words(["editing"]), dec_in).log_softmax(-1)[0]
+        n = len(phonemes) + (len(phonemes) < 20)  # </s> counts unless the hypothesis ran out of steps
+        assert score == pytest.approx(logp[torch.arange(n), labels[0, :n]].sum().item(), abs=1e-4)
+
+
+def test_beam_search_bad_arguments():
+    model = G2P(hidden=8).eval()
+    src = encode_words(["ab"])
+    for kwargs in ({"beam_size": 0}, {"beam_size": 2, "n_best": 3}, {"n_best": 0}, {"max_len": -1}, {"beam_size": True}):
+        with pytest.raises(ValueError):
+            model.beam_search(src, **kwargs)
+
+
+def test_sample_follows_the_model_distribution(random_g2p):
+    model, arrays = random_g2p
+    src = encode_words(["cat"] * 4000)
+    first = [p[0] if p else "</s>" for p in model.sample(src, max_len=1, generator=torch.Generator().manual_seed(0))]
+    probs = np.exp(_log_softmax(_np_step(arrays, PHONEME_SOS, _np_encode(arrays, "cat"))[0][0]))
+    counts = np.array([first.count(p) for p in PHONEMES]) / len(first)
+    counts[PHONEME_EOS] = first.count("</s>") / len(first)
+    assert np.abs(counts - probs).max() < 4 * np.sqrt(probs.max() / len(first))  # within 4 sigma
+    again = model.sample(src[:50], generator=torch.Generator().manual_seed(3))
+    assert again == model.sample(src[:50], generator=torch.Generator().manual_seed(3))  # seeded
+    assert any(len(p) < 20 for p in again)
+    cold = model.sample(encode_words(WORDS), temperature=1e-4, generator=torch.Generator().manual_seed(1))
+    assert cold == model.greedy_decode(encode_words(WORDS))  # temperature → 0 is greedy
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(src[:1], temperature=0)
+
+
+def test_save_checkpoint_round_trip(tmp_path):
+    model = G2P(hidden=8)
+    model.save_checkpoint(tmp_path / "m.npz")
+    again = G2P.from_checkpoint(tmp_path / "m.npz")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with np.load(tmp_path / "m.npz") as npz:
+        assert sorted(npz.files) == sorted(_random_arrays(8))
 
 
 def test_greedy_decode_max_len():

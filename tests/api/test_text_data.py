@@ -6,7 +6,14 @@ import csv
 import pytest
 import torch
 
-from fastedit.data import load_rotten_tomatoes, load_sms_spam, load_trec_questions
+from fastedit.data import (
+    load_cmudict,
+    load_rotten_tomatoes,
+    load_sms_spam,
+    load_trec_questions,
+    load_verse_pairs,
+    read_cmudict,
+)
 
 SPLITS = ("train", "validation", "test")
 
@@ -95,3 +102,47 @@ def test_real_corpora(shared_data_dir):
     assert int(sum(int(p[1].sum()) for p in parts.values())) == 7403  # fresh
     assert sum(len(load_sms_spam(shared_data_dir, s)[0]) for s in SPLITS) == 4837
     assert sum(len(load_trec_questions(shared_data_dir, s)[0]) for s in SPLITS) == 5381
+
+
+def test_verse_pairs(tmp_path):
+    import gzip
+    (tmp_path / "text").mkdir()
+    rows = [(str(2 * i), f"In the beginning {i}.", f"En el principio {i}.") for i in range(37)] + [("99", "", "vacío")]
+    with gzip.open(tmp_path / "text" / "bible_en_es.tsv.gz", "wt", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        w.writerow(("verse_index", "en_kjv", "es_rv1909"))
+        w.writerows(rows)
+    parts = {s: load_verse_pairs(tmp_path, s) for s in SPLITS}
+    assert [len(parts[s][0]) for s in SPLITS] == [30, 4, 3]  # the empty-English row is dropped
+    for en, es in parts.values():
+        assert len(en) == len(es) and all(e.split()[-1] == s.split()[-1] for e, s in zip(en, es))  # aligned
+    assert sorted(e for p in parts.values() for e in p[0]) == sorted(r[1] for r in rows[:-1])
+    assert load_verse_pairs(tmp_path, "test") == parts["test"] and load_verse_pairs(tmp_path, "test", seed=3) != parts["test"]
+
+
+def test_read_cmudict(tmp_path):
+    path = tmp_path / "mini.dict"
+    path.write_text("a AH0\na(2) EY1\n\naalborg AO1 L B AO0 R G # place, danish\n'bout B AW1 T\n")
+    assert read_cmudict(path) == {"a": ["AH0"], "aalborg": "AO1 L B AO0 R G".split(), "'bout": ["B", "AW1", "T"]}
+    assert read_cmudict(path, first_only=False)["a(2)"] == ["EY1"]
+
+
+def test_load_cmudict_splits(tmp_path):
+    (tmp_path / "g2p").mkdir()
+    words = [f"w{'abcdefghij'[i % 10]}{'xyz'[i % 3]}{i}" for i in range(50)]  # digits: not letters-only
+    lines = [f"{''.join(c for c in w if c.isalpha())}{'q' * (i // 30)} K AE1 T" for i, w in enumerate(words)]
+    lines += ["cat K AE1 T", "cat(2) K AA1 T", "o'clock AH0 K L AA1 K", "nopron"]
+    (tmp_path / "g2p" / "cmudict.dict").write_text("\n".join(lines) + "\n")
+    every, prons = load_cmudict(tmp_path, "all")
+    assert every == sorted(every) and "cat" in every and "o'clock" not in every and "nopron" not in every
+    assert prons[every.index("cat")] == ["K", "AE1", "T"]  # the first pronunciation
+    assert "o'clock" in load_cmudict(tmp_path, "all", letters_only=False)[0]
+    parts = {s: load_cmudict(tmp_path, s) for s in SPLITS}
+    assert sorted(w for p in parts.values() for w in p[0]) == every
+    assert [len(parts[s][0]) for s in SPLITS] == [round(0.8 * len(every)), round(0.1 * len(every)),
+                                                 len(every) - round(0.8 * len(every)) - round(0.1 * len(every))]
+    assert load_cmudict(tmp_path, "validation") == parts["validation"]
+    with pytest.raises(FileNotFoundError, match="cmudict.dict"):
+        load_cmudict(tmp_path / "g2p" / "nothing")
+    with pytest.raises(ValueError, match="split"):
+        load_cmudict(tmp_path, "dev")

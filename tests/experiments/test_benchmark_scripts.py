@@ -155,6 +155,11 @@ def test_sequential_experiment_runs_resumes_and_checks_its_journal(tmp_path, sha
     assert [r["config"] for r in summary["rows"]] == ["gd", "surgery-b100"] and (tmp_path / "sequential.png").exists()
 
 
+def load_classifier_params(path):
+    from benchmarks.experiments.minilm_rotten_tomatoes import load_classifier
+    return list(load_classifier(path)[0].named_parameters())
+
+
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_minilm_scripts_fine_tune_then_edit_in_sequence(tmp_path, shared_data_dir, shared_models_dir, restore_threads):
@@ -176,3 +181,95 @@ def test_minilm_scripts_fine_tune_then_edit_in_sequence(tmp_path, shared_data_di
     assert [r["config"] for r in summary["rows"]] == ["rmsprop", "surgery-b1000"]
     tuned = json.loads((out / "cells" / "tuned_rmsprop.json").read_text())
     assert tuned["chosen"]["lr"] in sequential_minilm.GRIDS["rmsprop"]
+
+    from benchmarks.experiments import minilm_editing
+    table1 = minilm_editing.main(["--classifier", str(saved), "--edits", "3", "--control", "6", "--tune-edits", "2",
+                                  "--tune-control", "5", "--editors", "scaled_gd", "--parts", "last", "last2",
+                                  "--out-dir", str(tmp_path / "t1"), "--threads", "1", "--quiet"])
+    assert [(r["part"], r["editor"], r["num_edits"], r["num_control"]) for r in table1["rows"]] == \
+        [("last", "scaled_gd", 3, 6), ("last2", "scaled_gd", 3, 6)]
+    assert all(r["chosen"]["lr"] in minilm_editing.GRIDS["scaled_gd"] for r in table1["rows"])
+    assert (tmp_path / "t1" / "editor_comparison_last2.png").exists()
+
+    from benchmarks.experiments import surgery_minilm
+    argv = ["--classifier", str(saved), "--inject", "4", "--clean", "4", "--test", "12", "--validation", "8",
+            "--batch-size", "2", "--only", "select-grad_b10", "dense_last", "--clean-weights", "3", "--epochs", "1", "2",
+            "--dense-lrs", "1e-4", "--out-dir", str(tmp_path / "surgery"), "--threads", "1", "--quiet"]
+    summary = surgery_minilm.main(argv)
+    by_cell = {r["cell"]: r for r in summary["rows"]}
+    assert set(by_cell) == {"original", "select-grad_b10", "dense_last"}
+    assert by_cell["original"]["test_consistency"] == 1.0 and by_cell["select-grad_b10"]["nnz"] <= 10
+    cell = json.loads((tmp_path / "surgery" / "cells" / "select-grad_b10.json").read_text())
+    assert [(t["clean_weight"], t["epochs"]) for t in cell["trials"]] == [(3.0, 1), (3.0, 2)]
+    assert cell["trials"][surgery_minilm.choose(cell["trials"], 0.9)]["test"] == cell["test"]
+    layer = sum(p.numel() for n, p in load_classifier_params(saved) if n.startswith(surgery_minilm.LAST_LAYER + "."))
+    assert json.loads((tmp_path / "surgery" / "cells" / "dense_last.json").read_text())["trials"][0]["budget"] == layer
+
+
+
+def _tiny_g2p_files(root, seed=0):
+    """A random hidden-16 g2p checkpoint and a 240-word dictionary of random spellings: (models, data)."""
+    from fastedit.models.g2p import G2P, PHONEMES
+
+    torch.manual_seed(seed)
+    (root / "models" / "g2p-en").mkdir(parents=True)
+    G2P(hidden=16).save_checkpoint(root / "models" / "g2p-en" / "checkpoint20.npz")
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(240):
+        stem = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (3,), generator=g))
+        word = stem + "abcdefghij"[i % 10] + "klmnopqrst"[i // 10 % 10] + "uvwxy"[i // 100]  # unique
+        pron = [PHONEMES[4 + int(c)] for c in torch.randint(0, 70, (int(torch.randint(1, 6, (1,), generator=g)),),
+                                                            generator=g)]
+        lines.append(f"{word} {' '.join(pron)}")
+    (root / "data" / "g2p").mkdir(parents=True)
+    (root / "data" / "g2p" / "cmudict.dict").write_text("\n".join(lines) + "\n")
+    return root / "models", root / "data"
+
+
+@pytest.mark.slow
+def test_g2p_editing_runs_resumes_and_tabulates(tmp_path, restore_threads):
+    from benchmarks.experiments import g2p_editing
+
+    models, data = _tiny_g2p_files(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--models-dir", str(models), "--data-dir", str(data), "--edits", "4", "--control", "10", "--tune-edits", "3",
+            "--tune-control", "8", "--tables", "1", "ranking", "--editors", "gd", "adam",
+            "--only", "tokens_decoder_adam", "ranking_all_gd", "--out-dir", str(out), "--threads", "1", "--quiet"]
+    tables = g2p_editing.main(argv)
+    rows = {(r["constraint"], r["part"], r["editor"]): r for r in tables["rows"]}
+    assert set(rows) == {("tokens", "decoder", "adam"), ("ranking", "all", "gd")}
+    for r in rows.values():
+        assert r["num_edits"] == 4 and 0 <= r["success_rate"] <= 1 and r["word_error"] > 0.5  # a random model
+        assert r["command"].startswith("python benchmarks/experiments/g2p_editing.py ")
+    ranking = json.loads((out / "cells" / "ranking_all_gd.json").read_text())
+    assert ranking["chosen"]["lr"] in g2p_editing.LRS and len(ranking["tune_table"]) == len(g2p_editing.LRS)
+    model = json.loads((out / "model.json").read_text())
+    assert model["test_words"] == 24 and model["parameters_per_part"]["all"] == model["parameters"]
+    assert model["parameters_per_part"]["decoder"] == model["parameters_per_part"]["encoder"] == 3 * (2 * 16 * 16 + 2 * 16)
+    seconds = {p.stem: json.loads(p.read_text())["cell_seconds"] for p in (out / "cells").glob("*.json")}
+    g2p_editing.main(argv)  # resumed: nothing recomputed
+    assert {p.stem: json.loads(p.read_text())["cell_seconds"] for p in (out / "cells").glob("*.json")} == seconds
+    with pytest.raises(SystemExit, match="another setting"):
+        g2p_editing.main([*argv, "--edits", "3"])
+
+
+@pytest.mark.slow
+def test_editable_training_g2p_runs_and_pairs_seeds(tmp_path, restore_threads):
+    from benchmarks.experiments import editable_training_g2p
+
+    models, data = _tiny_g2p_files(tmp_path)
+    out = tmp_path / "out"
+    summary = editable_training_g2p.main([
+        "--models-dir", str(models), "--data-dir", str(data), "--seeds", "0", "1", "--c-locs", "0.1", "--steps", "3",
+        "--batch", "4", "--edits", "3", "--control", "6", "--tune-edits", "3", "--tune-control", "5", "--k", "2",
+        "--out-dir", str(out), "--save-dir", str(tmp_path / "saved"), "--threads", "1", "--quiet"])
+    assert [r["config"] for r in summary["rows"]] == ["plain", "et-c0.1"]
+    assert all(r["seeds"] == [0, 1] for r in summary["rows"])
+    et = summary["rows"][1]
+    assert "minus_plain" in et["word_accuracy"] and 0 <= et["tuned_editor_success_rate"]["mean"] <= 1
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(cells) == {"plain_s0", "et-c0.1_s0", "plain_s1", "et-c0.1_s1"}
+    logs = cells["et-c0.1_s0"]["train"]["log"]
+    assert logs[-1]["step"] == 2 and "loss_edit" in logs[-1] and "loss_edit" not in cells["plain_s0"]["train"]["log"][0]
+    assert (tmp_path / "saved" / "et-c0.1_s1.npz").exists()
