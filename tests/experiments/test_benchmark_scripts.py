@@ -273,3 +273,13 @@ def test_editable_training_g2p_runs_and_pairs_seeds(tmp_path, restore_threads):
     logs = cells["et-c0.1_s0"]["train"]["log"]
     assert logs[-1]["step"] == 2 and "loss_edit" in logs[-1] and "loss_edit" not in cells["plain_s0"]["train"]["log"][0]
     assert (tmp_path / "saved" / "et-c0.1_s1.npz").exists()
+
+
+@pytest.mark.parametrize("module", ["g2p_editing", "editable_training_g2p", "minilm_editing", "surgery_minilm"])
+def test_sequence_experiments_gpu_presets_parse(module):
+    script = importlib.import_module(f"benchmarks.experiments.{module}")
+    args = script.parse_args(["--preset", "gpu"])
+    for key, value in script.PRESETS["gpu"].items():
+        assert getattr(args, key) == value, key
+    size = "inject" if module == "surgery_minilm" else "edits"
+    assert getattr(script.parse_args(["--preset", "gpu", f"--{size}", "7"]), size) == 7  # an explicit size wins
