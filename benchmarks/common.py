@@ -79,6 +79,16 @@ def command_line(script: str | os.PathLike, argv: list[str] | None = None) -> st
 # ------------------------------------------------------------------------------------------------
 # the machine
 # ------------------------------------------------------------------------------------------------
+def apply_preset(args, presets: dict, script: str | os.PathLike, argv: list[str] | None):
+    """Fill the arguments left unset (None) from ``presets[args.preset]`` and record the portable
+    command line as ``args.command``; returns ``args``."""
+    for key, value in presets[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.command = command_line(script, argv)
+    return args
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]

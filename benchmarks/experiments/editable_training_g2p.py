@@ -172,12 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="where the trained models go (g2p-en .npz checkpoints)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.command = common.command_line(__file__, argv)
-    return args
+    return common.apply_preset(ap.parse_args(argv), PRESETS, __file__, argv)
 
 
 def summarise(args, cells: common.Cells) -> dict:

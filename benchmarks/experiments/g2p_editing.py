@@ -214,12 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out-dir", type=pathlib.Path, default=common.RESULTS / "g2p_editing")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    preset = PRESETS[args.preset]
-    args.tables = args.tables or preset["tables"]
-    args.edits = args.edits or preset["edits"]
-    args.command = common.command_line(__file__, argv)
-    return args
+    return common.apply_preset(ap.parse_args(argv), PRESETS, __file__, argv)
 
 
 def main(argv=None) -> dict:

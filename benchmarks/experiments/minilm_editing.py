@@ -117,12 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out-dir", type=pathlib.Path, default=common.RESULTS / "minilm_editing")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():  # unset sizes: the preset's
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.command = common.command_line(__file__, argv)
-    return args
+    return common.apply_preset(ap.parse_args(argv), PRESETS, __file__, argv)
 
 
 def main(argv=None) -> dict:
