@@ -89,6 +89,12 @@ def apply_preset(args, presets: dict, script: str | os.PathLike, argv: list[str]
     return args
 
 
+def grid_edge(value: float, grid: list[float]) -> str | None:
+    """``"low"`` / ``"high"`` when a tuned value is the first / last point of its grid, else None: a
+    choice at the edge of the grid may lie beyond it."""
+    return "low" if value == grid[0] else "high" if value == grid[-1] else None
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]

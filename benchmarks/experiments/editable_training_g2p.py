@@ -79,18 +79,16 @@ def train(model: G2P, words, prons, config: str, seed: int, args) -> dict:
     opt = torch.optim.Adam((et or model).parameters(), lr=args.lr)
     log, start = [], time.perf_counter()
     bar = common.progress_bar(args.steps, config, args.quiet)
+    model.train()  # G2P has no dropout or batch norm: the mode changes nothing, it is the convention
     for step in range(args.steps):
         idx = torch.randint(0, len(words), (args.batch,), generator=batches).tolist()
         inputs, labels = teacher_forced([words[i] for i in idx], [prons[i] for i in idx])
-        model.train()
         if et is None:
             logits = model(*inputs)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             stats = {"loss_base": loss.detach()}
         else:
-            model.eval()
             edit_inputs, edit_target = training_edit(model, words[idx[0]], edits)
-            model.train()
             loss, stats = et(inputs, fe.TokenTargets(labels), edit_inputs, edit_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,7 +133,8 @@ class Evaluation:
         shared = fe.evaluate(model, edits, control, editor=fe.RMSProp(a.shared_lr, beta=0.5), params=params,
                              max_steps=a.max_steps, progress=False)
         tune_idx, _ = self._mistakes(model, self.val, a.tune_edits, seed=a.seed_data)
-        rest = [i for i in range(len(self.val[0])) if i not in set(tune_idx)]
+        tuning = set(tune_idx)
+        rest = [i for i in range(len(self.val[0])) if i not in tuning]
         tune_ctl = random.Random(a.seed_data).sample(rest, a.tune_control)
         ti, tl = pick(self.val, tune_idx)
         vi, vl = pick(self.val, tune_ctl)

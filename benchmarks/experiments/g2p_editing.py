@@ -37,7 +37,6 @@ import argparse
 import json
 import pathlib
 import random
-import re
 import sys
 import time
 
@@ -158,9 +157,9 @@ def model_summary(setting: Setting, data: pathlib.Path) -> dict:
     """Greedy and beam word accuracy of the pretrained model (the check of the model's layout)."""
     model = setting.model
     test = setting.splits["test"]
-    words = sorted(w for w in load_cmudict(data, "all")[0] if re.fullmatch("[a-z]+", w))
+    words, prons = load_cmudict(data, "all")  # sorted a-z words: the population of the docstring's sample
+    cmu = dict(zip(words, prons))
     sample = random.Random(0).sample(words, min(500, len(words)))  # the sample quoted in fastedit/models/g2p.py
-    cmu = dict(zip(*load_cmudict(data, "all")))
     greedy = model.greedy_decode(encode_words(sample))
     start = time.perf_counter()
     beams = model.beam_search(encode_words(test["words"]), beam_size=BEAM)
@@ -188,10 +187,8 @@ def run_cell(setting: Setting, constraint: str, part: str, editor: str, args) ->
     tune_seconds = time.perf_counter() - start
     report = fe.evaluate(setting.model, setting.edits("test", constraint), setting.controls["test"],
                          editor=tuned.editor, params=params, max_steps=args.max_steps, progress=not args.quiet)
-    lrs = grid_for(editor)["lr"]
-    lr = float(tuned.editor.lr)
     return {"chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
-            "chosen_at_grid_edge": "low" if lr == lrs[0] else "high" if lr == lrs[-1] else None,
+            "chosen_at_grid_edge": common.grid_edge(float(tuned.editor.lr), grid_for(editor)["lr"]),
             "tune_table": tuned.table, "tune_seconds": tune_seconds, "report": report.to_dict()}
 
 

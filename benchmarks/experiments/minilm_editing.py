@@ -93,9 +93,8 @@ def run_cell(model, sets, part: str, editor: str, args) -> dict:
     tune_seconds = time.perf_counter() - start
     report = fe.evaluate(model, *sets["test"], editor=tuned.editor, params=params, max_steps=args.max_steps,
                          progress=not args.quiet)
-    lrs, lr = GRIDS[editor], float(tuned.editor.lr)
     return {"chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
-            "chosen_at_grid_edge": "low" if lr == lrs[0] else "high" if lr == lrs[-1] else None,
+            "chosen_at_grid_edge": common.grid_edge(float(tuned.editor.lr), GRIDS[editor]),
             "tune_table": tuned.table, "tune_seconds": tune_seconds, "report": report.to_dict()}
 
 

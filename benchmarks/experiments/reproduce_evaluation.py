@@ -86,19 +86,14 @@ def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, e
                          progress=not args.quiet)
     cell = {"command": args.command,
             "stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
-            "chosen_at_grid_edge": _at_edge(tuned, editor), "tune_table": tuned.table,
+            "chosen_at_grid_edge": common.grid_edge(float(tuned.editor.lr), grid_for(editor)["lr"]),
+            "tune_table": tuned.table,
             "tune_seconds": tune_seconds, "report": report.to_dict()}
     common.write_json(path, cell)
     if keep_kl:  # the figures' data; KL vectors in float16 keep the file small (E × N values)
         torch.save({"per_class_drawdown": report.per_class_drawdown, "edit_class": report.per_edit["edit_class"],
                     "kl_vector": report.per_edit["kl_vector"].half()}, path.with_suffix(".figure.pt"))
     return cell
-
-
-def _at_edge(tuned, editor: str) -> str | None:
-    lrs = grid_for(editor)["lr"]
-    lr = float(tuned.editor.lr)
-    return "low" if lr == lrs[0] else "high" if lr == lrs[-1] else None
 
 
 def assemble(out_dir: pathlib.Path, cells: dict, meta: dict) -> dict:

@@ -138,9 +138,9 @@ class G2P(nn.Module):
         out = self.decoder(self.dec_emb(dec_in), self.encode(src))[0]  # [B, T, H]
         return self.fc(out)
 
-    @torch.no_grad()
-    def greedy_decode(self, src: torch.Tensor, max_len: int = 20) -> list[list[str]]:
-        """Greedy phonemes for each row of ``src [B, S]``, by the reference rule (module docstring)."""
+    def _decode(self, src: torch.Tensor, max_len: int, next_token) -> list[list[str]]:
+        """Feed ``<s>``, then each step's token from ``next_token(logits [B, V]) -> [B]``, until every row
+        has emitted ``</s>`` or ``max_len`` steps; each row's phonemes before its first ``</s>``."""
         src = src.to(self.fc.weight.device)
         h = self.encode(src)
         tok = src.new_full((src.size(0), 1), PHONEME_SOS)
@@ -148,12 +148,17 @@ class G2P(nn.Module):
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
         for t in range(max_len):
             out, h = self.decoder(self.dec_emb(tok), h)
-            tok = self.fc(out).argmax(-1)  # [B, 1]
-            ids[:, t] = tok[:, 0]
+            tok = next_token(self.fc(out)[:, 0]).unsqueeze(1)  # [B, 1]
+            ids[:, t] = tok[:, 0]  # what follows a row's first </s> is cut off below
             done |= tok[:, 0] == PHONEME_EOS
             if done.all():
                 break
         return [[PHONEMES[i] for i in itertools.takewhile(lambda i: i != PHONEME_EOS, row)] for row in ids.tolist()]
+
+    @torch.no_grad()
+    def greedy_decode(self, src: torch.Tensor, max_len: int = 20) -> list[list[str]]:
+        """Greedy phonemes for each row of ``src [B, S]``, by the reference rule (module docstring)."""
+        return self._decode(src, max_len, lambda logits: logits.argmax(-1))
 
     @torch.no_grad()
     def sample(self, src: torch.Tensor, max_len: int = 20, temperature: float = 1.0,
@@ -163,20 +168,8 @@ class G2P(nn.Module):
         ``max_len`` steps. The official Editable MT code draws the desired outputs of its training edits so."""
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        src = src.to(self.fc.weight.device)
-        h = self.encode(src)
-        tok = src.new_full((src.size(0), 1), PHONEME_SOS)
-        ids = src.new_full((src.size(0), max_len), PHONEME_EOS)
-        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-        for t in range(max_len):
-            out, h = self.decoder(self.dec_emb(tok), h)
-            probs = torch.softmax(self.fc(out)[:, 0].float() / temperature, -1)
-            tok = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
-            ids[:, t] = torch.where(done, PHONEME_EOS, tok[:, 0])
-            done |= tok[:, 0] == PHONEME_EOS
-            if done.all():
-                break
-        return [[PHONEMES[i] for i in itertools.takewhile(lambda i: i != PHONEME_EOS, row)] for row in ids.tolist()]
+        return self._decode(src, max_len, lambda logits: torch.multinomial(
+            torch.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0])
 
     @torch.no_grad()
     def beam_search(self, src: torch.Tensor, beam_size: int = 4, n_best: int | None = None,
