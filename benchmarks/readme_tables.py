@@ -248,6 +248,31 @@ def evaluation_table(table: str) -> str:
     return "\n".join(head + [fmt(r) for r in rows] + ["", note])
 
 
+def evaluation_refined_table() -> str:
+    """Table 1 (ResNet-20, layer3) with fe.tune's refinement next to the ×√10 grid, editor by editor."""
+    path = RESULTS / "evaluation_refined" / "tables.json"
+    if not path.exists():
+        return "(not run yet)"
+    grid = {r["editor"]: r for r in json.loads((RESULTS / "evaluation" / "tables.json").read_text())["rows"]
+            if r["model"] == "resnet20" and r["stage"] == "layer3"}
+    refined = json.loads(path.read_text())
+    editors = ["gd", "scaled_gd", "rprop", "rmsprop", "momentum", "adam"]
+    rows = sorted((r for r in refined["rows"] if r["stage"] == "layer3" and r["editor"] in grid),
+                  key=lambda r: editors.index(r["editor"]))
+    lines = ["| editor | grid (×√10): lr, β | drawdown | success | steps | refined (×1.2): lr, β | drawdown | success "
+             "| steps | lr resolution | tuning s (grid → refined) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = grid[r["editor"]]
+        lines.append(f"| {r['editor']} | {_hp(g['chosen'])} | {100 * g['drawdown']:.2f}% | {100 * g['success_rate']:.1f}% "
+                     f"| {g['mean_steps']:.2f} | {_hp(r['chosen'])}{'' if r['feasible'] else ' (<95%)'} "
+                     f"| {100 * r['drawdown']:.2f}% | {100 * r['success_rate']:.1f}% | {r['mean_steps']:.2f} "
+                     f"| ×{r['lr_resolution']:.3g} | {g['tune_seconds']:.0f} → {r['tune_seconds']:.0f} |")
+    commands = sorted({f"`{r['command']}`" for r in rows if r.get("command")})
+    return "\n".join(lines + ["", f"{rows[0]['num_edits'] if rows else 0} reported edits, "
+                              f"{refined['protocol']['tune_edits']} tuning edits, the same for both searches. "
+                              "Commands: " + "; ".join(commands) + "."])
+
+
 def bench_evaluate_table() -> str:
     data = json.loads((RESULTS / "bench_evaluate.json").read_text())
     res, s = data["results"], data["summary"]
@@ -618,6 +643,7 @@ TABLES = {
     "surgery_edits": surgery_edits_table,
     "evaluation_table1": lambda: evaluation_table("1"),
     "evaluation_table2": lambda: evaluation_table("2"),
+    "evaluation_table1_refined": evaluation_refined_table,
     "bench_evaluate": bench_evaluate_table,
     "kernels_editor_step": editor_step_table,
     "kernels_edit_metrics": edit_metrics_table,

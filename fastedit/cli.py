@@ -108,6 +108,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _factor_above_one(text: str) -> float:
+    value = _number(text, "a number > 1")
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"must be > 1, got {text!r}")
+    return value
+
+
 def _number_list(positive: bool):
     """A comma-separated list of finite numbers (each > 0 when ``positive``), at least one."""
     def parse(text: str) -> list[float]:
@@ -463,7 +470,8 @@ def _tune(args: argparse.Namespace) -> int:
     x_e, y_e, _ = _pick_edits(*pool, args.tune_edits, num_classes, args.seed + 1)
     result = tune(model, (x_e, y_e), dataset.test, editor=make_editor(args.editor, **{"lr": grid["lr"][0]}),
                   params=params, max_steps=args.max_steps, grid=grid, min_success=args.min_success,
-                  progress=not args.no_progress, **_speed_kwargs(args))
+                  refine=args.refine, resolution=args.resolution, progress=not args.no_progress,
+                  **_speed_kwargs(args))
     if rank != 0:
         return 0
     (out / "tune.json").write_text(json.dumps({**result.to_dict(), "tuning_edits_from": source}, indent=2))
@@ -631,8 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser(
         "tune", help="search an editor's learning rate (and beta) by the paper's protocol",
         description="Evaluate a grid of hyper-parameters on tuning edits taken from TRAINING images (disjoint from "
-                    "the test images that evaluate/demo edit) and choose the least drawdown among the settings whose "
-                    "success rate within --max-steps reaches --min-success. Writes tune.json and tune.csv.",
+                    "the test images that evaluate/demo edit), refine the learning rate around the best one (--refine), and "
+                    "choose the least drawdown among the settings whose success rate within --max-steps reaches "
+                    "--min-success. Writes tune.json and tune.csv (every setting tried).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_data_args(tu)
     tu.add_argument("--editor", default="rmsprop", choices=EDITOR_CHOICES, help="the editor to tune")
@@ -640,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated learning rates")
     tu.add_argument("--betas", type=_number_list(positive=False), default=None,
                     help="comma-separated betas to search too (RMSProp)")
+    tu.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the grid, refine lr (per beta) by bracketing and golden-section search")
+    tu.add_argument("--resolution", type=_factor_above_one, default=1.2,
+                    help="the refinement stops when the chosen lr's neighbours are within this factor")
     tu.add_argument("--tune-edits", type=_count, default=100, help="number of tuning edits")
     tu.add_argument("--tune-pool", type=_count, default=None,
                     help="load at most this many training images for tuning edits")

@@ -19,6 +19,7 @@ editor comparison bars) from the ResNet-20 / layer3 cells.
 
     python benchmarks/experiments/reproduce_evaluation.py --table 1 --models resnet20 resnet56
     python benchmarks/experiments/reproduce_evaluation.py --table 2 --models resnet20 --edits 200 --tune-edits 30
+    python benchmarks/experiments/reproduce_evaluation.py --table 1 --refine --out-dir benchmarks/results/evaluation_refined
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, e
     params = None if stage == "all" else stage
     start = time.perf_counter()
     tuned = fe.tune(model, tuning_edits, control, editor=editor, params=params, max_steps=args.max_steps,
-                    grid=grid_for(editor), min_success=0.95, progress=not args.quiet)
+                    grid=grid_for(editor), refine=args.refine, min_success=0.95, progress=not args.quiet)
     tune_seconds = time.perf_counter() - start
     report = fe.evaluate(model, report_edits, control, editor=tuned.editor, params=params,
                          max_steps=args.max_steps, edit_labels=edit_classes, keep_kl_vectors=keep_kl,
@@ -87,6 +88,7 @@ def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, e
     cell = {"command": args.command,
             "stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
             "chosen_at_grid_edge": common.grid_edge(float(tuned.editor.lr), grid_for(editor)["lr"]),
+            "refined": args.refine, "lr_resolution": tuned.lr_resolution,
             "tune_table": tuned.table,
             "tune_seconds": tune_seconds, "report": report.to_dict()}
     common.write_json(path, cell)
@@ -102,6 +104,7 @@ def assemble(out_dir: pathlib.Path, cells: dict, meta: dict) -> dict:
         r = cell["report"]
         rows.append({"model": model_name, "stage": stage, "editor": editor, "chosen": cell["chosen"],
                      "feasible": cell["feasible"], "chosen_at_grid_edge": cell["chosen_at_grid_edge"],
+                     "lr_resolution": cell.get("lr_resolution"),
                      "base_error": r["base_error"], "drawdown": r["drawdown"], "success_rate": r["success_rate"],
                      "mean_steps": r["mean_steps"], "flip_rate": r["flip_rate"], "mean_kl": r["mean_kl"],
                      "num_edits": r["num_edits"], "eval_seconds": r["seconds"],
@@ -148,6 +151,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models-dir", help="folder holding the resnet*.th checkpoints (default: $FASTEDIT_MODELS)")
     ap.add_argument("--data-dir", help="folder holding cifar10/ (default: $FASTEDIT_DATA)")
     ap.add_argument("--out-dir", default=str(common.RESULTS / "evaluation"))
+    ap.add_argument("--refine", action="store_true", help="refine each tuned lr (per beta) to ×1.2 after the "
+                    "×√10 grid (fe.tune's bracketing search); cells go to <out-dir>/cells as usual, so use a new --out-dir")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     args.command = common.command_line(__file__, argv)
@@ -187,7 +192,7 @@ def main(argv=None) -> None:
 
     meta = {"command": args.command,
             "protocol": {"edits": args.edits, "tune_edits": args.tune_edits, "max_steps": args.max_steps,
-                         "seed": args.seed, "lr_grid": LRS, "scaled_gd_lr_grid": SCALED_GD_LRS,
+                         "seed": args.seed, "lr_grid": LRS, "refined": args.refine, "scaled_gd_lr_grid": SCALED_GD_LRS,
                          "rmsprop_beta_grid": [0.5, 0.9], "min_success": 0.95,
                          "edits_from": "exact CIFAR-10 test images (seeded permutation), uniform random labels",
                          "tuning_edits_from": "exact CIFAR-10 training images, uniform random labels",

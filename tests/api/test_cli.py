@@ -73,8 +73,11 @@ def test_evaluate_and_tune_commands_write_their_outputs(tmp_path):
                            "--tune-edits", "10", "--out", str(tu), *common], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tu / "tune.json").read_text())
-    assert len(result["table"]) == 2 and result["tuning_edits_from"] == "the training split"
-    assert result["editor"]["lr"] in (0.01, 0.05)
+    assert result["tuning_edits_from"] == "the training split"
+    rows = result["table"]  # the two grid points, then the refinement around the better one
+    assert [r["lr"] for r in rows[:2]] == [0.01, 0.05] and {r["stage"] for r in rows[2:]} <= {"expand", "refine"}
+    assert len(rows) > 2 and result["editor"]["lr"] in [r["lr"] for r in rows]
+    assert result["lr_resolution"] is None or result["lr_resolution"] > 1
 
 
 def test_sequential_command_writes_its_outputs(tmp_path, capsys, monkeypatch):
@@ -153,6 +156,7 @@ def _user_error(capsys, argv, *fragments, prog: str | None = None) -> str:
     (["tune", "--lrs", "1e-3;1e-2"], ["argument --lrs: item 1 of '1e-3;1e-2'"]),
     (["tune", "--lrs", "1e-3,-1e-2"], ["item 2", "not a positive finite number"]),
     (["tune", "--lrs", ""], ["argument --lrs: expected a comma-separated list of numbers"]),
+    (["tune", "--resolution", "1"], ["argument --resolution: must be > 1"]),
     (["tune", "--betas", "0.5,x"], ["argument --betas: item 2 of '0.5,x', 'x', is not a finite number"]),
     (["demo", "--model", "resnet99"], ["argument --model: invalid choice: 'resnet99'"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),

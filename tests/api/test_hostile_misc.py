@@ -104,8 +104,11 @@ def test_tune_builds_named_and_class_editors_with_the_defaults(monkeypatch):
     res = fe.tune(None, None, None, editor=fe.Adam, grid={"beta1": [0.9]}, progress=False)
     assert seen == [fe.Adam(betas=(0.9, 0.999))] and res.editor.lr == 10 ** -3.5
     seen.clear()
-    fe.tune(None, None, None, editor="gd", progress=False)  # the default grid searches lr only
+    fe.tune(None, None, None, editor="gd", refine=False, progress=False)  # the default grid searches lr only
     assert [e.lr for e in seen] == list(ft.DEFAULT_LRS)
+    seen.clear()
+    fe.tune(None, None, None, editor="gd", progress=False)  # ... then refines it (metrics all equal here)
+    assert [e.lr for e in seen[:11]] == list(ft.DEFAULT_LRS) and len(seen) > 11
 
 
 def test_editable_training_takes_a_named_editor():

@@ -97,6 +97,37 @@ def test_summary_matches_cells(script, tiny_zip, tmp_path):
     assert fixed["et-c0.1"]["drawdown_minus_plain"]["mean"] == pytest.approx(
         statistics.fmean([dd[("et-c0.1", s)] - dd[("plain", s)] for s in (0, 1)]))
     assert all(c["fixed_reports"]["rmsprop lr=0.001"]["editor"]["lr"] == 1e-3 for c in cells.values())
+    # the shared editor: each seed's plain model's tuned editor, for every model of that seed
+    for (name, seed), c in cells.items():
+        shared = c["fixed_reports"][script.SHARED_KEY]
+        assert shared["editor"] == cells[("plain", seed)]["tuned_editor"]
+        if name == "plain":
+            assert shared == c["report"]
+    assert "et-c0.1" in summary["fixed_editor"][script.SHARED_KEY]
+
+
+@pytest.mark.slow
+def test_scratch_preset_trains_first_then_evaluates_with_refined_tuning(script, tiny_zip, tmp_path):
+    out = tmp_path / "scratch"
+    argv = ["--preset", "scratch", "--data", str(tiny_zip), "--out-dir", str(out), "--steps", "3", "--batch-size", "8",
+            "--edits", "4", "--control", "12", "--tune-edits", "3", "--tune-control", "10", "--lr-grid", "1e-3", "1e-2",
+            "--seeds", "0", "--threads", "1", "--quiet", "--no-reference"]
+    assert script.main(argv + ["--train-only"]) == 0
+    assert not list((out / "cells").glob("*.json"))  # trained, not evaluated
+    names = script.DEFAULT_CONFIGS["scratch"]
+    assert {p.stem for p in (out / "ckpt").glob("*.pt")} == {f"{n}_seed0" for n in names}
+    assert len(names) == 4 and "et-c0.01-eval" in names
+    before = {n: (out / "ckpt" / f"{n}_seed0.pt").read_bytes() for n in names}
+    assert script.main(argv) == 0  # evaluates the trained cells without training again
+    assert {n: (out / "ckpt" / f"{n}_seed0.pt").read_bytes() for n in names} == before
+    for n in names:
+        cell = json.loads((out / "cells" / f"{n}_seed0.json").read_text())
+        assert cell["setting"]["init"] == "scratch" and cell["setting"]["refine"] is True
+        stages = [r["stage"] for r in cell["tune_table"]]
+        assert stages[:2] == ["grid", "grid"] and len(stages) > 2  # the grid, then the refinement
+        assert cell["tune_lr_resolution"] is None or cell["tune_lr_resolution"] > 1
+    eval_cell = json.loads((out / "cells" / "et-c0.01-eval_seed0.json").read_text())
+    assert eval_cell["loc_mode"] == "eval" and eval_cell["c_loc"] == 0.01
 
 
 def test_eval_split_is_disjoint_and_fixed(script):
