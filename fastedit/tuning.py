@@ -10,7 +10,6 @@ import csv
 import inspect
 import itertools
 import math
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -314,10 +313,8 @@ class _Search:
             return self.measure({**fixed, "lr": lr} if fixed else {"lr": lr}, stage)
 
         rows = [at(lr, "grid") for lr in grid_lrs]
-        if len(grid_lrs) < 2:
-            step = math.sqrt(10.0)
-        else:
-            step = math.exp(statistics.fmean(math.log(b / a) for a, b in zip(grid_lrs, grid_lrs[1:])))
+        # the grid's mean log spacing (×√10 for a single point)
+        step = math.sqrt(10.0) if len(grid_lrs) < 2 else (grid_lrs[-1] / grid_lrs[0]) ** (1 / (len(grid_lrs) - 1))
         k = min(range(len(rows)), key=lambda j: self.rank(rows[j]))
         lo, best, hi = (grid_lrs[k - 1] if k > 0 else None), grid_lrs[k], (grid_lrs[k + 1] if k + 1 < len(rows) else None)
         best_row = rows[k]

@@ -15,7 +15,7 @@ model is then measured the same way:
   ``--control`` other test images, disjoint from the edits and from the tuning control.
 
 Each model is also evaluated with one *shared* editor, the plain model's tuned editor of the same seed
-(``fixed_reports["shared: …"]``): a comparison free of each model's own lr choice.
+(``fixed_reports["shared editor"]``): a comparison free of each model's own lr choice.
 
 Presets: ``scratch`` trains CIFAR ResNet-20 from scratch for 5 epochs (SGD with Nesterov momentum and a
 cosine schedule, lr 0.1, chosen over the paper's Adam because it reaches the lower error in a short budget)
@@ -84,7 +84,7 @@ LOC_MODES = {"et-c0.01-eval": "eval"}
 DEFAULT_CONFIGS = {"cpu": ["plain", "et-c0.01", "et-c0.1"],  # per preset; from scratch both loc_modes
                    "scratch": ["plain", "et-c0.01", "et-c0.1", "et-c0.01-eval"],
                    "gpu": ["plain", "et-c0.01", "et-c0.1", "et-c0.01-eval"]}
-SHARED_KEY = "shared: the plain model's tuned editor"  # one editor for every model of a seed
+SHARED_KEY = "shared editor"  # the plain model's tuned editor, for every model of its seed
 C_EDIT = 0.01
 EVAL_SEED = 1234  # edits, labels and control split: the same for every model
 EXIT_TIME_LIMIT = 3
@@ -240,6 +240,13 @@ def test_error(model, xte, yte, device, batch_size: int = 1000) -> float:
     return wrong / xte.shape[0]
 
 
+def evaluate_edits(model, editor, split: dict, device, args):
+    """The reported evaluation: ``editor`` on the fixed edits against the fixed control set."""
+    to = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
+    return fe.evaluate(model, to(split["edits"]), to(split["control"]), editor=editor, params="layer3",
+                       max_steps=10, edit_labels=split["edit_classes"].to(device), progress=not args.quiet)
+
+
 def evaluate_cell(model, et, split: dict, xte, yte, cfg, device, args) -> dict:
     to = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
     beta = 0.5 if et is None else float(et.editor().beta)
@@ -248,8 +255,7 @@ def evaluate_cell(model, et, split: dict, xte, yte, cfg, device, args) -> dict:
                     params="layer3", max_steps=10, grid={"lr": cfg["lr_grid"]}, refine=cfg.get("refine", False),
                     min_success=0.95, progress=not args.quiet)
     tune_seconds = time.perf_counter() - start
-    report = fe.evaluate(model, to(split["edits"]), to(split["control"]), editor=tuned.editor, params="layer3",
-                         max_steps=10, edit_labels=split["edit_classes"].to(device), progress=not args.quiet)
+    report = evaluate_edits(model, tuned.editor, split, device, args)
     return {"test_error": test_error(model, xte, yte, device), "learned_editor": None if et is None else et.editor().to_dict(),
             "tuned_editor": tuned.editor.to_dict(), "tune_feasible": tuned.feasible, "tune_table": tuned.table,
             "tune_lr_resolution": tuned.lr_resolution,
@@ -263,7 +269,6 @@ def fixed_key(lr: float) -> str:
 def evaluate_fixed_editor(out: pathlib.Path, lr: float, split: dict, cfg: dict, device, args) -> None:
     """Add ``fixed_reports[<editor>]`` to every finished cell that lacks it: the trained weights
     (from the cell's checkpoint) evaluated on the same edits and control with RMSProp(lr, β as tuned)."""
-    to = lambda pair: tuple(t.to(device) for t in pair)  # noqa: E731
     for path in sorted((out / "cells").glob("*_seed*.json")):
         cell = json.loads(path.read_text())
         key = fixed_key(lr)
@@ -277,8 +282,7 @@ def evaluate_fixed_editor(out: pathlib.Path, lr: float, split: dict, cfg: dict, 
         model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=False)["model"])
         model.eval()
         editor = fe.RMSProp(lr, beta=cell["tuned_editor"]["beta"])
-        report = fe.evaluate(model, to(split["edits"]), to(split["control"]), editor=editor, params="layer3",
-                             max_steps=10, edit_labels=split["edit_classes"].to(device), progress=not args.quiet)
+        report = evaluate_edits(model, editor, split, device, args)
         cell.setdefault("fixed_reports", {})[key] = report.to_dict()
         common.write_json(path, cell)
         print(f"{cell['config']} seed {cell['seed']} with {key}: drawdown {100 * report.drawdown:.2f}%  "
@@ -484,10 +488,10 @@ def main(argv=None) -> int:
             elif plain_path.exists():
                 spec = dict(json.loads(plain_path.read_text())["tuned_editor"])
                 shared = fe.make_editor(spec.pop("editor"), **spec)
-                report = fe.evaluate(model, *[tuple(t.to(device) for t in split[k]) for k in ("edits", "control")],
-                                     editor=shared, params="layer3", max_steps=10,
-                                     edit_labels=split["edit_classes"].to(device), progress=not args.quiet)
-                result["fixed_reports"] = {SHARED_KEY: report.to_dict()}
+                result["fixed_reports"] = {SHARED_KEY: evaluate_edits(model, shared, split, device, args).to_dict()}
+            else:
+                print(f"{name} seed {seed}: no plain cell of this seed yet, so no shared-editor evaluation "
+                      f"(train plain first)", flush=True)
             times = state["step_seconds"]
             cell = {"command": command, "config": name, "c_edit": None if CONFIGS[name] is None else C_EDIT,
                     "c_loc": CONFIGS[name], "loc_mode": None if CONFIGS[name] is None else LOC_MODES.get(name, "shared"),

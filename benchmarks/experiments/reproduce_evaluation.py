@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import time
@@ -75,6 +76,14 @@ def load_setting(model_name: str, models: pathlib.Path, data: pathlib.Path, edit
     return model, report_edits, yte[pick], tuning_edits, (xte, yte)
 
 
+def chosen_edge(lr: float, grid: list[float], lr_resolution: float | None) -> str | None:
+    """Whether the choice may lie beyond the search: the grid's edge, or after a refinement (which
+    steps past the grid) a choice still at the edge of the points tried (``lr_resolution`` inf)."""
+    if lr_resolution is None:
+        return common.grid_edge(lr, grid)
+    return None if math.isfinite(lr_resolution) else "low" if lr <= grid[0] else "high"
+
+
 def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, edit_classes, tuning_edits,
              control, args, keep_kl: bool) -> dict:
     params = None if stage == "all" else stage
@@ -87,7 +96,7 @@ def run_cell(path: pathlib.Path, model, stage: str, editor: str, report_edits, e
                          progress=not args.quiet)
     cell = {"command": args.command,
             "stage": stage, "editor": editor, "chosen": tuned.editor.to_dict(), "feasible": tuned.feasible,
-            "chosen_at_grid_edge": common.grid_edge(float(tuned.editor.lr), grid_for(editor)["lr"]),
+            "chosen_at_grid_edge": chosen_edge(float(tuned.editor.lr), grid_for(editor)["lr"], tuned.lr_resolution),
             "refined": args.refine, "lr_resolution": tuned.lr_resolution,
             "tune_table": tuned.table,
             "tune_seconds": tune_seconds, "report": report.to_dict()}

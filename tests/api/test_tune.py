@@ -85,11 +85,17 @@ def test_grid_product_and_kept_hparams(monkeypatch):
     assert tune(None, None, None, "gd", refine=False, progress=False).table[0].keys() >= {"lr", "stage"}
 
 
-def test_end_to_end_tiny_model():
+def tiny_setting(seed: int, n_edits: int, n_control: int):
+    """The tiny CNN of tests/helpers.py, random edits and a random control set."""
     model = make_model()
-    torch.manual_seed(3)
-    edits = (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
-    control = (torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    torch.manual_seed(seed)
+    edits = (torch.randn(n_edits, 1, 8, 8), torch.randint(0, 10, (n_edits,)))
+    control = (torch.randn(n_control, 1, 8, 8), torch.randint(0, 10, (n_control,)))
+    return model, edits, control
+
+
+def test_end_to_end_tiny_model():
+    model, edits, control = tiny_setting(3, 8, 40)
     before = snapshot(model)
     lrs = [0.01, 0.1, 1.0]
     with warnings.catch_warnings():
@@ -232,10 +238,7 @@ def test_refine_opt_in_for_a_given_grid(monkeypatch):
 
 
 def test_refine_end_to_end_tiny_model():
-    model = make_model()
-    torch.manual_seed(5)
-    edits = (torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)))
-    control = (torch.randn(30, 1, 8, 8), torch.randint(0, 10, (30,)))
+    model, edits, control = tiny_setting(5, 6, 30)
     before = snapshot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -283,3 +283,13 @@ def test_sequence_experiments_gpu_presets_parse(module):
         assert getattr(args, key) == value, key
     size = "inject" if module == "surgery_minilm" else "edits"
     assert getattr(script.parse_args(["--preset", "gpu", f"--{size}", "7"]), size) == 7  # an explicit size wins
+
+
+def test_grid_edge_and_the_refined_edge():
+    from benchmarks.experiments.reproduce_evaluation import chosen_edge
+    grid = [1e-4, 1e-3, 1e-2]
+    assert [common.grid_edge(v, grid) for v in grid] == ["low", None, "high"]
+    assert chosen_edge(1e-4, grid, None) == "low"                # a plain grid: its own edge
+    assert chosen_edge(1e-4, grid, 1.18) is None                 # refined and bracketed: not at an edge
+    assert chosen_edge(3e-6, grid, float("inf")) == "low"        # refined past the grid, still at the edge
+    assert chosen_edge(0.3, grid, float("inf")) == "high"
