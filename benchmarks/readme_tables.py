@@ -121,24 +121,27 @@ def editable_training_digits_table() -> str:
 def editable_training_cifar_table(folder: str = "editable_training_cifar") -> str:
     data = json.loads((RESULTS / folder / "summary.json").read_text())
     pc, vs = data["per_config"], data["vs_plain"]
-    lines = ["| training | seeds | test error | drawdown | Δ drawdown vs plain (paired) | success | steps | flip rate "
-             "| tuned lr |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| training | seeds | test error | Δ test error vs plain (paired) | drawdown | Δ drawdown vs plain (paired) "
+             "| success | steps | flip rate | tuned lr | step time vs plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = data.get("reference")
     if ref:
-        lines.append(f"| starting model (no training) | – | {100 * ref['test_error']:.2f}% | {100 * ref['drawdown']:.2f}% "
-                     f"| | {100 * ref['success_rate']:.1f}% | {ref['mean_steps']:.2f} | {100 * ref['flip_rate']:.2f}% | |")
+        lines.append(f"| starting model (no training) | – | {100 * ref['test_error']:.2f}% | | {100 * ref['drawdown']:.2f}% "
+                     f"| | {100 * ref['success_rate']:.1f}% | {ref['mean_steps']:.2f} | {100 * ref['flip_rate']:.2f}% | | |")
     cells, commands = {}, set()
-    for path in (RESULTS / folder / "cells").glob("*_seed*.json"):
+    for path in sorted((RESULTS / folder / "cells").glob("*_seed*.json")):
         c = json.loads(path.read_text())
-        cells.setdefault(c["config"], []).append(c["tuned_editor"]["lr"])
+        cells.setdefault(c["config"], []).append(c)
         commands.add(c["command"])
     for name, s in pc.items():
         pm = lambda k, scale=100, d=2: f"{scale * s[k]['mean']:.{d}f} ± {scale * s[k]['std']:.{d}f}"  # noqa: E731
-        delta = vs.get(name, {}).get("drawdown_minus_plain")
-        lrs = ", ".join(sorted({f"{v:.0e}" for v in cells.get(name, [])}))
-        delta_text = "" if delta is None else f"{100 * delta['mean']:+.2f} ± {100 * delta['std']:.2f}"
-        lines.append(f"| {name} | {s['test_error']['n']} | {pm('test_error')}% | {pm('drawdown')}% | {delta_text} | "
-                     f"{pm('success_rate', d=1)}% | {s['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {lrs} |")
+        paired = vs.get(name, {})
+        delta = lambda k: "" if k not in paired else \
+            f"{100 * paired[k]['mean']:+.2f} ± {100 * paired[k]['std']:.2f}"  # noqa: E731
+        ratio = f"{paired['step_time_ratio']['mean']:.2f}×" if "step_time_ratio" in paired else ""
+        lrs = ", ".join(_tuned_lr(c) for c in cells.get(name, []))
+        lines.append(f"| {name} | {s['test_error']['n']} | {pm('test_error')}% | {delta('test_error_minus_plain')} | "
+                     f"{pm('drawdown')}% | {delta('drawdown_minus_plain')} | {pm('success_rate', d=1)}% | "
+                     f"{s['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {lrs} | {ratio} |")
     fixed = data.get("fixed_editor", {})
     for key, per in fixed.items():
         lines += ["", f"Every model with the same editor ({key}, β as tuned), the same 1,000 edits:", "",
@@ -152,6 +155,8 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
                 if "flip_rate_minus_plain" in e else ""
             lines.append(f"| {name} | {e['drawdown']['n']} | {pm('drawdown')}% | {dd} | {pm('success_rate', 1)}% | "
                          f"{e['mean_steps']['mean']:.2f} | {pm('flip_rate')}% | {df} |")
+    if any("tune_seconds" in c for per in cells.values() for c in per):
+        lines += ["", _cell_costs({name: cells[name] for name in pc if name in cells}, data["setting"])]
     timing = RESULTS / f"{folder}_timing" / "summary.json"
     if timing.exists():
         t = json.loads(timing.read_text())
@@ -163,6 +168,31 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
                       for name, v in per.items()) + f". Command: `{t['command']}`."]
     return "\n".join(lines + ["", "Cells made by (the runs split over the two cores): " + "; ".join(
         f"`{c}`" for c in sorted(commands)) + f"; tables and figures: `{data['command']}`."])
+
+
+def _tuned_lr(cell: dict) -> str:
+    """The tuned lr of one cell, with the resolution the refinement reached (×1.18: both neighbours
+    measured within that factor; ×inf: best at the edge of the searched range)."""
+    lr = f"{cell['tuned_editor']['lr']:.1e}"
+    res = cell.get("tune_lr_resolution")
+    return lr if res is None else f"{lr} (×{res:.2f})"
+
+
+def _cell_costs(cells: dict, setting: dict) -> str:
+    """Epochs and wall time per configuration (mean over seeds): training, tuning, evaluation."""
+    epoch_steps = 50_000 // setting["batch_size"]
+    parts = []
+    for name, per in cells.items():
+        mean = lambda f: sum(map(f, per)) / len(per)  # noqa: E731
+        train = mean(lambda c: c["training"]["mean_step_seconds"] * c["training"]["steps"])
+        evaluate = mean(lambda c: c["report"]["seconds"] + sum(
+            r["seconds"] for r in c.get("fixed_reports", {}).values() if r != c["report"]))  # plain: shared = own
+        parts.append(f"{name} {train / 60:.0f} min training ({1e3 * mean(lambda c: c['training']['median_step_seconds']):.0f}"
+                     f" ms/step), {mean(lambda c: c['tune_seconds']) / 60:.0f} min tuning, {evaluate / 60:.0f} min evaluating "
+                     "(every editor)")
+    steps = setting["steps"]
+    return (f"Training {steps} steps of batch {setting['batch_size']} ({steps / epoch_steps:.1f} epochs); wall time per "
+            "configuration and seed (mean over seeds, step times as measured in the run): " + "; ".join(parts) + ".")
 
 
 def surgery_pattern_table(folder: str) -> str:
@@ -638,6 +668,7 @@ TABLES = {
     "editable_training_bench": editable_training_bench_table,
     "editable_training_digits": editable_training_digits_table,
     "editable_training_cifar": editable_training_cifar_table,
+    "editable_training_scratch": lambda: editable_training_cifar_table("editable_training_scratch"),
     "surgery_pattern": lambda: surgery_pattern_table("surgery_cifar"),
     "surgery_pattern_frame": lambda: surgery_pattern_table("surgery_cifar_frame"),
     "surgery_edits": surgery_edits_table,
