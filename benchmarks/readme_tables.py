@@ -170,6 +170,9 @@ def editable_training_cifar_table(folder: str = "editable_training_cifar") -> st
         f"`{c}`" for c in sorted(commands)) + f"; tables and figures: `{data['command']}`."])
 
 
+CIFAR10_TRAIN_IMAGES = 50_000
+
+
 def _tuned_lr(cell: dict) -> str:
     """The tuned lr of one cell, with the resolution the refinement reached (×1.18: both neighbours
     measured within that factor; ×inf: best at the edge of the searched range)."""
@@ -180,7 +183,7 @@ def _tuned_lr(cell: dict) -> str:
 
 def _cell_costs(cells: dict, setting: dict) -> str:
     """Epochs and wall time per configuration (mean over seeds): training, tuning, evaluation."""
-    epoch_steps = 50_000 // setting["batch_size"]
+    epoch_steps = CIFAR10_TRAIN_IMAGES // setting["batch_size"]
     parts = []
     for name, per in cells.items():
         mean = lambda f: sum(map(f, per)) / len(per)  # noqa: E731
