@@ -48,18 +48,41 @@ def _threads_cpu(machine: dict) -> str:
     return f"{machine['threads']} threads" + (f", {machine['cpu']}" if machine.get("cpu") else "")
 
 
+BENCH_EDIT_MODES = {"naive": "naive loop (full forwards, `.item()` per step)", "eager": "`fe.edit`",
+                    "no_prefix": "`fe.edit(use_prefix=False)`", "compiled": "`fe.edit(compile=True)`",
+                    "cudagraph": "`fe.edit(cuda_graph=True)`"}
+
+
 def bench_table() -> str:
     data = json.loads((RESULTS / "bench_edit.json").read_text())
-    lat = data["edit_latency"]
-    ctl = data["control_pass_seconds"]
-    return "\n".join([
-        f"`{data['command']}` ({data['edits']} edits of `layer3`, RMSProp, {_threads_cpu(data['machine'])}):", "",
-        "| one edit (pretrained ResNet-20) | ms per edit | steps (total) |", "|---|---|---|",
-        f"| `fastedit.edit` (frozen prefix) | {1e3 * lat['prefix']['seconds_per_edit']:.2f} | {lat['prefix']['steps_total']} |",
-        f"| `fastedit.edit(use_prefix=False)` | {1e3 * lat['no_prefix']['seconds_per_edit']:.2f} | {lat['no_prefix']['steps_total']} |",
-        f"| official-code style (full forwards, `.item()` per step) | {1e3 * lat['official']['seconds_per_edit']:.2f} | {lat['official']['steps_total']} |",
-        "", f"Control pass over {ctl['images']} images: full model {1e3 * ctl['full']:.0f} ms, suffix on cached prefix "
-        f"activations {1e3 * ctl['suffix']:.0f} ms ({ctl['full'] / ctl['suffix']:.1f}×)."])
+    modes, ctl, passes = data["modes"], data["control_pass_seconds"], data["passes_ms"]
+    lines = [f"`{data['command']}` ({data['edits']} single-image edits of `{data['params']}`, RMSProp "
+             f"{data['editor']['lr']:g}, {data['mean_steps']:.2f} steps per edit, {data['setup']}, "
+             f"{_threads_cpu(data['machine'])}, {data['device']}):", "",
+             "| one edit | ms per edit | × naive loop | of its floor | steps (total) | first pass, ms per edit | "
+             "peak memory |", "|---|---|---|---|---|---|---|"]
+    for key, row in modes.items():
+        mem = f"{row['peak_memory_bytes'] / 2**20:.1f} MiB" if row.get("peak_memory_bytes") is not None else "—"
+        lines.append(f"| {BENCH_EDIT_MODES[key]} | {row['ms_per_edit']:.2f} | {row['speedup_vs_naive']:.2f}× | "
+                     f"{100 * row['floor_ratio']:.0f}% | {row['steps_total']} | {row['first_pass_ms_per_edit']:.1f} | {mem} |")
+    lines += ["", f"Floor of an edit: prefix forward {passes['prefix_forward']:.2f} ms + per step suffix forward and "
+              f"backward {passes['suffix_forward_backward']:.2f} ms + one suffix forward {passes['suffix_forward']:.2f} ms "
+              f"= {data['floor_ms_per_edit']:.2f} ms; the naive loop's floor (full forward and backward "
+              f"{passes['full_forward_backward']:.2f} ms per step + one full forward {passes['full_forward']:.2f} ms) = "
+              f"{data['naive_floor_ms_per_edit']:.2f} ms, so eager arithmetic alone allows at most "
+              f"{data['naive_floor_ms_per_edit'] / data['floor_ms_per_edit']:.2f}× the naive loop's floor."]
+    if "compiled" in modes:
+        c = modes["compiled"]
+        pays = (f"pays off after {c['pays_off_after_edits']:,.0f} edits" if c.get("pays_off_after_edits")
+                else "does not pay off (not faster than eager here)")
+        cache = {"cold": ", empty compile caches", "warm": ", compile caches warm"}.get(data.get("compile_cache"), "")
+        lines.append(f"Compilation: {c['compile_seconds']:.1f} s (first pass minus a timed pass{cache}), {pays}; "
+                     f"every compiled edit agrees with eager on success and steps: {c.get('agrees_with_eager')}.")
+    if data.get("skipped"):
+        lines.append("Not run here: " + "; ".join(f"{BENCH_EDIT_MODES[k]} ({v})" for k, v in data["skipped"].items()) + ".")
+    lines += ["", f"Control pass over {ctl['images']} images: full model {1e3 * ctl['full']:.0f} ms, suffix on cached "
+              f"prefix activations {1e3 * ctl['suffix']:.0f} ms ({ctl['full'] / ctl['suffix']:.1f}×)."]
+    return "\n".join(lines)
 
 
 def bench_edit_transformers_table() -> str:
@@ -585,10 +608,11 @@ def headline_table() -> str:
                  "docs/results/editing-cifar.md"))
 
     be = load("bench_edit.json")
-    lat = be["edit_latency"]
+    lat = be["modes"]
     rows.append(("One edit of ResNet-20 `layer3` (RMSProp)",
-                 f"{1e3 * lat['prefix']['seconds_per_edit']:.2f} ms with the frozen prefix, "
-                 f"{1e3 * lat['official']['seconds_per_edit']:.2f} ms official-code style", be["command"],
+                 f"{lat['eager']['ms_per_edit']:.2f} ms eager, {lat['compiled']['ms_per_edit']:.2f} ms compiled, "
+                 f"{lat['naive']['ms_per_edit']:.2f} ms naive loop ({lat['eager']['speedup_vs_naive']:.2f}× / "
+                 f"{lat['compiled']['speedup_vs_naive']:.2f}×; floor {be['floor_ms_per_edit']:.2f} ms)", be["command"],
                  "docs/results/latency.md"))
 
     bt = load("bench_edit_transformers.json")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .compiled import CompiledSplit, compilable, compiled_split
 from .constraint import REDUCTIONS, Classification, Constraint, as_constraint, check_label_range, reduce_constraint
 from .editors import Editor
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
@@ -60,6 +61,12 @@ def _finite_per_edit(grads: Sequence[Tensor], batched: bool) -> Tensor:
 
     ``(g * 0).sum()`` is 0 when every entry is finite and NaN otherwise (``inf · 0`` and ``NaN · 0``
     are NaN; a sum of zeros cannot overflow); one pass, 6x faster than ``isfinite().all()`` on the CPU."""
+    if not batched and grads[0].device.type == "cpu":
+        # fast path (the host reads the flag for free on the CPU): every L2 norm finite implies every
+        # entry finite; a non-finite norm (a NaN or inf, or a huge finite gradient whose square
+        # overflows) is decided exactly below. One foreach pass instead of a reduction per tensor.
+        if bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            return torch.ones((), dtype=torch.bool)
     if batched:
         e = grads[0].shape[0]
         return torch.stack([(g.reshape(e, -1) * 0).sum(1) for g in grads]).isfinite().all(0)
@@ -164,16 +171,48 @@ _SPLITS_PER_MODEL = 4  # a model is usually edited with one selection and one or
 _WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def _structure_key(model: nn.Module) -> tuple:
-    return tuple((name, id(m)) for name, m in model.named_modules())
+def model_fingerprint(model: nn.Module) -> tuple:
+    """Everything a selection, a prefix split and a captured CUDA graph depend on, in one walk of the
+    model: each submodule's identity and attribute name, each registered parameter's identity, ``requires_grad``,
+    dtype, device and storage address (``model.to()`` and ``p.data = ...`` keep the Parameter object
+    but not its device or storage), and each buffer's identity and storage address. Equal
+    fingerprints mean the cached selection and split still describe the model; replacing, moving,
+    adding or freezing anything changes it."""
+    out: list = []
+    add, stack, seen = out.append, [model], set()
+    while stack:  # an explicit walk: 2x faster than named_modules(), which builds every name
+        m = stack.pop()
+        add(id(m))
+        if id(m) in seen:  # shared (or, pathologically, cyclic) submodule: walked once
+            continue
+        seen.add(id(m))
+        for k, p in m._parameters.items():
+            if p is not None:
+                add((k, id(p), p.requires_grad, p.dtype, p.device, _address(p)))
+        for k, b in m._buffers.items():
+            if b is not None:
+                add((k, id(b), _address(b)))
+        for k, child in m._modules.items():
+            add(k)
+            if child is not None:
+                stack.append(child)
+    return tuple(out)
+
+
+def _address(t: Tensor) -> int:
+    try:
+        return t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse or wrapper subclasses: identity only
+        return -1
 
 
 def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, inputs: ModelInputs,
-                 read: Callable | None = None) -> dict:
+                 read: Callable | None = None, fingerprint: tuple | None = None) -> dict:
     """``{"split": ModelSplit}`` for this model, editable names and input signature, built once (in
     eval mode: mode-dependent Python is fixed at trace time) and kept for the next calls while the
-    model's structure and every tensor the split binds stay the same (checked at every call)."""
-    key = (frozenset(names), use_prefix, _structure_key(model), inputs.signature())
+    model's :func:`model_fingerprint` and every tensor the split binds stay the same (checked at
+    every call; pass ``fingerprint`` when the caller has it)."""
+    key = (frozenset(names), use_prefix, fingerprint or model_fingerprint(model), inputs.signature())
     per_model = _SPLIT_CACHE.setdefault(model, {})
     if key in per_model and not per_model[key]["split"].current():
         del per_model[key]  # a tensor the split binds was replaced: never serve it stale
@@ -186,12 +225,56 @@ def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, input
     return per_model[key]
 
 
+_SELECTIONS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_SELECTIONS_PER_MODEL = 8
+
+
+def _spec_key(params: ParamSpec) -> tuple | None:
+    """A hashable key for a selection spec (tensors by identity: while the caller holds them and the
+    fingerprint matches, an equal id is the same parameter), or None when it has no stable key."""
+    if params is None or isinstance(params, str):
+        return ("spec", params)
+    if isinstance(params, Tensor):
+        return ("tensor", id(params))
+    if isinstance(params, (list, tuple)):
+        parts = []
+        for item in params:
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, Tensor):
+                parts.append(("tensor", id(item)))
+            else:
+                return None  # select_parameters raises the error
+        return ("list", tuple(parts))
+    return None  # a generator or other iterable: select anew
+
+
+def cached_selection(model: nn.Module, params: ParamSpec, include_frozen: bool,
+                     fingerprint: tuple) -> list[tuple[str, nn.Parameter]]:
+    """:func:`fastedit.selection.select_parameters`, kept per model while its fingerprint is equal
+    (the selection depends on nothing else), so a stream of edits selects once."""
+    spec = _spec_key(params)
+    if spec is None:
+        return select_parameters(model, params, include_frozen=include_frozen)
+    key = (spec, include_frozen, fingerprint)
+    per_model = _SELECTIONS.setdefault(model, {})
+    chosen = per_model.get(key)
+    if chosen is None:
+        chosen = select_parameters(model, params, include_frozen=include_frozen)
+        while len(per_model) >= _SELECTIONS_PER_MODEL:
+            per_model.pop(next(iter(per_model)))
+        per_model[key] = chosen
+    return list(chosen)
+
+
 def clear_split_cache(model: nn.Module | None = None) -> None:
     """Forget the prefix splits kept for ``model`` (every model when None); the next edit builds anew."""
     if model is None:
         _SPLIT_CACHE.clear()
+        _SELECTIONS.clear()
     else:
         _SPLIT_CACHE.pop(model, None)
+        _SELECTIONS.pop(model, None)
 
 
 def _default_read(out):
@@ -226,6 +309,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+_READERS: dict = {}
+
+
+def _reader(output: OutputSpec) -> Callable:
+    """``out -> logits`` for an ``output`` spec; one function per key or index (``None`` included),
+    so that caches keyed on the reader (the compiled steps) see the same one for equal specs."""
+    key = (type(output), output) if output is None or type(output) in (str, int) else None
+    if key in _READERS:
+        return _READERS[key]
+    spec = resolve_output(output)
+
+    def read(out):
+        return read_logits(out, spec)
+    if key is not None and len(_READERS) < 256:
+        _READERS[key] = read
+    return read
+
+
 def _first_param_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
@@ -244,6 +345,7 @@ class EditTarget:
     use_prefix: bool = True
     _entry: dict | None = field(default=None, repr=False)
     _signature: tuple | None = field(default=None, repr=False)
+    compiled: CompiledSplit | None = field(default=None, repr=False)  # edits through torch.compile
 
     @classmethod
     def build(cls, model: nn.Module, params: ParamSpec = None, use_prefix: bool = True, *, inputs=None,
@@ -251,24 +353,23 @@ class EditTarget:
         """Select the parameters (see :func:`fastedit.selection.select_parameters`); with ``inputs``
         (a tensor, tuple or mapping, see :mod:`fastedit.model_io`) also get the split for inputs like
         them. A model that fails on ``inputs`` raises ``ValueError``."""
-        chosen = select_parameters(model, params, include_frozen=include_frozen)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        fingerprint = model_fingerprint(model)  # one walk serves the selection and the split caches
+        chosen = cached_selection(model, params, include_frozen, fingerprint)
         check_editable(chosen)
-        reader = resolve_output(output)
-
-        def read(out):
-            return read_logits(out, reader)
-
+        read = _reader(output)
         target = cls(model, [n for n, _ in chosen], [p for _, p in chosen], read, use_prefix)
         if inputs is not None:
-            target._ensure_split(ModelInputs.of(inputs))
+            target._ensure_split(ModelInputs.of(inputs), fingerprint)
         return target
 
-    def _ensure_split(self, mi: ModelInputs) -> None:
+    def _ensure_split(self, mi: ModelInputs, fingerprint: tuple | None = None) -> None:
         if self._entry is not None:
             return
         mi.check_device(self.device)
         try:
-            self._entry = cached_entry(self.model, self.names, self.use_prefix, mi, self.read)
+            self._entry = cached_entry(self.model, self.names, self.use_prefix, mi, self.read, fingerprint)
         except (TypeError, ValueError):
             raise
         except Exception as exc:
@@ -326,6 +427,10 @@ class EditTarget:
         """The frozen activations of ``inputs`` for editor steps (no graph)."""
         mi = ModelInputs.of(inputs)
         self._ensure_split(mi)
+        if self.compiled is not None and self.compiled.prefix is not None:
+            with torch.no_grad():
+                args = tuple(self.split.bind(mi))
+                return self.compiled.prefix(args, lambda: self.split.edit_acts(mi, self.names, self.params))
         return self.split.edit_acts(mi, self.names, self.params)
 
     def output(self, acts, theta: Sequence[Tensor] | None = None):
@@ -333,11 +438,35 @@ class EditTarget:
         parameters (every alias of a tied one)."""
         if theta is None:
             return self.split.suffix(acts)
+        if self.compiled is not None and torch.is_grad_enabled():
+            return self.compiled.suffix((list(theta), acts), lambda: self._swapped_output(acts, theta))
+        return self._swapped_output(acts, theta)
+
+    def _swapped_output(self, acts, theta: Sequence[Tensor]):
         slots = self._entry.get("slots")
         if slots is None:
             slots = self._entry["slots"] = parameter_slots(self.split.suffix_module, self.params)
         with swapped(slots, theta):
             return self.split.suffix(acts)
+
+    def use_compiled(self, on: bool) -> str | None:
+        """Run the editor steps' suffix forwards (and so their backwards) compiled when ``on``
+        (:mod:`fastedit.compiled`); returns why not when the split cannot be compiled."""
+        self.compiled = None
+        if not on:
+            return None
+        why = compilable(self.split)
+        if why is None:
+            self.compiled = compiled_split(self._entry, self.names)
+        return why
+
+    @property
+    def eager_edits(self) -> int:
+        """Edits this split has served without compilation (``compile="auto"`` counts them)."""
+        return self._entry.get("eager_edits", 0)
+
+    def count_eager_edit(self) -> None:
+        self._entry["eager_edits"] = self.eager_edits + 1
 
     def logits(self, acts, theta: Sequence[Tensor] | None = None) -> Tensor:
         return self.read(self.output(acts, theta))

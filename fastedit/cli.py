@@ -393,7 +393,10 @@ def _init_distributed() -> int:
 
 def _speed_kwargs(args: argparse.Namespace) -> dict:
     return {"strategy": args.strategy, "edits_per_group": args.edits_per_group, "batch_size": args.batch_size,
-            "cache_budget": args.cache_budget_mb * 2 ** 20}
+            "cache_budget": args.cache_budget_mb * 2 ** 20, "compile": _COMPILE[args.compile]}
+
+
+_COMPILE = {"off": False, "on": True, "auto": "auto"}
 
 
 def report_summary(report) -> str:
@@ -583,6 +586,8 @@ def _add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_count, default=256, help="control images per forward pass")
     p.add_argument("--cache-budget-mb", type=_nonnegative_float, default=2048,
                    help="memory for the control set's cached prefix activations; beyond it they are recomputed")
+    p.add_argument("--compile", default="off", choices=list(_COMPILE),
+                   help="edit steps through torch.compile (auto: on CUDA with at least 32 edits)")
 
 
 def _add_editor_args(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ from ._core import (
     run_edit_loop,
     split_info,
 )
+from .compiled import check_compile, graphed_loop, resolve_compile
 from .editors import Editor, make_editor
 from .model_io import OutputSpec
 from .selection import ParamSpec
@@ -61,7 +62,10 @@ class PrefixFallbackWarning(UserWarning):
 class EditResult:
     """What :func:`edit` did. ``applied`` tells whether the model now holds the edited parameters;
     ``prefix_used`` whether the frozen prefix was skipped in the editor steps (``prefix_method``:
-    ``"fx"`` or ``"call-cache"``), and if not, ``prefix_reason`` says why."""
+    ``"fx"`` or ``"call-cache"``), and if not, ``prefix_reason`` says why. ``compiled`` and
+    ``cuda_graph`` say whether the steps ran compiled or as a replayed CUDA graph; where one was asked
+    for and not used, ``compile_reason``/``cuda_graph_reason`` say why. ``compile_seconds``: time this
+    edit spent compiling (0 once the shapes are compiled)."""
 
     success: bool
     steps: int
@@ -72,6 +76,11 @@ class EditResult:
     prefix_used: bool = False
     prefix_reason: str | None = None
     prefix_method: str = "none"
+    compiled: bool = False
+    compile_reason: str | None = None
+    compile_seconds: float = 0.0
+    cuda_graph: bool = False
+    cuda_graph_reason: str | None = None
     _params: list[nn.Parameter] = field(repr=False, default_factory=list)
     _backup: list[Tensor] = field(repr=False, default_factory=list)
     _model: Any = field(default=None, repr=False)
@@ -123,7 +132,9 @@ class EditResult:
         return {"success": self.success, "steps": self.steps, "loss": self.loss,
                 "initial_loss": self.initial_loss, "applied": self.applied, "params": list(self.param_names),
                 "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
-                "prefix_method": self.prefix_method}
+                "prefix_method": self.prefix_method, "compiled": self.compiled,
+                "compile_reason": self.compile_reason, "compile_seconds": self.compile_seconds,
+                "cuda_graph": self.cuda_graph, "cuda_graph_reason": self.cuda_graph_reason}
 
 
 def _lookup(model: nn.Module, name: str):
@@ -136,7 +147,8 @@ def _lookup(model: nn.Module, name: str):
 def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rmsprop", params: ParamSpec = None,
          max_steps: int = 10, *, on_failure: str = "revert", reduction: str = "max",
          use_prefix: bool = True, early_exit: bool | str = "auto", output: OutputSpec = None,
-         include_frozen: bool = False, x=None, y=None) -> EditResult:
+         include_frozen: bool = False, compile: bool | str = False, cuda_graph: bool | str = False,
+         x=None, y=None) -> EditResult:
     """Edit ``model`` in place so that it satisfies ``target`` on ``inputs``.
 
     Args:
@@ -164,6 +176,18 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
             ``ModelOutput``/dict gives ``["logits"]``, a tuple ``[0]``), a key, an index or a callable.
         include_frozen: also edit parameters with ``requires_grad=False`` (by default a module prefix
             skips them and naming one raises).
+        compile: run the editor steps' suffix forward and backward ``torch.compile``d
+            (:mod:`fastedit.compiled`): ``True``, ``False`` (default) or ``"auto"`` (on CUDA once the
+            same model, selection and input signature has served 32 eager edits; never on the CPU,
+            where compilation does not pay off). Cached with the prefix split; the first edit of
+            each input shape compiles (``compile_seconds``). Results equal the eager path within
+            floating-point rounding; a split that cannot be compiled, or a compiler failure, runs
+            eager and says why (``compile_reason``).
+        cuda_graph: on CUDA, capture the whole masked ``max_steps`` loop (no early exit) as a CUDA
+            graph once per model, selection, editor, step count and input shapes, and replay it per
+            edit (``True``, ``False`` (default), or ``"auto"``: where it applies); see
+            :class:`fastedit.compiled.GraphedEditLoop` for what it supports. ``True`` on parameters
+            not on CUDA raises ``ValueError``.
 
     Returns:
         :class:`EditResult` with ``success``, ``steps``, ``loss`` (final ``l_e``), ``applied``,
@@ -179,13 +203,27 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
     inputs, target = resolve_aliases(inputs, target, x, y)
     check_common(max_steps, reduction, on_failure)
     editor = make_editor(editor)
+    check_compile(compile)
     with eval_mode(model):
         et = EditTarget.build(model, params, use_prefix, inputs=inputs, output=output,
                               include_frozen=include_frozen)
         mi, constraint = et.check_inputs(inputs, target)
+        compile_reason = et.use_compiled(resolve_compile(compile, et.device, et.eager_edits))
+        graph, graph_reason = graphed_loop(et, cuda_graph, editor, max_steps, reduction, mi, constraint,
+                                           early_exit)
+        compiled_before = et.compiled.compile_seconds if et.compiled is not None else 0.0
         acts = et.checked_prefix(mi)
-        out = run_edit_loop(et.loss_fn(acts, constraint, reduction, mi), et.params, editor, max_steps,
-                            early_exit=resolve_early_exit(early_exit, et.device), names=et.names)
+        if graph is not None:
+            out = graph.run(acts, constraint)
+        else:
+            out = run_edit_loop(et.loss_fn(acts, constraint, reduction, mi), et.params, editor, max_steps,
+                                early_exit=resolve_early_exit(early_exit, et.device), names=et.names)
+        compiled = et.compiled is not None and et.compiled.failed is None
+        if et.compiled is not None and et.compiled.failed is not None:
+            compile_reason = et.compiled.failed
+        compile_seconds = et.compiled.compile_seconds - compiled_before if et.compiled is not None else 0.0
+        if not compiled:
+            et.count_eager_edit()
 
     bad_step = int(out.bad_step)  # the one host sync of the edit
     if bad_step >= 0:
@@ -194,7 +232,9 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
     success = bool(out.success)
     result = EditResult(success=success, steps=int(out.steps), loss=float(out.loss),
                         initial_loss=float(out.initial_loss), applied=False, param_names=list(et.names),
-                        **split_info(et), _params=list(et.params))
+                        **split_info(et), compiled=compiled, compile_reason=compile_reason,
+                        compile_seconds=compile_seconds, cuda_graph=graph is not None,
+                        cuda_graph_reason=graph_reason, _params=list(et.params))
     if success or on_failure == "keep":
         commit_params(result, et.params, out.params, model)
     return result

@@ -35,6 +35,7 @@ from ._core import (
     run_edit_loop_batched,
     split_info,
 )
+from .compiled import resolve_compile
 from .constraint import (
     IGNORE_INDEX,
     Classification,
@@ -88,6 +89,11 @@ class EvalReport:
     prefix_used: bool = False
     prefix_reason: str | None = None
     prefix_method: str = "none"
+    #: whether the edit steps ran through torch.compile (``compile=``), why not where asked, and the
+    #: seconds this call spent compiling
+    compiled: bool = False
+    compile_reason: str | None = None
+    compile_seconds: float = 0.0
     #: token controls: the share of rows with some labelled token wrong, before, and its mean increase
     sequence_base_error: float | None = None
     sequence_drawdown: float | None = None
@@ -120,6 +126,8 @@ class EvalReport:
         out["control_kind"], out["metrics"] = self.control_kind, self.metrics
         out["prefix_used"], out["prefix_reason"], out["prefix_method"] = (self.prefix_used, self.prefix_reason,
                                                                           self.prefix_method)
+        out["compiled"], out["compile_reason"] = self.compiled, self.compile_reason
+        out["compile_seconds"] = self.compile_seconds
         if self.control_kind == "tokens":
             out["sequence_base_error"], out["sequence_drawdown"] = self.sequence_base_error, self.sequence_drawdown
             out["num_control_tokens"] = self.num_control_tokens
@@ -384,6 +392,16 @@ class _GroupRunner:
         self.base_row = base_row
         self.last: dict[str, Tensor] = {}
         self.fallback: str | None = None  # why vmap was given up for the loop
+        self.compile = False  # edit steps of the loop strategy through the compiled suffix
+        self.compile_reason: str | None = None
+        self.compiled_targets: dict[int, tuple] = {}  # the targets whose steps ran compiled
+
+    def compile_info(self) -> dict:
+        """The report's ``compiled``, ``compile_reason`` and ``compile_seconds``."""
+        done = [(t, before) for t, before in self.compiled_targets.values() if t.compiled is not None]
+        failed = next((t.compiled.failed for t, _ in done if t.compiled.failed), None)
+        return {"compiled": bool(done) and failed is None, "compile_reason": failed or self.compile_reason,
+                "compile_seconds": sum(t.compiled.compile_seconds - before for t, before in done)}
 
     def edit_loops(self, strategy: str, edits: EditSet, idx: range):
         """Per group: edited parameters (list of ``[G, ...]``), steps, final loss and bad steps ``[G]``."""
@@ -393,12 +411,21 @@ class _GroupRunner:
             for i in idx:
                 mi, c = edits[i]
                 ti = t.for_inputs(mi)  # the same parameters; the split for this edit's call signature
+                if self.compile and id(ti) not in self.compiled_targets:
+                    self.compile_reason = ti.use_compiled(True) or self.compile_reason
+                    if ti.compiled is not None:
+                        self.compiled_targets[id(ti)] = (ti, ti.compiled.compile_seconds)
                 outs.append(run_edit_loop(ti.loss_fn(ti.prefix(mi), c, self.reduction, mi), ti.params,
                                           self.editor, self.max_steps, early_exit=self.early, names=ti.names))
             params = [torch.stack(ps) for ps in zip(*(o.params for o in outs))]
             return params, *(torch.stack([getattr(o, k) for o in outs]) for k in ("steps", "loss", "bad_step"))
         cases = [edits[i] for i in idx]
         t = t.for_inputs(cases[0][0])
+        if t.compiled is not None:
+            t.use_compiled(False)  # vmap groups run eager
+            self.compiled_targets.pop(id(t), None)
+        if self.compile:
+            self.compile_reason = self.compile_reason or "vmap groups run eager"
         acts = _stack([t.prefix(mi) for mi, _ in cases])
         constraints = _stack([c for _, c in cases])
 
@@ -503,7 +530,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
              early_exit: bool | str = "auto", progress: bool = True, edit_labels=None,
              keep_kl_vectors: bool = False, strategy: str = "auto", edits_per_group: int | None = None,
              cache_budget: float = DEFAULT_CACHE_BUDGET, distributed: bool | str = "auto",
-             output: OutputSpec = None, include_frozen: bool = False) -> EvalReport:
+             output: OutputSpec = None, include_frozen: bool = False, compile: bool | str = False) -> EvalReport:
     """Apply each edit independently to the original model and measure its side effects on ``control``.
 
     Args:
@@ -516,6 +543,10 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
             KL; and per row: sequence exact match, a row being right iff all its labelled tokens are).
         editor, params, max_steps, reduction, use_prefix, early_exit, output, include_frozen: as in
             :func:`fastedit.edit`.
+        compile: the edit steps' suffix forward and backward through ``torch.compile`` (as in
+            :func:`fastedit.edit`; the loop strategy only, vmap groups run eager). ``"auto"``
+            compiles on CUDA when there are at least 32 edits. ``compiled``, ``compile_reason`` and
+            ``compile_seconds`` in the report say what ran.
         batch_size: control rows per forward pass (a chunk); default 256 for classifiers, and for
             token controls as many rows as keep a chunk's logits under 2**25 elements.
         progress: show a progress bar with edits/s.
@@ -604,6 +635,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         base_row = _base_row(control_set, base_per_class)
 
         runner = _GroupRunner(target, control_set, editor, max_steps, reduction, early, keep_kl_vectors, base_row)
+        runner.compile = resolve_compile(compile, target.device, len(edit_set))
         n_edits = len(edit_set)
         lo, hi = rank * n_edits // world, (rank + 1) * n_edits // world  # this rank's block of edits
         rows: list[dict[str, Tensor]] = []
@@ -659,7 +691,7 @@ def evaluate(model: nn.Module, edits, control, editor: Editor | str = "rmsprop",
         per_class_drawdown=per_class, num_classes=int(num_classes) if not tokens else 0,
         edit_class_source=edit_class_source, strategy=strategy, edits_per_group=group, world_size=world,
         control_kind=control_set.kind, strategy_fallback=runner.fallback, num_nonfinite=num_nonfinite,
-        **split_info(target), **extra,
+        **split_info(target), **runner.compile_info(), **extra,
     )
 
 

@@ -71,6 +71,7 @@ from torch import nn
 
 from .._core import EditTarget, check_common, eval_mode, resolve_aliases, split_info
 from .._validate import check_choice, check_count, check_int, check_real
+from ..compiled import resolve_compile
 from ..editors import Editor, ScaledGD, make_editor
 from ..model_io import OutputSpec
 from ..selection import ParamSpec
@@ -110,7 +111,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
             probe_steps: int | None = None, l1: float = 0.1, refit_steps: int | None = None,
             start_factor: float = 10.0, shrink: float = 0.5, shrink_every: int | None = None,
             on_failure: str = "revert", use_prefix: bool = True, output: OutputSpec = None,
-            include_frozen: bool = False, x=None, y=None) -> SurgeryResult:
+            include_frozen: bool = False, compile: bool | str = False, x=None, y=None) -> SurgeryResult:
     """Change at most ``budget`` scalar parameters of ``model`` so that it reaches a goal.
 
     See the package docstring for the budget and the goals' outline, and
@@ -146,7 +147,9 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
             in ``(0, 1)``; units between shrinks (default ``max(1, steps // 10)``).
         on_failure: ``"revert"`` (default: the model is left as it was when the goal is not met) or
             ``"keep"``.
-        use_prefix, output, include_frozen: as in :func:`fastedit.edit`.
+        use_prefix, output, include_frozen, compile: as in :func:`fastedit.edit` (``compile`` runs the
+            goal's suffix forward and backward through ``torch.compile``; ``"auto"`` stays eager: one
+            surgery is too few steps to pay for compilation).
 
     Returns:
         :class:`SurgeryResult`: ``delta`` (a :class:`SparseDelta`, ``nnz ≤ budget``), ``success``,
@@ -192,6 +195,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
             raise TypeError("surgery cannot mix float64 parameters with other dtypes in one selection "
                             f"({sorted({str(p.dtype) for p in live})})")
         et = et.for_inputs(inputs)
+        compile_reason = et.use_compiled(resolve_compile(compile, et.device, 0))
         total = sum(p.numel() for p in live)
         n = resolve_budget(budget, total)
         if goal == "edit":
@@ -221,6 +225,8 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
     result = SurgeryResult(delta=delta, success=bool(met), steps=tuner.steps, loss=float(loss),
                            initial_loss=float(initial_loss), method=method, goal=goal, budget=n, applied=False,
                            param_names=list(names), metrics=metrics, editor=editor.to_dict(), **split_info(et),
+                           compiled=et.compiled is not None and et.compiled.failed is None,
+                           compile_reason=et.compiled.failed if et.compiled is not None else compile_reason,
                            _model=model)
     if met or on_failure == "keep":
         delta.apply(model, check=True)

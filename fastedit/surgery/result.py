@@ -31,6 +31,8 @@ class SurgeryResult:
     prefix_used: bool = False
     prefix_reason: str | None = None
     prefix_method: str = "none"
+    compiled: bool = False  # the goal's gradient steps through torch.compile (``compile=``)
+    compile_reason: str | None = None
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -71,4 +73,5 @@ class SurgeryResult:
                 "budget": self.budget, "nnz": self.nnz, "nnz_per_param": self.delta.nnz_per_param,
                 "applied": self.applied, "params": list(self.param_names), "metrics": dict(self.metrics),
                 "editor": dict(self.editor), "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
-                "prefix_method": self.prefix_method}
+                "prefix_method": self.prefix_method, "compiled": self.compiled,
+                "compile_reason": self.compile_reason}

@@ -21,7 +21,7 @@ SCRIPTS = [
     ("benchmarks.kernels.bench_edit_constraint", ["--cases", "3x7,1x130", "--repeats", "2", "--no-compile"], False),
     ("benchmarks.kernels.bench_differentiable_step",
      ["--steps", "2", "--repeats", "1", "--warmup", "0", "--editors", "rmsprop"], False),
-    ("benchmarks.experiments.bench_edit", ["--edits", "1"], True),
+    ("benchmarks.experiments.bench_edit", ["--edits", "1", "--repeats", "1", "--modes", "naive,eager,no_prefix"], True),
     ("benchmarks.experiments.bench_editable_training",
      ["--random-init", "--batch", "4", "--repeats", "1", "--warmup", "0", "--memory-repeats", "1",
       "--methods", "plain,fastedit", "--max-load", "1000"], True),
@@ -49,6 +49,40 @@ def test_script_runs_and_records_itself(module, args, real, tmp_path, restore_th
     script = "benchmarks/" + module.split(".", 1)[1].replace(".", "/") + ".py"
     assert result["command"].startswith(f"python {script} "), result["command"]
     assert result["machine"]["torch"] == torch.__version__ and result["machine"]["threads"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_editable_training_lm_quick_measures_every_method(preset, tmp_path, restore_threads):
+    """``--quick`` (CI and the GPU dry run; with ``--preset gpu``: bf16 autocast) times and measures
+    every method on a tiny GPT-2 and writes the ratios, the pass arithmetic and the targets."""
+    from benchmarks.experiments import bench_editable_training_lm as bench
+
+    out = tmp_path / "lm.json"
+    bench.main(["--quick", "--preset", preset, "--device", "cpu", "--max-load", "1000", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["command"].startswith("python benchmarks/experiments/bench_editable_training_lm.py --quick ")
+    assert r["machine"]["torch"] == torch.__version__ and r["machine"]["transformers"]
+    c = r["config"]
+    assert (c["n_layer"], c["n_embd"], c["seq"], c["k"]) == (2, 64, 16, 5)
+    assert c["params"] == ["transformer.h.0", "transformer.h.1"] and c["split"] == "call-cache"
+    assert c["autocast"] == ("bf16" if preset == "gpu" else "none")
+    for name in ("plain", "fastedit", "fastedit_remat", "naive"):
+        row = r["table"][name]
+        assert row["seconds_per_step"] > 0 and row["peak_bytes"] > 0 and row["time_ratio"] > 0, (name, row)
+        assert 0 <= row["mean_inner_steps"] <= 5
+    assert r["table"]["plain"]["time_ratio"] == 1.0 and r["table"]["plain"]["memory_ratio"] == 1.0
+    higher = r["table"]["higher"]
+    assert "seconds_per_step" in higher or higher["error"]  # measured, or the reason it could not be
+    assert r["arithmetic"]["floor_loc_ratio"] == pytest.approx(2.0)  # every block editable: the suffix is F
+    assert set(r["arithmetic"]["expected_ratio"]) >= {"fastedit", "fastedit_remat", "naive"}
+    for name in ("fastedit", "fastedit_remat"):
+        d = r["breakdown_seconds"][name]
+        assert d["edit_loop"] > 0 and d["loc_fwd"] > 0 and d["bwd"] > 0
+    t = r["targets"]
+    assert t["time_target"] == 1.5 and t["memory_target_remat"] == 1.3
+    assert t["fastedit_remat_time_ratio"] == r["table"]["fastedit_remat"]["time_ratio"]
+    assert isinstance(t["time_met_remat"], bool) and isinstance(t["memory_met_remat"], bool)
 
 
 def test_command_line_is_portable(monkeypatch, tmp_path):
