@@ -320,6 +320,65 @@ def peak_memory_increase(fn: Callable[[], object], device=None) -> tuple[int | N
     return max(0, max(peak, _status_bytes("VmRSS") or 0) - before), out, "VmRSS sampled every 0.5 ms"
 
 
+def torch_alloc_peak(fn: Callable[[], object]) -> tuple[int | None, object, str | None]:
+    """(peak of live torch CPU allocations during ``fn()`` above the level at its start, in bytes,
+    fn's result, error): ``torch.profiler`` with ``profile_memory=True``, exported as a memory timeline
+    (per-category live bytes at every allocation/free) and summed over categories. No allocator or
+    library overhead: torch's own count of tensor bytes, a check on the resident-set peak."""
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        out = fn()
+    try:
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # export_memory_timeline is marked deprecated (CUDA snapshots replace it)
+            path = os.path.join(d, "timeline.json")
+            prof.export_memory_timeline(path, device="cpu")
+            with open(path) as f:
+                _, sizes = json.load(f)
+        return max(max(sum(row) for row in sizes), 0), out, None
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
+        return None, out, f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------------------------------
+# shared by the Editable Training benchmarks
+# ------------------------------------------------------------------------------------------------
+def wait_for_load(max_load: float, max_wait: float, poll: float = 10.0) -> float:
+    """Wait (at most ``max_wait`` seconds) for the 1-minute load average to drop to ``max_load``;
+    returns the seconds waited (the cores are shared: a loaded machine perturbs every timing)."""
+    t0 = time.monotonic()
+    while (load_average() or [0.0])[0] > max_load and time.monotonic() - t0 < max_wait:
+        print(f"load average {load_average()[0]:.2f} > {max_load}: waiting", flush=True)
+        time.sleep(poll)
+    return time.monotonic() - t0
+
+
+def package_version(pkg: str) -> str | None:
+    """The installed version of ``pkg``, None when it is not installed."""
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class RawHParams(torch.nn.Module):
+    """A hand-written editor's learnable lr (log space) and β (logit), as fastedit's LearnableEditor
+    parametrises them, for the naive and ``higher`` baselines."""
+
+    def __init__(self, lr: float, beta: float):
+        super().__init__()
+        self.log_lr = torch.nn.Parameter(torch.tensor(float(torch.tensor(lr).log())))
+        self.logit_beta = torch.nn.Parameter(torch.tensor(float(torch.tensor(beta).logit())))
+
+    def values(self):
+        return self.log_lr.exp(), torch.sigmoid(self.logit_beta)
+
+
 # ------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------

@@ -50,9 +50,9 @@ def classification_loss(z: torch.Tensor, y: int) -> torch.Tensor:
 
 
 def load_setup(args, device: torch.device):
-    """(model, images [N, 3, 32, 32], what was loaded): the pretrained ResNet-20 and CIFAR-10 test
-    images, or with ``--synthetic`` (or when either is missing) a seeded random ResNet-20 and
-    random images of the same shapes."""
+    """(model, images [N, 3, 32, 32], labels [N], what was loaded): the pretrained ResNet-20 and the
+    1,017 lossless CIFAR-10 test images, or with ``--synthetic`` (or when either is missing) a seeded
+    random ResNet-20 and 1,017 random images and labels of the same shapes."""
     weights = pathlib.Path(args.weights) if args.weights else None
     data = None
     if not args.synthetic:
@@ -63,15 +63,16 @@ def load_setup(args, device: torch.device):
             weights = data = None
     if not args.synthetic and weights is not None and weights.exists() and data is not None and data.exists():
         model = load_pretrained_cifar_resnet(weights)
-        x, _ = fdata.load_cifar10_lossless(data, "test")
-        x = fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
+        x, y = fdata.load_cifar10_lossless(data, "test")
+        x, y = fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD), torch.as_tensor(y, dtype=torch.int64)
         what = "pretrained ResNet-20, CIFAR-10 test images"
     else:
         torch.manual_seed(0)
         model = resnet20()
-        x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(1017, 3, 32, 32, generator=gen), torch.randint(0, 10, (1017,), generator=gen)
         what = "random-init ResNet-20, random images (synthetic)"
-    return model.to(device).eval(), x.to(device), what
+    return model.to(device).eval(), x.to(device), y.to(device), what
 
 
 def pass_times(model, x1: torch.Tensor, repeats: int, device) -> dict:
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
         modes.remove("cudagraph")
         skipped["cudagraph"] = "needs a CUDA device"
 
-    model, x, what = load_setup(args, device)
+    model, x, _, what = load_setup(args, device)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(x.shape[0], generator=gen)[:args.edits].tolist()
     labels = torch.randint(0, 10, (len(idx),), generator=gen).tolist()

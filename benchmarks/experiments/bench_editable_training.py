@@ -64,18 +64,22 @@ init, editable ``layer3``, suffix layer3 + layer4 + linear: ~0.56 GFLOP per imag
 ResNet-20, so a default run takes far longer than the ~2 minutes of ResNet-20 on 2 cores; use a
 smaller ``--batch``/``--repeats``), ``--out JSON``.
 
+``--device cuda`` (default: CUDA when available) runs the same on a GPU: every timer waits for the
+device (``torch.cuda.synchronize``), peak memory is the caching allocator's peak above the level
+before the step (``torch.cuda.max_memory_allocated``), the profiler count is skipped (CPU only, as with
+``--alloc-profile 0``), and the load average is not waited for. ``--synthetic``: a fresh ResNet-20 and
+random images and labels of CIFAR-10's shapes, for machines without the data (the JSON's
+``config.data`` says which was used).
+
     python benchmarks/experiments/bench_editable_training.py --out benchmarks/results/bench_editable_training.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -100,29 +104,6 @@ METHODS = ("plain", "fastedit", "fastedit_remat", "fastedit_autograd_step", "fas
 
 
 # ------------------------------------------------------------------------------------------------
-# memory measurement
-# ------------------------------------------------------------------------------------------------
-def torch_alloc_peak(fn) -> tuple[int | None, object, str | None]:
-    """(peak of live torch CPU allocations during ``fn()`` above the level at its start, in bytes,
-    fn's result, error): ``torch.profiler`` with ``profile_memory=True``, exported as a memory timeline
-    (per-category live bytes at every allocation/free) and summed over categories."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        out = fn()
-    try:
-        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # export_memory_timeline is marked deprecated (CUDA snapshots replace it)
-            path = os.path.join(d, "timeline.json")
-            prof.export_memory_timeline(path, device="cpu")
-            with open(path) as f:
-                _, sizes = json.load(f)
-        return max(max(sum(row) for row in sizes), 0), out, None
-    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
-        return None, out, f"{type(exc).__name__}: {exc}"
-
-
-# ------------------------------------------------------------------------------------------------
 # shared pieces
 # ------------------------------------------------------------------------------------------------
 def constraint(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -135,36 +116,33 @@ def kl_batchmean(ref_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch
                     log_target=True, reduction="batchmean")
 
 
-class RawHParams(torch.nn.Module):
-    """Learnable lr (log space) and β (logit), as fastedit's LearnableEditor parametrises them."""
-
-    def __init__(self, lr: float, beta: float):
-        super().__init__()
-        self.log_lr = torch.nn.Parameter(torch.tensor(float(torch.tensor(lr).log())))
-        self.logit_beta = torch.nn.Parameter(torch.tensor(float(torch.tensor(beta).logit())))
-
-    def values(self):
-        return self.log_lr.exp(), torch.sigmoid(self.logit_beta)
-
-
 # ------------------------------------------------------------------------------------------------
 # the methods: each owns a model copy and an optimizer; step(x, y, ex, ey) -> inner steps taken
 # ------------------------------------------------------------------------------------------------
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 class Plain:
     def __init__(self, model, cfg):
-        self.model = model
+        self.model, self.device = model, _device(model)
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg["adam_lr"])
 
     def step(self, x, y, ex, ey, timer=None):
-        t = time.perf_counter()
+        def now():  # a phase ends when the device's queued work does (CUDA runs asynchronously)
+            if timer is not None:
+                common.sync(self.device)
+            return time.perf_counter()
+
+        t = now()
         loss = F.cross_entropy(self.model(x), y)
-        t1 = time.perf_counter()
+        t1 = now()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = now()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if timer is not None:
-            timer.add(fwd=t1 - t, bwd=t2 - t1, opt=time.perf_counter() - t2)
+            timer.add(fwd=t1 - t, bwd=t2 - t1, opt=now() - t2)
         return 0
 
 
@@ -173,6 +151,8 @@ class FastEdit:
         self.et = fe.EditableTraining(model, params=cfg["params"], editor=fe.RMSProp(cfg["lr"], beta=cfg["beta"]),
                                       max_steps=cfg["k"], c_edit=cfg["c_edit"], c_loc=cfg["c_loc"],
                                       learn=("lr", "beta"), rematerialize=rematerialize, closed_form=closed_form)
+        self.device = _device(model)
+        self.et.to(self.device)  # the learnable lr and β are created on the CPU
         self.opt = torch.optim.Adam(self.et.parameters(), lr=cfg["adam_lr"])
 
     def step(self, x, y, ex, ey):
@@ -185,19 +165,24 @@ class FastEdit:
     def step_breakdown(self, x, y, ex, ey, timer):
         """The phases of EditableTraining.forward (loc_mode="shared"), timed one by one."""
         et = self.et
-        t0 = time.perf_counter()
+
+        def now():
+            common.sync(self.device)
+            return time.perf_counter()
+
+        t0 = now()
         mi, mi_e = ModelInputs.of(x), ModelInputs.of(ex)
         base = fe.Classification(y)
         split = et._split(mi)
         acts, out = split.prefix_and_output(mi)
         logits = et._read(out)
         loss_base = F.cross_entropy(logits, y)
-        t1 = time.perf_counter()
+        t1 = now()
         with eval_mode(et.model):
             split_e = et._split(mi_e)
             acts_e = split_e.prefix(mi_e)
             theta, final, steps = et._run_edit(split_e, acts_e, fe.Classification(ey), et.learned_editor)
-        t2 = time.perf_counter()
+        t2 = now()
         if int(steps) > 0:
             loss_loc = et._kl_to_edited(split, acts, logits, theta, base)
         else:
@@ -205,12 +190,12 @@ class FastEdit:
         objective = loss_base + et.c_edit * F.relu(final) + et.c_loc * loss_loc
         for p in et.learned_editor.parameters():
             objective = objective + (0.0 * p.sum()).to(objective.dtype)
-        t3 = time.perf_counter()
+        t3 = now()
         objective.backward()
-        t4 = time.perf_counter()
+        t4 = now()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        t5 = time.perf_counter()
+        t5 = now()
         timer.add(base_fwd=t1 - t0, edit_fwd=t2 - t1, loc_fwd=t3 - t2, bwd=t4 - t3, opt=t5 - t4,
                      inner_steps=float(steps))
         return float(steps)
@@ -222,7 +207,7 @@ class Naive:
     def __init__(self, model, cfg):
         self.model, self.cfg = model, cfg
         self.names = [n for n, _ in model.named_parameters() if n == cfg["params"] or n.startswith(cfg["params"] + ".")]
-        self.hp = RawHParams(cfg["lr"], cfg["beta"])
+        self.hp = common.RawHParams(cfg["lr"], cfg["beta"]).to(_device(model))
         self.opt = torch.optim.Adam([*model.parameters(), *self.hp.parameters()], lr=cfg["adam_lr"])
 
     def step(self, x, y, ex, ey):
@@ -274,7 +259,7 @@ class Higher:
         self.model, self.cfg = model, cfg
         layer = model.get_submodule(cfg["params"])
         self.inner_opt = torch.optim.RMSprop(layer.parameters(), lr=cfg["lr"], alpha=cfg["beta"], eps=cfg["eps"])
-        self.hp = RawHParams(cfg["lr"], cfg["beta"])
+        self.hp = common.RawHParams(cfg["lr"], cfg["beta"]).to(_device(model))
         self.opt = torch.optim.Adam([*model.parameters(), *self.hp.parameters()], lr=cfg["adam_lr"])
 
     def step(self, x, y, ex, ey):
@@ -318,10 +303,13 @@ class SuffixFloor:
         self.target = EditTarget.build(model, cfg["params"])
 
     def step(self, x, y, ex, ey):
+        device = _device(self.model)
         with torch.no_grad():
             acts = self.target.prefix(x)
+        common.sync(device)
         t = time.perf_counter()
         F.cross_entropy(self.target.logits(acts), y).backward()
+        common.sync(device)
         elapsed = time.perf_counter() - t
         for p in self.model.parameters():
             p.grad = None
@@ -334,6 +322,9 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", help="the CIFAR-10 ResNet-20 checkpoint (default: $FASTEDIT_MODELS/resnet20-12fca82f.th)")
     ap.add_argument("--random-init", action="store_true", help="a fresh ResNet-20 instead of the pretrained one")
     ap.add_argument("--data", help="the lossless CIFAR-10 subset (default: $FASTEDIT_DATA/cifar10/cifar10_lossless_subset.npz)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="a fresh ResNet-20 and random images and labels of CIFAR-10's shapes (no data or weights needed)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="k: the editor's maximum inner steps")
     ap.add_argument("--repeats", type=int, default=15, help="timed repetitions (each: one step per method)")
@@ -348,21 +339,25 @@ def main(argv=None) -> None:
     ap.add_argument("--max-wait", type=float, default=120.0)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of the methods to run (plain and fastedit always run)")
+    ap.add_argument("--alloc-profile", type=int, choices=(0, 1), default=1,
+                    help="1: also torch's own count of tensor bytes, one profiled step per method (CPU only; slow)")
     args = ap.parse_args(argv)
-    args.weights = str(args.weights or common.models_dir() / "resnet20-12fca82f.th")
-    args.data = str(args.data or common.data_dir() / "cifar10" / "cifar10_lossless_subset.npz")
+    if args.synthetic:
+        args.random_init = True
+    elif args.model == "resnet20" and not args.random_init:
+        args.weights = str(args.weights or common.models_dir() / "resnet20-12fca82f.th")
+    if not args.synthetic:
+        args.data = str(args.data or common.data_dir() / "cifar10" / "cifar10_lossless_subset.npz")
     if args.repeats < 1:
         ap.error("--repeats must be ≥ 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    waited, t0 = 0.0, time.monotonic()
-    while common.load_average()[0] > args.max_load and time.monotonic() - t0 < args.max_wait:
-        print(f"load average {common.load_average()[0]:.2f} > {args.max_load}: waiting", flush=True)
-        time.sleep(10)
-    waited = time.monotonic() - t0
+    # the load of the CPU cores matters to CPU timings only
+    waited = common.wait_for_load(args.max_load, args.max_wait) if device.type == "cpu" else 0.0
     load_before = common.load_average()
-    machine = common.machine_info()
+    machine = common.machine_info(device)
     torch.manual_seed(args.seed)
     if args.model == "resnet18":
         base, model_desc = resnet18_cifar(), "resnet18_cifar (random init; editable layer3, suffix layer3+layer4+linear)"
@@ -372,11 +367,19 @@ def main(argv=None) -> None:
         if not pathlib.Path(args.weights).is_file():
             sys.exit(f"{args.weights} not found: give --weights, or --random-init for a fresh ResNet-20")
         base, model_desc = load_pretrained_cifar_resnet(args.weights), f"resnet20 (pretrained, {args.weights})"
-    base = base.float().train()
+    base = base.float().train().to(device)
 
-    xs, ys = fdata.load_cifar10_lossless(args.data, "train")
-    xs = fdata.to_float_tensor(xs, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
     n_steps = args.warmup + args.repeats + args.memory_repeats + 1
+    if args.synthetic:
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        xs = torch.randn(n_steps * args.batch, 3, 32, 32, generator=gen)
+        ys = torch.randint(0, 10, (n_steps * args.batch,), generator=gen)
+        data_desc = "synthetic: random N(0, 1) images [3, 32, 32] and uniform labels (no CIFAR-10 data)"
+    else:
+        xs, ys = fdata.load_cifar10_lossless(args.data, "train")
+        xs = fdata.to_float_tensor(xs, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
+        ys = torch.as_tensor(ys, dtype=torch.int64)
+        data_desc = common.portable(args.data)
     if n_steps * args.batch > xs.shape[0]:
         sys.exit(f"{n_steps} batches of {args.batch} need more than the {xs.shape[0]} training images")
     gen = torch.Generator().manual_seed(args.seed)
@@ -386,7 +389,8 @@ def main(argv=None) -> None:
         idx = perm[i * args.batch:(i + 1) * args.batch]
         j = int(torch.randint(0, args.batch, (1,), generator=gen))
         ey = torch.randint(0, 10, (1,), generator=gen)
-        batches.append((xs[idx], ys[idx], xs[idx][j:j + 1], ey))
+        batch = (xs[idx], ys[idx], xs[idx][j:j + 1], ey)
+        batches.append(tuple(t.to(device) for t in batch))
 
     cfg = dict(params="layer3", lr=args.editor_lr, beta=0.5, eps=1e-6, k=args.steps, c_edit=0.01, c_loc=0.01, adam_lr=1e-4)
     methods: dict[str, object] = {}
@@ -441,8 +445,10 @@ def main(argv=None) -> None:
         batch = batches[rep]
         measured = rep >= args.warmup
         for name in list(methods):
+            common.sync(device)
             c, t = time.process_time(), time.perf_counter()
             s = run(name, batch)
+            common.sync(device)
             elapsed, cpu = time.perf_counter() - t, time.process_time() - c
             if s is not None and measured:
                 times[name].append(elapsed)
@@ -462,17 +468,18 @@ def main(argv=None) -> None:
     for rep in tqdm(range(args.memory_repeats), desc="memory repetitions", unit="rep"):
         batch = batches[args.warmup + args.repeats + rep]
         for name in list(methods):
-            peak, s, mem_method = common.peak_memory_increase(lambda: run(name, batch))
+            peak, s, mem_method = common.peak_memory_increase(lambda: run(name, batch), device)
             if s is not None:
                 peaks[name].append(peak)
-        peak, _, _ = common.peak_memory_increase(lambda: floor.step(*batch))
+        peak, _, _ = common.peak_memory_increase(lambda: floor.step(*batch), device)
         floor_peaks.append(peak)
     # torch's own count of live tensor bytes (one profiled step each: the allocations are deterministic
     # given the inner steps taken, and profiling with stacks is slow)
     alloc_peaks, alloc_errors = {}, {}
     batch = batches[-1]
-    for name in tqdm(list(methods), desc="torch allocation peaks", unit="method"):
-        peak, s, err = torch_alloc_peak(lambda: run(name, batch))
+    profiled = list(methods) if device.type == "cpu" and args.alloc_profile else []  # CUDA: the allocator's peak is that count
+    for name in tqdm(profiled, desc="torch allocation peaks", unit="method"):
+        peak, s, err = common.torch_alloc_peak(lambda: run(name, batch))
         if err is not None:
             alloc_errors[name] = err
         if s is not None and peak is not None:
@@ -555,19 +562,24 @@ def main(argv=None) -> None:
         "command": common.command_line(__file__, argv),
         "machine": {**machine, "load_average_before": load_before, "load_average_after": load_after,
                     "load_average_1min_per_repetition": load_during, "waited_for_load_seconds": waited,
-                    "note": "2 cores shared with other jobs: a load above ~2 means other processes competed "
-                            "for the cores during the measurement (interleaving spreads that over all methods)"},
-        "config": {**cfg, "model": model_desc, "batch": args.batch, "dtype": "float32", "mode": "train",
+                    "note": ("2 cores shared with other jobs: a load above ~2 means other processes competed "
+                             "for the cores during the measurement (interleaving spreads that over all methods)"
+                             if device.type == "cpu" else "CUDA: timers synchronise the device; the load average "
+                             "is of the host's cores")},
+        "config": {**cfg, "model": model_desc, "device": str(device), "synthetic": args.synthetic,
+                   "batch": args.batch, "dtype": "float32", "mode": "train",
                    "optimizer": f"Adam(lr={cfg['adam_lr']}) over the model and the learnable lr, beta",
                    "learn": ["lr", "beta"], "edits": "one per batch: an image of the batch, uniform random target",
                    "warmup": args.warmup, "repeats": args.repeats, "memory_repeats": args.memory_repeats,
-                   "seed": args.seed, "data": common.portable(args.data)},
+                   "seed": args.seed, "data": data_desc},
         "memory_method": {
-            "peak_bytes": (f"{mem_method}: peak resident-set increase during one step, after gc.collect() and "
-                           "malloc_trim(0); median over the memory repetitions, after the timed ones"),
+            "peak_bytes": (f"{mem_method}: peak increase during one step over the level before it (CUDA: the "
+                           "caching allocator's peak; CPU: the resident set, after gc.collect() and malloc_trim(0)); "
+                           "median over the memory repetitions, after the timed ones"),
             "torch_alloc_peak_bytes": ("torch.profiler(profile_memory=True, record_shapes=True, with_stack=True) "
                                        ".export_memory_timeline(device='cpu'): peak of live torch CPU tensor bytes "
-                                       "above the level at the step's start, one profiled step per method"),
+                                       "above the level at the step's start, one profiled step per method"
+                                       if profiled else "not measured (CUDA, or --alloc-profile 0)"),
             "torch_alloc_errors": alloc_errors,
         },
         "table": table,
@@ -578,7 +590,7 @@ def main(argv=None) -> None:
         "targets": targets,
         "analysis": analysis,
         "errors": errors,
-        "packages": {"higher": _version("higher")},
+        "packages": {"higher": common.package_version("higher")},
     }
     if args.out:
         common.write_json(args.out, result, indent=2)
@@ -623,14 +635,6 @@ def analyse(table: dict, bd: dict, plain_t: float, floor_t: float) -> list[str]:
                          f"{row['seconds_per_step'] / table['fastedit']['seconds_per_step']:.2f}x faster and uses "
                          f"{row['peak_bytes'] / table['fastedit']['peak_bytes']:.2f}x less peak memory")
     return lines
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(pkg)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 if __name__ == "__main__":

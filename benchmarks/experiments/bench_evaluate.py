@@ -19,6 +19,9 @@ edited model; only the suffix after the editable stage depends on the edit, so t
 one suffix forward over the 1,017 cached prefix activations (measured in the same run, ~0.07 s on
 this CPU with 2 threads), plus the edit's own steps (one suffix forward+backward on one image each).
 Expected: evaluate ≈ floor + steps·(~10 ms); official ≈ full forward (~0.5–1 s) + steps·full fwd/bwd.
+``fraction_of_floor`` compares with that control pass alone; ``fraction_of_floor_full`` with all the
+work an evaluation must do: the control set's prefix once (amortised over the edits), one control
+suffix pass per edit that changed the model, and the edit's own passes (as in bench_edit.py).
 
 All methods must give identical per-edit steps, successes and error counts (checked and reported).
 
@@ -37,14 +40,12 @@ import time
 import torch
 
 import fastedit as fe
-from fastedit import data as fdata
 from fastedit._core import EditTarget
-from fastedit.models import load_pretrained_cifar_resnet
 
 if __package__ in (None, ""):  # run as a file: the repository root on the path, for benchmarks.common
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
-from benchmarks.experiments.bench_edit import classification_loss  # noqa: E402
+from benchmarks.experiments.bench_edit import classification_loss, load_setup, pass_times  # noqa: E402
 
 
 def official_protocol(model, x_e, y_e, x_c, y_c, editor, names, max_steps, control_batch):
@@ -88,17 +89,22 @@ def main(argv=None) -> None:
     ap.add_argument("--vmap-groups", default="4,16", help="edits per group for the vmap strategy")
     ap.add_argument("--chunk-sizes", default="64,128,256,512,1017", help="control chunk sizes to time")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--synthetic", action="store_true", help="random weights, images and labels (no data needed)")
+    ap.add_argument("--control", type=int, default=None, help="use the first N control images (default: all 1,017)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    machine = common.machine_info()
+    device = torch.device(args.device)
+    machine = common.machine_info(device)
 
-    model = load_pretrained_cifar_resnet(args.weights or common.models_dir() / "resnet20-12fca82f.th")
-    x, y = fdata.load_cifar10_lossless(common.data_dir(args.data_dir) / "cifar10" / "cifar10_lossless_subset.npz", "test")
-    x = fdata.to_float_tensor(x, fdata.CIFAR10_MEAN, fdata.CIFAR10_STD)
+    model, x, y, setup = load_setup(args, device)
+    if args.control is not None:
+        x, y = x[:args.control], y[:args.control]
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(x.shape[0], generator=gen)[:args.edits]
-    x_e, y_e = x[idx], torch.randint(0, 10, (args.edits,), generator=gen)
+    idx = torch.randperm(x.shape[0], generator=gen)[:args.edits].to(device)
+    x_e, y_e = x[idx], torch.randint(0, 10, (len(idx),), generator=gen).to(device)
+    args.edits = len(idx)
     if args.lr is None:
         from fastedit.demo import HPARAMS_FILE
         args.lr = json.loads(HPARAMS_FILE.read_text())["settings"]["resnet"]["rmsprop"]["lr"]
@@ -119,35 +125,52 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for bs in [int(v) for v in args.chunk_sizes.split(",")]:
             acts = [target.prefix(x[lo:lo + bs]) for lo in range(0, x.shape[0], bs)]
-            times = common.time_calls(lambda acts=acts: [target.logits(a) for a in acts], 5)
+            times = common.time_calls(lambda acts=acts: [target.logits(a) for a in acts], 5, device=device)
             chunk_seconds[bs] = statistics.median(times)
             print(f"suffix forward over {x.shape[0]} images in chunks of {bs}: {1000 * chunk_seconds[bs]:.1f} ms", flush=True)
+        prefix_once = statistics.median(common.time_calls(
+            lambda: [target.prefix(x[lo:lo + 256]) for lo in range(0, x.shape[0], 256)], 3, device=device))
     floor = min(chunk_seconds.values())
     print(f"floor: suffix forward over {x.shape[0]} control images = {1000 * floor:.1f} ms", flush=True)
 
+    def clock(fn):
+        common.sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        common.sync(device)
+        return out, time.perf_counter() - t0
+
     fe.evaluate(model, (x_e[:2], y_e[:2]), (x, y), editor=editor, params="layer3", progress=False)  # warm-up
-    t0 = time.perf_counter()
-    rep = fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3", progress=False, strategy="loop")
-    record("fastedit_loop", time.perf_counter() - t0, args.edits)
+    rep, secs = clock(lambda: fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3", progress=False,
+                                          strategy="loop"))
+    record("fastedit_loop", secs, args.edits)
     fast_rows = list(zip(rep.per_edit["steps"].tolist(), rep.per_edit["errors"].tolist()))
     same = {}
     for g in [int(v) for v in args.vmap_groups.split(",") if v]:
-        t0 = time.perf_counter()
-        rv = fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3", progress=False,
-                         strategy="vmap", edits_per_group=g)
-        record(f"fastedit_vmap{g}", time.perf_counter() - t0, args.edits)
+        rv, secs = clock(lambda g=g: fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3",
+                                                 progress=False, strategy="vmap", edits_per_group=g))
+        record(f"fastedit_vmap{g}", secs, args.edits)
         same[f"fastedit_vmap{g}"] = list(zip(rv.per_edit["steps"].tolist(), rv.per_edit["errors"].tolist())) == fast_rows
 
-    t0 = time.perf_counter()
-    rows = naive_loop(model, x_e, y_e, x, y, editor, 10)
-    record("naive", time.perf_counter() - t0, args.edits)
+    rows, secs = clock(lambda: naive_loop(model, x_e, y_e, x, y, editor, 10))
+    record("naive", secs, args.edits)
     same["naive"] = rows == fast_rows
     n_off = min(args.official_edits, args.edits)
-    t0 = time.perf_counter()
-    rows = official_protocol(model, x_e[:n_off], y_e[:n_off], x, y, editor, names, 10, args.official_batch)
-    record("official", time.perf_counter() - t0, n_off)
+    rows, secs = clock(lambda: official_protocol(model, x_e[:n_off], y_e[:n_off], x, y, editor, names, 10,
+                                                 args.official_batch))
+    record("official", secs, n_off)
     same["official"] = rows == fast_rows[:n_off]
 
+    # the whole floor: the control prefix once (amortised), one control suffix pass per edit that
+    # changed the model, and the edit's own passes (prefix, suffix forward and backward per step, one
+    # last suffix forward; every masked step where the loop does not exit early)
+    steps = rep.per_edit["steps"].double()
+    passes = pass_times(model, x_e[:1], 20, device)
+    edit_steps = float(steps.mean()) if device.type == "cpu" else 10.0
+    edit_floor = 1e-3 * (passes["prefix_forward"] + edit_steps * passes["suffix_forward_backward"]
+                         + passes["suffix_forward"])
+    changed = float((steps > 0).double().mean())
+    floor_full = prefix_once / args.edits + changed * floor + edit_floor
     fast = results["fastedit_loop"]["seconds_per_edit"]
     summary = {
         "speedup_vs_official": results["official"]["seconds_per_edit"] / fast,
@@ -155,12 +178,18 @@ def main(argv=None) -> None:
         "floor_seconds_per_edit": floor,
         "suffix_seconds_by_chunk_size": chunk_seconds,
         "fraction_of_floor": floor / fast,
+        "floor_full_seconds_per_edit": floor_full,
+        "fraction_of_floor_full": floor_full / fast,
+        "floor_parts_seconds": {"control_prefix_once": prefix_once, "control_suffix_pass": floor,
+                                "edits_changing_the_model": changed, "edit_passes": edit_floor,
+                                "passes_ms": passes},
         "mean_steps": rep.mean_steps,
         "identical_steps_and_errors": same,
     }
     for k, v in summary.items():
         print(f"{k}: {v}")
-    out = {"command": common.command_line(__file__, argv), "editor": editor.to_dict(),
+    out = {"command": common.command_line(__file__, argv), "setup": setup, "device": str(device),
+           "editor": editor.to_dict(),
            "control_images": int(x.shape[0]), "results": results, "summary": summary,
            "machine": machine, "load_average_at_end": common.load_average()}
     common.write_json(args.out, out)
