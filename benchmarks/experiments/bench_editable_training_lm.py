@@ -77,10 +77,14 @@ real ``EditableTraining`` call with timers wrapped around its ``_run_edit`` (the
 last constraint evaluation), ``_kl_to_edited`` (the L_loc forward) and the split's ``prefix`` (the
 edit sequence's prefix), so base forward = forward − those; backward; optimizer step.
 
-    python benchmarks/experiments/bench_editable_training_lm.py --device cpu \\
+    python benchmarks/experiments/bench_editable_training_lm.py --device cpu --threads 1 --max-load 1.0 \\
         --out benchmarks/results/bench_editable_training_lm.json
     python benchmarks/experiments/bench_editable_training_lm.py --quick --out /tmp/lm_quick.json
     python benchmarks/experiments/bench_editable_training_lm.py --preset gpu --device cuda --out lm_gpu.json
+
+(``--threads 1`` on a shared 2-core machine: under competing jobs two OpenMP threads wait for each
+other at every parallel region, and one run's ET steps came out 12× a plain step; one thread
+degrades evenly.)
 """
 from __future__ import annotations
 
