@@ -149,6 +149,15 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn: Callable[[], object], device=None) -> tuple[object, float, float]:
+    """``(fn(), wall seconds, process CPU seconds)``, the device synchronised before and after."""
+    sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
 def time_calls(fn: Callable[[], object], repeats: int, *, warmup: int = 1, device=None,
                cpu_times: list[float] | None = None) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (compilation,

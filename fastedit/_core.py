@@ -309,24 +309,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-_READERS: dict = {}
-
-
-def _reader(output: OutputSpec) -> Callable:
-    """``out -> logits`` for an ``output`` spec; one function per key or index (``None`` included),
-    so that caches keyed on the reader (the compiled steps) see the same one for equal specs."""
-    key = (type(output), output) if output is None or type(output) in (str, int) else None
-    if key in _READERS:
-        return _READERS[key]
-    spec = resolve_output(output)
-
-    def read(out):
-        return read_logits(out, spec)
-    if key is not None and len(_READERS) < 256:
-        _READERS[key] = read
-    return read
-
-
 def _first_param_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
@@ -358,7 +340,10 @@ class EditTarget:
         fingerprint = model_fingerprint(model)  # one walk serves the selection and the split caches
         chosen = cached_selection(model, params, include_frozen, fingerprint)
         check_editable(chosen)
-        read = _reader(output)
+        reader = resolve_output(output)
+
+        def read(out):
+            return read_logits(out, reader)
         target = cls(model, [n for n, _ in chosen], [p for _, p in chosen], read, use_prefix)
         if inputs is not None:
             target._ensure_split(ModelInputs.of(inputs), fingerprint)

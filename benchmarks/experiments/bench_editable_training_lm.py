@@ -579,11 +579,7 @@ def main(argv=None) -> None:
     for rep in range(a.warmup + a.repeats):
         batch, measured = batches[rep], rep >= a.warmup
         for name in list(methods):
-            common.sync(device)
-            c, t = time.process_time(), time.perf_counter()
-            s = run(name, batch)
-            common.sync(device)
-            elapsed, cpu = time.perf_counter() - t, time.process_time() - c
+            s, elapsed, cpu = common.timed(lambda: run(name, batch), device)
             if s is not None and measured:
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu)
