@@ -158,6 +158,12 @@ def timed(fn: Callable[[], object], device=None) -> tuple[object, float, float]:
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
+def wall(fn: Callable[[], object], device=None) -> tuple[object, float]:
+    """``(fn(), wall seconds)``, the device synchronised before and after."""
+    out, seconds, _cpu = timed(fn, device)
+    return out, seconds
+
+
 def time_calls(fn: Callable[[], object], repeats: int, *, warmup: int = 1, device=None,
                cpu_times: list[float] | None = None) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (compilation,

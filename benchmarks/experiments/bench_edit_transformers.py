@@ -178,11 +178,16 @@ def bench_model(name: str, model, edits: list, params: str, editor, max_steps: i
     return out
 
 
-def minilm_setup(models_dir: pathlib.Path, data_dir: pathlib.Path, n_edits: int, seq_len: int):
+def minilm_model(models_dir: pathlib.Path | None, synthetic: bool = False):
+    """``(model, tokenizer, source)``: ``BertForSequenceClassification`` from the pretrained
+    all-MiniLM-L6-v2 in ``models_dir`` with a fresh 2-class head (seeded), in eval mode; with random
+    weights of MiniLM's shapes and no tokenizer when ``synthetic`` or the files are missing
+    (``source`` says which)."""
     import transformers as tf
-    path = models_dir / "all-MiniLM-L6-v2"
+    path = None if models_dir is None else models_dir / "all-MiniLM-L6-v2"
     torch.manual_seed(0)  # the fresh classification head
-    if path.is_dir():
+    if not synthetic and path is not None and path.is_dir():
+        tf.logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected
         model = tf.BertForSequenceClassification.from_pretrained(path, num_labels=2)
         tok = tf.AutoTokenizer.from_pretrained(path)
         source = "pretrained all-MiniLM-L6-v2, fresh 2-class head"
@@ -190,15 +195,31 @@ def minilm_setup(models_dir: pathlib.Path, data_dir: pathlib.Path, n_edits: int,
         cfg = tf.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
                             num_labels=2)
         model, tok = tf.BertForSequenceClassification(cfg), None
-        source = "random weights with MiniLM's shapes (pretrained files not found)"
+        source = "random weights with MiniLM's shapes (" + (
+            "--synthetic" if synthetic else "pretrained files not found") + ")"
+    return model.eval(), tok, source
+
+
+def random_token_batch(n: int, seq_len: int, seed: int, ragged: bool = False) -> dict:
+    """A tokenizer-like batch of ``n`` rows of random WordPiece ids (1000-29999): full rows, or with
+    ``ragged`` a random length in [8, seq_len] per row, padded with id 0 and masked."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (n, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    if ragged:
+        lengths = torch.randint(min(8, seq_len), seq_len + 1, (n, 1), generator=g)
+        mask = (torch.arange(seq_len) < lengths).to(ids.dtype)
+        ids = ids * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def minilm_setup(models_dir: pathlib.Path, data_dir: pathlib.Path, n_edits: int, seq_len: int):
+    model, tok, source = minilm_model(models_dir)
     texts = _texts(data_dir, n_edits)
     if tok is not None:
         batch = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     else:
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(1000, 30000, (n_edits, seq_len), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    model.eval()
+        batch = random_token_batch(n_edits, seq_len, seed=1)
     with torch.no_grad():
         pred = model(**batch).logits.argmax(-1)
     edits = [({k: v[i:i + 1] for k, v in batch.items()}, fe.Classification(1 - pred[i:i + 1])) for i in range(n_edits)]

@@ -35,7 +35,6 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 import torch
 
@@ -133,31 +132,25 @@ def main(argv=None) -> None:
     floor = min(chunk_seconds.values())
     print(f"floor: suffix forward over {x.shape[0]} control images = {1000 * floor:.1f} ms", flush=True)
 
-    def clock(fn):
-        common.sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        common.sync(device)
-        return out, time.perf_counter() - t0
 
     fe.evaluate(model, (x_e[:2], y_e[:2]), (x, y), editor=editor, params="layer3", progress=False)  # warm-up
-    rep, secs = clock(lambda: fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3", progress=False,
-                                          strategy="loop"))
+    rep, secs = common.wall(lambda: fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3",
+                                                progress=False, strategy="loop"), device)
     record("fastedit_loop", secs, args.edits)
     fast_rows = list(zip(rep.per_edit["steps"].tolist(), rep.per_edit["errors"].tolist()))
     same = {}
     for g in [int(v) for v in args.vmap_groups.split(",") if v]:
-        rv, secs = clock(lambda g=g: fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3",
-                                                 progress=False, strategy="vmap", edits_per_group=g))
+        rv, secs = common.wall(lambda g=g: fe.evaluate(model, (x_e, y_e), (x, y), editor=editor, params="layer3",
+                                                       progress=False, strategy="vmap", edits_per_group=g), device)
         record(f"fastedit_vmap{g}", secs, args.edits)
         same[f"fastedit_vmap{g}"] = list(zip(rv.per_edit["steps"].tolist(), rv.per_edit["errors"].tolist())) == fast_rows
 
-    rows, secs = clock(lambda: naive_loop(model, x_e, y_e, x, y, editor, 10))
+    rows, secs = common.wall(lambda: naive_loop(model, x_e, y_e, x, y, editor, 10), device)
     record("naive", secs, args.edits)
     same["naive"] = rows == fast_rows
     n_off = min(args.official_edits, args.edits)
-    rows, secs = clock(lambda: official_protocol(model, x_e[:n_off], y_e[:n_off], x, y, editor, names, 10,
-                                                 args.official_batch))
+    rows, secs = common.wall(lambda: official_protocol(model, x_e[:n_off], y_e[:n_off], x, y, editor, names, 10,
+                                                       args.official_batch), device)
     record("official", secs, n_off)
     same["official"] = rows == fast_rows[:n_off]
 

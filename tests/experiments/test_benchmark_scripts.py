@@ -26,6 +26,7 @@ SCRIPTS = [
      ["--random-init", "--batch", "4", "--repeats", "1", "--warmup", "0", "--memory-repeats", "1",
       "--methods", "plain,fastedit", "--max-load", "1000"], True),
     ("benchmarks.experiments.editable_training_digits", ["--seeds", "1", "--epochs", "1", "--edits", "3"], False),
+    ("benchmarks.experiments.bench_evaluate_transformers", ["--quick", "--threads", "1"], True),
 ]
 
 
