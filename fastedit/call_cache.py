@@ -359,6 +359,18 @@ def _answering(acts: CachedActs):
 
 
 
+@contextlib.contextmanager
+def installed_forwards(pairs):
+    """Run with each ``(module, fn)``'s ``fn`` as the module's ``forward`` (its hooks still run around it)."""
+    saved = [(m, m.__dict__.get("forward", _MISSING)) for m, _ in pairs]
+    try:
+        for m, fn in pairs:
+            m.__dict__["forward"] = fn
+        yield
+    finally:
+        _put_back(saved)
+
+
 def replay(model: nn.Module, acts: CachedActs) -> Any:
     """The model's output on ``acts.inputs``, the cached calls answered from ``acts``."""
     if torch.is_grad_enabled() != acts.grad:

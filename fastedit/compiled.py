@@ -3,7 +3,9 @@
 What is compiled: the split's suffix ``theta, acts -> output`` with the editable parameters passed
 in (``torch.func.functional_call``), forward and (through AOTAutograd) backward, and for fx splits
 the frozen prefix under no grad; one compiled function serves every edit of a model, selection and
-input shape. The constraint (a few ops on the logits, with its label checks), the fused editor step
+input shape. A cached-call split (:mod:`fastedit.call_cache`) replays the model's own Python, which
+is not compiled whole: its glue runs eager and its units (:func:`compile_units`, e.g. the edited
+transformer layer) are compiled. The constraint (a few ops on the logits, with its label checks), the fused editor step
 (already one kernel) and the loop's bookkeeping stay eager: they are not where an edit's time goes,
 and keeping the checks eager keeps the errors the eager path raises.
 
@@ -115,10 +117,86 @@ def _shape_key(tree) -> tuple:
 
 def compilable(split) -> str | None:
     """None if the split's suffix can be compiled, else why not."""
-    if split.method == "call-cache":
-        return ("the model's prefix is skipped by cached module calls (fx could not trace it), which replay "
-                "Python per call: the edit runs eager")
     return None
+
+
+def compile_units(model: torch.nn.Module, containers: frozenset | set, cached: set) -> list[torch.nn.Module]:
+    """What a cached-call split compiles: the largest submodules (never the model itself) that contain
+    editable parameters and no cached call (``containers``, ``cached``: module ids), e.g. the edited
+    transformer layer. The glue between them (masks, residuals, the head's reshapes) stays eager."""
+    units: list[torch.nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(module):
+        for child in module.children():
+            if id(child) not in containers or id(child) in seen:
+                continue
+            seen.add(id(child))
+            if any(id(m) in cached for m in child.modules()):
+                visit(child)
+            else:
+                units.append(child)
+    visit(model)
+    return units
+
+
+class _Unit:
+    """One compiled unit: its ``forward`` (bound before it is replaced) under ``torch.compile``, the
+    editable tensors of the current step passed in by name (reparametrised, as ``functional_call``
+    does), its frozen parameters and buffers lifted by torch.compile as graph inputs, and guards on
+    its attributes (``training`` and the like): a changed module recompiles instead of running
+    stale code."""
+
+    def __init__(self, module: torch.nn.Module, index: dict[int, int]):
+        from torch.nn.utils.stateless import _reparametrize_module
+        forward = module.forward
+        self.editable = [(n, index[id(p)]) for n, p in module.named_parameters(remove_duplicate=False)
+                         if id(p) in index]
+        self.theta: Sequence[Tensor] | None = None  # the step's editable tensors, set around each replay
+
+        def run(state, args, kwargs):
+            with _reparametrize_module(module, state):
+                return forward(*args, **kwargs)
+        self.fn = torch.compile(run, dynamic=False)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn({n: self.theta[i] for n, i in self.editable}, args, kwargs)
+
+
+class _CallCacheUnits:
+    """A cached-call split's compiled suffix: the replay, its glue eager, the units
+    (:func:`compile_units`) compiled, made once per set of cached modules (the recorded plan)."""
+
+    def __init__(self, split, suffix_module: torch.nn.Module):
+        self.split, self.suffix_module = split, suffix_module
+        self.by_plan: dict[tuple, tuple] = {}  # cached module ids -> (slots outside the units, [(unit, _Unit)])
+
+    def _plan(self, acts) -> tuple:
+        key = tuple(sorted({id(m) for m, *_ in acts.plan}))
+        got = self.by_plan.get(key)
+        if got is None:
+            from .selection import parameter_slots  # late: selection imports _validate
+            params = self.split.watch().params
+            index = {id(p): i for i, p in enumerate(params)}
+            units = compile_units(self.split.model, self.split.watch().containers, set(key))
+            inside = {id(m) for u in units for m in u.modules()}
+            slots = [[(m, n) for m, n in where if id(m) not in inside]
+                     for where in parameter_slots(self.suffix_module, params)]
+            got = self.by_plan[key] = (slots, [(u, _Unit(u, index)) for u in units])
+        return got
+
+    def __call__(self, theta: Sequence[Tensor], acts):
+        from .call_cache import installed_forwards
+        from .selection import swapped
+        slots, units = self._plan(acts)
+        for _, unit in units:
+            unit.theta = theta
+        try:
+            with swapped(slots, theta), installed_forwards(units):
+                return self.split.suffix(acts)
+        finally:
+            for _, unit in units:
+                unit.theta = None
 
 
 def compiled_split(entry: dict, names: Sequence[str]) -> CompiledSplit:
@@ -132,6 +210,9 @@ def compiled_split(entry: dict, names: Sequence[str]) -> CompiledSplit:
         def suffix(theta, acts):
             return torch.func.functional_call(module, dict(zip(keys, theta)), (acts,))
         prefix = None
+        if split.method == "call-cache":  # the replay's glue eager, the edited submodules compiled
+            done = entry["compiled"] = CompiledSplit(Compiled(_CallCacheUnits(split, module), backward=True))
+            return done
         if split.method == "fx":
             prefix = Compiled(torch.compile(split.fx_split.prefix, dynamic=False))
         done = entry["compiled"] = CompiledSplit(Compiled(torch.compile(suffix, dynamic=False), backward=True), prefix)

@@ -118,7 +118,8 @@ def split_costs(model, inputs: dict, params: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # one model
 # ------------------------------------------------------------------------------------------------
-def bench_model(name: str, model, edits: list, params: str, editor, max_steps: int, repeats: int) -> dict:
+def bench_model(name: str, model, edits: list, params: str, editor, max_steps: int, repeats: int,
+                compiled: bool = False) -> dict:
     model.eval()
     names = {n for n, _ in model.named_parameters() if n == params or n.startswith(params + ".")}
     rows: dict[str, dict] = {}
@@ -130,18 +131,23 @@ def bench_model(name: str, model, edits: list, params: str, editor, max_steps: i
                 steps.append(naive_edit(model, inputs, target, names, editor, max_steps))
             else:
                 r = fe.edit(model, inputs, target, editor=editor, params=params, max_steps=max_steps,
-                            use_prefix=(kind == "prefix"))
+                            use_prefix=(kind != "no_prefix"), compile=(kind == "compiled"))
+                compile_info[kind] = compile_info.get(kind, 0.0) + r.compile_seconds
+                if kind == "compiled" and not r.compiled:
+                    raise SystemExit(f"{name}: compile=True ran eager: {r.compile_reason}")
                 steps.append(r.steps)
                 if not r.success:
                     print(f"  {name} {kind}: an edit failed in {max_steps} steps", flush=True)
                 r.revert()
         return steps
 
-    kinds = ("prefix", "no_prefix", "naive")
-    steps = {kind: run(kind) for kind in kinds}  # warm-up (also builds the split once)
+    kinds = ("prefix", "no_prefix", "naive") + (("compiled",) if compiled else ())
+    compile_info: dict[str, float] = {}
+    steps = {kind: run(kind) for kind in kinds}  # warm-up (also builds the split once, and compiles)
+    compile_seconds = compile_info.get("compiled", 0.0)
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for r in range(repeats):  # interleaved, in a rotating order: drift hits every method alike
-        for kind in kinds[r % 3:] + kinds[:r % 3]:
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
             t0 = time.perf_counter()
             run(kind)
             times[kind].append(time.perf_counter() - t0)
@@ -172,6 +178,12 @@ def bench_model(name: str, model, edits: list, params: str, editor, max_steps: i
         "efficiency_prefix": floor_prefix / rows["prefix"]["ms_per_edit"],
         "efficiency_naive": floor_naive / rows["naive"]["ms_per_edit"],
     }
+    if compiled:
+        out["compile_seconds"] = compile_seconds
+        out["speedup_compiled_vs_naive"] = statistics.median(n / c for n, c in zip(times["naive"], times["compiled"]))
+        out["speedup_compiled_vs_eager"] = statistics.median(p / c for p, c in zip(times["prefix"], times["compiled"]))
+        print(f"  {name:<8} compiled: {out['speedup_compiled_vs_naive']:.2f}x the naive loop, "
+              f"{out['speedup_compiled_vs_eager']:.2f}x eager; compiled in {compile_seconds:.1f} s", flush=True)
     print(f"  {name:<8} speed-up over the naive loop {speedup:.2f}x (repeats {min(ratios):.2f}-{max(ratios):.2f}x; "
           f"floor {out['floor_speedup']:.2f}x, "
           f"prefix at {100 * out['efficiency_prefix']:.0f}% of its floor)", flush=True)
@@ -263,6 +275,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gpt2-lr", type=float, default=3e-4, help="RMSProp lr of the GPT-2 edits")
     ap.add_argument("--repeats", type=int, default=7, help="timed passes over the edits per method (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time fe.edit(compile=True) (the edited layer compiled; compilation is timed apart)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -283,7 +297,7 @@ def main(argv=None) -> None:
         print(f"{name}: {source}", flush=True)
         repeats = args.repeats if name == "minilm" else max(1, args.repeats // 2)
         result["models"][name] = {"source": source, "tokens": 64, "repeats": repeats,
-                                  **bench_model(name, model, edits, params, editor, 10, repeats)}
+                                  **bench_model(name, model, edits, params, editor, 10, repeats, args.compiled)}
     result["load_average_after"] = common.load_average()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     common.write_json(args.out, result)

@@ -102,13 +102,60 @@ class Untraceable(nn.Module):
         return self.b(torch.relu(h))
 
 
-def test_compile_reports_splits_it_cannot_compile_and_auto_stays_eager_on_the_cpu():
+@pytest.mark.slow
+def test_cached_call_splits_compile_their_edited_submodules_and_equal_eager():
     torch.manual_seed(0)
     model = Untraceable().eval()
     x = torch.randn(1, 4)
-    r = fe.edit(model, x, 2, params="b", compile=True)
-    assert r.prefix_method == "call-cache" and not r.compiled and "cached module calls" in r.compile_reason
+    with torch.no_grad():
+        y = (model(x).argmax(-1) + 1) % 3
+    eager = fe.edit(model, x, y, params="b")
+    theta = model.b.weight.detach().clone()
+    eager.revert()
+    r = fe.edit(model, x, y, params="b", compile=True)
+    assert r.prefix_method == "call-cache" and r.compiled and r.compile_reason is None and r.compile_seconds > 0
+    assert (r.success, r.steps) == (eager.success, eager.steps) and compiled_calls(model) > 0
+    torch.testing.assert_close(model.b.weight.detach(), theta, rtol=1e-4, atol=1e-5)
     r.revert()
+
+
+@pytest.mark.slow
+def test_compiled_hf_layer_edits_equal_eager_and_follow_the_model():
+    from tests.seq_models import small_bert
+    model = small_bert(layers=2, num_labels=3).eval()
+    snap = snapshot(model)
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(3):
+        ids = torch.randint(1, 100, (1, 12), generator=gen)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            y = (model(**inputs).logits.argmax(-1) + 1) % 3
+        cases.append((inputs, y))
+
+    def run_bert(**kw):
+        out = []
+        for x, y in cases:
+            r = fe.edit(model, x, y, editor=fe.RMSProp(1e-2), params="bert.encoder.layer.1", **kw)
+            out.append((r, [p.detach().clone() for p in model.bert.encoder.layer[1].parameters()]))
+            r.revert()
+        return out
+    eager = run_bert()
+    comp = run_bert(compile=True)
+    assert all(r.prefix_method == "call-cache" and r.compiled and r.compile_reason is None for r, _ in comp)
+    assert compiled_calls(model) > 0
+    assert_same(eager, comp)
+    units = fc.compile_units(model, {id(m) for m in (model, model.bert, model.bert.encoder,
+                                                     model.bert.encoder.layer, model.bert.encoder.layer[1])},
+                             {id(model.bert.embeddings), id(model.bert.encoder.layer[0])})
+    assert units == [model.bert.encoder.layer[1]]
+    assert_identical(model, snap)
+    with torch.no_grad():  # an in-place change of the edited layer: the compiled unit reads it
+        model.bert.encoder.layer[1].output.dense.weight.mul_(1.5)
+    assert_same(run_bert(), run_bert(compile=True))
+
+
+def test_auto_stays_eager_on_the_cpu():
     m = make_model()
     x, y = edits(m, n=1)[0]
     for _ in range(fc.AUTO_COMPILE_AFTER + 1):
