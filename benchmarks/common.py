@@ -393,6 +393,12 @@ class RawHParams(torch.nn.Module):
     def values(self):
         return self.log_lr.exp(), torch.sigmoid(self.logit_beta)
 
+    def objective(self, cfg: dict, loss_base, loss_edit, loss_loc):
+        """The Editable Training objective ``L_base + c_edit L_edit + c_loc L_loc``; the 0-weighted
+        hyper-parameters keep them in the graph when the edit took no step."""
+        return (loss_base + cfg["c_edit"] * loss_edit + cfg["c_loc"] * loss_loc
+                + 0.0 * (self.log_lr + self.logit_beta))
+
 
 # ------------------------------------------------------------------------------------------------
 # files

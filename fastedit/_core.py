@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .compiled import CompiledSplit, compilable, compiled_split
+from .compiled import CompiledSplit, compiled_split
 from .constraint import REDUCTIONS, Classification, Constraint, as_constraint, check_label_range, reduce_constraint
 from .editors import Editor
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
@@ -434,16 +434,10 @@ class EditTarget:
         with swapped(slots, theta):
             return self.split.suffix(acts)
 
-    def use_compiled(self, on: bool) -> str | None:
+    def use_compiled(self, on: bool) -> None:
         """Run the editor steps' suffix forwards (and so their backwards) compiled when ``on``
-        (:mod:`fastedit.compiled`); returns why not when the split cannot be compiled."""
-        self.compiled = None
-        if not on:
-            return None
-        why = compilable(self.split)
-        if why is None:
-            self.compiled = compiled_split(self._entry, self.names)
-        return why
+        (:mod:`fastedit.compiled`; a compiler failure is reported by ``compiled.failed``)."""
+        self.compiled = compiled_split(self._entry, self.names) if on else None
 
     @property
     def eager_edits(self) -> int:

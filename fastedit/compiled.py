@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["AUTO_COMPILE_AFTER", "COMPILE_CHOICES", "Compiled", "CompiledSplit", "GraphedEditLoop", "check_compile",
-           "compilable", "compiled_split", "graphed_loop", "resolve_compile"]
+           "compile_units", "compiled_split", "graphed_loop", "resolve_compile"]
 
 #: eager edits a split serves on CUDA before ``compile="auto"`` compiles it
 AUTO_COMPILE_AFTER = 32
@@ -113,11 +113,6 @@ def _shape_key(tree) -> tuple:
     leaves = torch.utils._pytree.tree_leaves(tree)
     return tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor) else type(t)
                  for t in leaves)
-
-
-def compilable(split) -> str | None:
-    """None if the split's suffix can be compiled, else why not."""
-    return None
 
 
 def compile_units(model: torch.nn.Module, containers: frozenset | set, cached: set) -> list[torch.nn.Module]:

@@ -208,7 +208,8 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
         et = EditTarget.build(model, params, use_prefix, inputs=inputs, output=output,
                               include_frozen=include_frozen)
         mi, constraint = et.check_inputs(inputs, target)
-        compile_reason = et.use_compiled(resolve_compile(compile, et.device, et.eager_edits))
+        et.use_compiled(resolve_compile(compile, et.device, et.eager_edits))
+        compile_reason = None
         graph, graph_reason = graphed_loop(et, cuda_graph, editor, max_steps, reduction, mi, constraint,
                                            early_exit)
         compiled_before = et.compiled.compile_seconds if et.compiled is not None else 0.0

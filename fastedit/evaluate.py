@@ -412,7 +412,7 @@ class _GroupRunner:
                 mi, c = edits[i]
                 ti = t.for_inputs(mi)  # the same parameters; the split for this edit's call signature
                 if self.compile and id(ti) not in self.compiled_targets:
-                    self.compile_reason = ti.use_compiled(True) or self.compile_reason
+                    ti.use_compiled(True)
                     if ti.compiled is not None:
                         self.compiled_targets[id(ti)] = (ti, ti.compiled.compile_seconds)
                 outs.append(run_edit_loop(ti.loss_fn(ti.prefix(mi), c, self.reduction, mi), ti.params,

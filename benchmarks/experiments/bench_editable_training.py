@@ -245,7 +245,7 @@ class Naive:
             loss_loc = kl_batchmean(logits, edited)
         else:
             loss_loc = loss_base.new_zeros(())
-        obj = loss_base + cfg["c_edit"] * loss_edit + cfg["c_loc"] * loss_loc + 0.0 * (self.hp.log_lr + self.hp.logit_beta)
+        obj = self.hp.objective(cfg, loss_base, loss_edit, loss_loc)
         obj.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -287,8 +287,7 @@ class Higher:
                 # L_loc: a full second forward (higher's functional model updates BatchNorm running
                 # statistics once more here; irrelevant for timing)
                 loss_loc = kl_batchmean(logits, fmodel(x)) if steps else loss_base.new_zeros(())
-                obj = (loss_base + cfg["c_edit"] * F.relu(le) + cfg["c_loc"] * loss_loc
-                       + 0.0 * (self.hp.log_lr + self.hp.logit_beta))
+                obj = self.hp.objective(cfg, loss_base, F.relu(le), loss_loc)
                 obj.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -357,8 +357,7 @@ class Naive:
                 loss_loc = token_kl(logits, edited.logits)
             else:
                 loss_loc = loss_base.new_zeros(())
-            obj = (loss_base + cfg["c_edit"] * F.relu(le) + cfg["c_loc"] * loss_loc
-                   + 0.0 * (self.hp.log_lr + self.hp.logit_beta))
+            obj = self.hp.objective(cfg, loss_base, F.relu(le), loss_loc)
         obj.backward()
         sh.finish(self.hp_opt)
         return steps
@@ -401,8 +400,7 @@ class Higher:
                             le = token_margin(fmodel(b.ex).logits, b.pos, b.tok)
                     fmodel.train()
                     loss_loc = token_kl(logits, fmodel(b.x).logits) if steps else loss_base.new_zeros(())
-                    obj = (loss_base + cfg["c_edit"] * F.relu(le) + cfg["c_loc"] * loss_loc
-                           + 0.0 * (self.hp.log_lr + self.hp.logit_beta))
+                    obj = self.hp.objective(cfg, loss_base, F.relu(le), loss_loc)
                     obj.backward()
         sh.finish(self.hp_opt)
         return steps

@@ -195,7 +195,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
             raise TypeError("surgery cannot mix float64 parameters with other dtypes in one selection "
                             f"({sorted({str(p.dtype) for p in live})})")
         et = et.for_inputs(inputs)
-        compile_reason = et.use_compiled(resolve_compile(compile, et.device, 0))
+        et.use_compiled(resolve_compile(compile, et.device, 0))
         total = sum(p.numel() for p in live)
         n = resolve_budget(budget, total)
         if goal == "edit":
@@ -226,7 +226,7 @@ def surgery(model: nn.Module, inputs=None, target=None, budget: int | float | No
                            initial_loss=float(initial_loss), method=method, goal=goal, budget=n, applied=False,
                            param_names=list(names), metrics=metrics, editor=editor.to_dict(), **split_info(et),
                            compiled=et.compiled is not None and et.compiled.failed is None,
-                           compile_reason=et.compiled.failed if et.compiled is not None else compile_reason,
+                           compile_reason=et.compiled.failed if et.compiled is not None else None,
                            _model=model)
     if met or on_failure == "keep":
         delta.apply(model, check=True)
