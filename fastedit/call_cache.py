@@ -29,6 +29,15 @@ any call, and modules that change their behaviour when hooks are attached (``nn.
 leaves its fast path) behave as in a plain forward. The hooks of modules inside a cached call do
 not run on replay (those calls do not happen).
 
+Unread outputs: a replay reads only some cached outputs. In a transformer the glue passes layer
+3's cached output to layer 4's call, which is answered from the cache and never looks at it; only
+the output of the last cached layer feeds the edited one. The split finds, once, the cached calls
+whose outputs nothing reads (:func:`thinned` replays, compared bit for bit) and recordings keep
+placeholders for them (:class:`Unread`: shape, dtype, device and grad flag, no storage; the glue may
+ask a tensor its device, as HF mask code does). A later replay that reads one after all (other
+inputs, other control flow) fails loudly rather than computing on garbage: every operation on a
+placeholder raises, and a replayed output holding one is refused.
+
 Limits, each detected and reported as the reason for not using the cache: a model whose output does
 not depend on the editable parameters, a model whose calls differ between record and replay, a
 cached call whose output depends on the editable parameters anyway (a module reading another
@@ -66,23 +75,84 @@ class CachedActs:
     switches to nested tensors under ``no_grad``), so a cache recorded with grad enabled cannot
     answer a forward without grad (:func:`replay` raises)."""
 
-    __slots__ = ("inputs", "outputs", "plan", "grad", "guard")
+    __slots__ = ("inputs", "outputs", "plan", "grad", "holes", "guard")
 
-    def __init__(self, inputs: ModelInputs, outputs: tuple, plan: tuple, grad: bool):
-        self.inputs, self.outputs, self.plan, self.grad = inputs, outputs, plan, grad
+    def __init__(self, inputs: ModelInputs, outputs: tuple, plan: tuple, grad: bool, holes: "_Holes | None" = None):
+        """``outputs``: the real ones, those not among the ``holes``."""
+        self.inputs, self.plan, self.grad = inputs, plan, grad
+        self.holes = holes or _Holes(())  # the placeholders of unread outputs (:func:`thinned`)
+        self.outputs = self.holes.fill(tuple(outputs))
         self.guard: list | None = None  # (tensor, version) pairs a replay must leave as they are
 
+    @property
+    def thin(self) -> bool:
+        return bool(self.holes.items)
+
     def __repr__(self) -> str:
-        return f"CachedActs({len(self.plan)} cached calls, grad={self.grad})"
+        return f"CachedActs({len(self.plan)} cached calls, grad={self.grad}, {len(self.holes.items)} unread)"
+
+
+class Unread(Tensor):
+    """Stands in for a cached output that no replay reads: its shape, strides, dtype, device and grad
+    flag, no storage. Every operation on it raises :class:`CallCacheError`."""
+
+    @staticmethod
+    def __new__(cls, like: Tensor):
+        return Tensor._make_wrapper_subclass(cls, like.shape, like.stride(), dtype=like.dtype, device=like.device,
+                                             requires_grad=like.requires_grad)
+
+    def __init__(self, like: Tensor):
+        super().__init__()
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise CallCacheError(f"{_READ_UNREAD} ({func})")
+
+    def __repr__(self) -> str:
+        return f"Unread({tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+class _Holes:
+    """The outputs of a :class:`CachedActs` that are placeholders, ``((index, placeholder tree), ...)``.
+    Static pytree context, not leaves: stacking, mapping and byte counts see the real outputs only,
+    and under ``vmap`` the placeholders keep one sample's shape, as the replay sees it. Equal when the
+    placeholders' metadata are (tree specs compare contexts)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: tuple):
+        self.items = items
+
+    def fill(self, real: tuple) -> tuple:
+        """All the outputs, from the real ones."""
+        holes, it = dict(self.items), iter(real)
+        return tuple(holes[i] if i in holes else next(it) for i in range(len(real) + len(holes)))
+
+    def real(self, outputs: tuple) -> tuple:
+        holes = {i for i, _ in self.items}
+        return tuple(o for i, o in enumerate(outputs) if i not in holes)
+
+    def _key(self):
+        return tuple((i, tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) if isinstance(t, Tensor) else t
+                               for t in pytree.tree_leaves(tree))) for i, tree in self.items)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Holes) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(tuple(i for i, _ in self.items))
 
 
 pytree.register_pytree_node(
     CachedActs,
-    lambda a: ([a.inputs, a.outputs], (a.plan, a.grad)),
+    lambda a: ([a.inputs, a.holes.real(a.outputs)], (a.plan, a.grad, a.holes)),
     lambda children, ctx: CachedActs(children[0], tuple(children[1]), *ctx),
     serialized_type_name="fastedit.CachedActs",
     flatten_with_keys_fn=lambda a: ([(pytree.GetAttrKey("inputs"), a.inputs),
-                                     (pytree.GetAttrKey("outputs"), a.outputs)], (a.plan, a.grad)),
+                                     (pytree.GetAttrKey("outputs"), a.holes.real(a.outputs))],
+                                    (a.plan, a.grad, a.holes)),
 )
 
 
@@ -253,7 +323,7 @@ def _run(model, rec, inputs, watch, params):
 
 
 def record(model: nn.Module, editable, inputs: ModelInputs, *, params: Sequence[Tensor] | None = None,
-           detach: bool = False, whole: bool = True) -> tuple[Any, CachedActs]:
+           detach: bool = False, whole: bool = True, unread: frozenset = frozenset()) -> tuple[Any, CachedActs]:
     """Run ``model`` on ``inputs`` once and cache its frozen module calls.
 
     ``editable``: a :class:`Watch`, or the ids of the editable tensors. ``params``: run with these
@@ -262,7 +332,8 @@ def record(model: nn.Module, editable, inputs: ModelInputs, *, params: Sequence[
     outputs' graph, keeping their ``requires_grad`` flags (for editor steps; Editable Training keeps
     the graph). ``whole=False``: stop the run as soon as a call of a module containing an editable
     parameter has finished (nothing later can be frozen), which saves the rest of the forward; the
-    model's output is then None.
+    model's output is then None. ``unread``: ``(module id, call number)`` of the cached calls whose
+    outputs are kept as placeholders (:func:`thinned`).
 
     A cached output that the model writes in place later in the run (its version counter moved) is
     recorded again, copied when its call returns, by a second run from the same buffers and random
@@ -292,10 +363,27 @@ def record(model: nn.Module, editable, inputs: ModelInputs, *, params: Sequence[
     plan, outputs = _plan(rec, entries)
     if detach:
         outputs = [pytree.tree_map(_detached, o) for o in outputs]
-    acts = CachedActs(inputs, tuple(outputs), plan, grad)
+    acts = thinned(CachedActs(inputs, tuple(outputs), plan, grad), unread)
     if not whole:  # the versions a replay must find unchanged (writes after the stop were not seen)
-        acts.guard = [v for o, (_, _, copied) in zip(outputs, plan) if not copied for v in _versions(o)]
+        acts.guard = [v for o, (_, _, copied) in zip(acts.holes.real(acts.outputs), acts.holes.real(plan))
+                      if not copied for v in _versions(o)]
     return out, acts
+
+
+def thinned(acts: CachedActs, unread: frozenset) -> CachedActs:
+    """``acts`` with the outputs of the calls in ``unread`` (``(id(module), call number)`` pairs)
+    replaced by placeholders (:class:`Unread`)."""
+    done = {i for i, _ in acts.holes.items}
+    drop = [i for i, (m, k, _) in enumerate(acts.plan) if (id(m), k) in unread and i not in done]
+    if not drop:
+        return acts
+    holes = acts.holes.items + tuple((i, pytree.tree_map(_placeholder, acts.outputs[i])) for i in drop)
+    holes = _Holes(tuple(sorted(holes, key=lambda h: h[0])))
+    return CachedActs(acts.inputs, holes.real(acts.outputs), acts.plan, acts.grad, holes)
+
+
+def _placeholder(t):
+    return Unread(t) if isinstance(t, Tensor) and not isinstance(t, Unread) else t
 
 
 def _detached(t):
@@ -371,6 +459,10 @@ def installed_forwards(pairs):
         _put_back(saved)
 
 
+_READ_UNREAD = ("the model read a cached module output that fastedit had found unused when it split the model (these "
+                "inputs take another path through the model's code); run these inputs with use_prefix=False")
+
+
 def replay(model: nn.Module, acts: CachedActs) -> Any:
     """The model's output on ``acts.inputs``, the cached calls answered from ``acts``."""
     if torch.is_grad_enabled() != acts.grad:
@@ -379,6 +471,8 @@ def replay(model: nn.Module, acts: CachedActs) -> Any:
                              "the grad mode); record them in the mode of the replay")
     with _answering(acts):
         out = acts.inputs.call(model)
+    if acts.thin and any(isinstance(t, Unread) for t in pytree.tree_leaves(out)):
+        raise CallCacheError(_READ_UNREAD)
     if acts.guard and any(t._version != v for t, v in acts.guard):
         raise CallCacheError("the model wrote a cached module output in place after the point where its prefix "
                              "run stopped; this model needs whole prefix runs")

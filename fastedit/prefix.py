@@ -535,6 +535,7 @@ class ModelSplit:
     fx_split: PrefixSplit | None = None
     bind: Any = None  # ModelInputs -> the fx prefix's positional arguments
     whole_records: bool = False  # cached calls: the model writes cached outputs in place, record whole runs
+    unread: frozenset = frozenset()  # cached calls whose outputs no replay reads: kept as placeholders
     _watch: Any = None
 
     @property
@@ -564,13 +565,14 @@ class ModelSplit:
         if self.method == "fx":
             return self.fx_split.prefix(*self.bind(inputs))
         if self.method == "call-cache":
-            return call_cache.record(self.model, self.watch(), inputs, whole=self.whole_records)[1]
+            return call_cache.record(self.model, self.watch(), inputs, whole=self.whole_records,
+                                     unread=self.unread)[1]
         return inputs
 
     def prefix_and_output(self, inputs: ModelInputs) -> tuple[Any, Any]:
         """``(prefix(inputs), model output)``; the cached-call split records both in one run."""
         if self.method == "call-cache":
-            out, acts = call_cache.record(self.model, self.watch(), inputs)
+            out, acts = call_cache.record(self.model, self.watch(), inputs, unread=self.unread)
             return acts, out
         acts = self.prefix(inputs)
         return acts, self.suffix(acts)
@@ -589,7 +591,7 @@ class ModelSplit:
             leaves = [p.detach().requires_grad_() for p in watch.params]
             with torch.enable_grad():
                 return call_cache.record(self.model, watch, inputs, params=leaves, detach=True,
-                                         whole=self.whole_records)[1]
+                                         whole=self.whole_records, unread=self.unread)[1]
         with torch.no_grad():
             return self.prefix(inputs)
 
@@ -649,11 +651,13 @@ def _coarse(split: PrefixSplit, model: nn.Module, ed_ids: set[int]) -> bool:
     return False
 
 
-def _verify_call_cache(model: nn.Module, names: list[str], ed_ids: set[int], inputs: ModelInputs,
-                       read: Any) -> tuple[str | None, bool]:
-    """``(None, writes)`` if replaying the cached calls reproduces the model bit for bit on ``inputs``,
-    with its own parameters and with the editable ones perturbed (a cached call that depended on them
-    would then differ), else ``(why not, _)``. ``writes``: the model writes a cached output in place."""
+def _verify_call_cache(model: nn.Module, names: list[str], inputs: ModelInputs,
+                       read: Any) -> tuple[str | None, bool, frozenset]:
+    """``(None, writes, unread)`` if replaying the cached calls reproduces the model bit for bit on
+    ``inputs``, with its own parameters and with the editable ones perturbed (a cached call that
+    depended on them would then differ), else ``(why not, _, _)``. ``writes``: the model writes a
+    cached output in place; ``unread``: the calls whose outputs the replays do not read
+    (:func:`_unread_calls`)."""
     from torch.func import functional_call
 
     suffix = call_cache.CallCacheSuffix(model)
@@ -661,29 +665,70 @@ def _verify_call_cache(model: nn.Module, names: list[str], ed_ids: set[int], inp
     params = [named[n] for n in names]
     watch = call_cache.Watch(model, params)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def perturbed_replay(steps):
+        swapped = {n: t.requires_grad_() for n, t in zip(names, moved)}
+        with torch.enable_grad():
+            return read(functional_call(suffix, swapped, (steps,), strict=False)).detach()
+
     try:
         with torch.no_grad():
             full = read(inputs.call(model))
             _, acts = call_cache.record(model, watch, inputs)
             if not bits_equal(read(suffix(acts)), full):
-                return "verification: the replayed output differs from the model's", False
+                return "verification: the replayed output differs from the model's", False, frozenset()
         moved = call_cache.perturbed(params)
         leaves = [p.detach().requires_grad_() for p in params]
         with torch.enable_grad():
             steps = call_cache.record(model, watch, inputs, params=leaves, detach=True)[1]
             swapped = {n: t.requires_grad_() for n, t in zip(names, moved)}
-            want = read(functional_call(model, swapped, inputs.args, inputs.kwargs, strict=False))
-            got = read(functional_call(suffix, swapped, (steps,), strict=False))
-        if not bits_equal(got.detach(), want.detach()):
+            want = read(functional_call(model, swapped, inputs.args, inputs.kwargs, strict=False)).detach()
+        if not bits_equal(perturbed_replay(steps), want):
             return ("verification: with perturbed editable parameters the replay differs from the model "
-                    "(a cached module call depends on them)"), False
+                    "(a cached module call depends on them)"), False, frozenset()
+        unread = _unread_calls(suffix, acts)
+        if unread and not _same_replay(lambda: perturbed_replay(call_cache.thinned(steps, unread)), want):
+            unread = frozenset()
     except call_cache.CallCacheError as exc:
-        return str(exc), False
+        return str(exc), False, frozenset()
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return None, any(copied for _, _, copied in acts.plan + steps.plan)
+    return None, any(copied for _, _, copied in acts.plan + steps.plan), unread
+
+
+def _same_replay(run, want) -> bool:
+    """Whether ``run()`` returns the tensors of ``want`` bit for bit, none of them a placeholder (other
+    leaves, such as a KV-cache object, are not compared). A placeholder read raises: that counts as no."""
+    try:
+        got = run()
+        la, sa = pytree.tree_flatten(got)
+        lb, sb = pytree.tree_flatten(want)
+        if sa != sb:
+            return False
+        return all(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not isinstance(x, call_cache.Unread)
+                   and bits_equal(x, y)
+                   for x, y in zip(la, lb) if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor))
+    except Exception:  # noqa: BLE001 - any failure means the output was read
+        return False
+
+
+def _unread_calls(suffix: nn.Module, acts: "call_cache.CachedActs") -> frozenset:
+    """The cached calls whose outputs a replay of ``acts`` does not read: each call in turn (with
+    those found before) answered by a placeholder, kept when every tensor of the replayed output (not
+    only the logits) is still bit for bit what the full replay returns. In a transformer these are every
+    cached layer but the last one before the edited layer: a cached call's output feeds the next
+    call, which is answered from the cache too."""
+    with torch.no_grad():
+        base = suffix(acts)
+    unread: frozenset = frozenset()
+    for module, k, _ in acts.plan:
+        trial = unread | {(id(module), k)}
+        with torch.no_grad():
+            if _same_replay(lambda trial=trial: suffix(call_cache.thinned(acts, trial)), base):
+                unread = trial
+    return unread
 
 
 def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: Any,
@@ -717,10 +762,10 @@ def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: A
         if not fx_split.traced:
             reasons.append(f"fx: {fx_split.reason}")
             fx_split = None
-    why, writes = _verify_call_cache(model, names, ed_ids, inputs, read)
+    why, writes, unread = _verify_call_cache(model, names, inputs, read)
     if why is None:
         return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), tuple(names),
-                          whole_records=writes)
+                          whole_records=writes, unread=unread)
     if fx_split is not None:
         return ModelSplit(model, "fx", None, fx_split.suffix_module, tuple(names), fx_split,
                           _bind_positional(model))

@@ -393,3 +393,83 @@ def test_writes_after_the_stop_are_caught_and_such_models_record_whole_runs():
         acts = split.prefix(ModelInputs((x,), {}))
         for _ in range(2):
             assert bits_equal(split.suffix(acts), model(x))
+
+
+class Skips(nn.Module):
+    """Frozen blocks before the edited one: the glue reads block 0's output again (a skip to the end),
+    block 1's feeds only block 2's call (answered from the cache), except for inputs of more than four
+    rows, where the glue reads it too (and fx cannot trace the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
+
+    def forward(self, x):
+        h0 = self.blocks[0](x)
+        h1 = self.blocks[1](h0)
+        h2 = self.blocks[2](h1)
+        if x.shape[0] > 4:
+            h2 = h2 + h1
+        return self.blocks[3](h2) + h0
+
+
+def test_outputs_no_replay_reads_are_kept_as_placeholders():
+    torch.manual_seed(0)
+    model = Skips().double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    names = _names(model, "blocks.3")
+    inputs = ModelInputs((x,), {})
+    split = build_split(model, names, inputs, lambda o: o)
+    assert split.method == "call-cache"
+    assert split.unread == {(id(model.blocks[1]), 0)}  # block 0's output is read by the skip, block 2's by block 3
+    with torch.no_grad():
+        acts = split.prefix(inputs)
+        assert [type(o) for o in acts.outputs] == [torch.Tensor, call_cache.Unread, torch.Tensor]
+        assert acts.outputs[1].shape == (2, 6) and acts.outputs[1].device == x.device
+        leaves = [t for t in pytree.tree_leaves(acts) if isinstance(t, torch.Tensor)]
+        assert not any(isinstance(t, call_cache.Unread) for t in leaves)  # byte counts, stacks, maps skip it
+        assert bits_equal(split.suffix(acts), model(x))
+        stacked = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, acts)
+        assert stacked.thin and isinstance(stacked.outputs[1], call_cache.Unread)  # survives a round trip
+    params = [model.get_parameter(n) for n in names]
+    steps = split.edit_acts(inputs, names, params)
+    moved = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in zip(names, params)}
+    with torch.enable_grad():
+        assert bits_equal(functional_call(split.suffix_module, moved, (steps,)), functional_call(model, moved, (x,)))
+
+
+def test_a_placeholder_that_gets_read_fails_loudly():
+    torch.manual_seed(0)
+    model = Skips().double()
+    split = build_split(model, _names(model, "blocks.3"), ModelInputs((torch.randn(2, 6, dtype=torch.float64),), {}),
+                        lambda o: o)
+    long = ModelInputs((torch.randn(6, 6, dtype=torch.float64),), {})  # takes the branch that reads block 1
+    with torch.no_grad():
+        acts = split.prefix(long)
+        with pytest.raises(CallCacheError, match="use_prefix=False"):
+            split.suffix(acts)
+    hole = call_cache.Unread(torch.ones(2, 3))
+    assert hole.shape == (2, 3) and hole.dtype == torch.float32 and "Unread" in repr(hole)
+    with pytest.raises(CallCacheError, match="found unused"):
+        hole + 1
+
+
+def test_a_transformer_caches_only_the_hidden_states_the_edited_layer_reads():
+    from seq_models import small_bert
+    torch.manual_seed(0)
+    from transformers import BertModel
+    model = small_bert(BertModel, layers=4).eval()
+    ids = torch.randint(0, 100, (3, 9))
+    inputs = ModelInputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    names = _names(model, "encoder.layer.3")
+    split = build_split(model, names, inputs, lambda o: o.last_hidden_state)
+    assert split.method == "call-cache"
+    with torch.no_grad():
+        acts = split.prefix(inputs)
+        # the embeddings and layers 0-1 are placeholders (the mask code only asks the embeddings' device)
+        assert [type(m).__name__ for m, _, _ in acts.plan] == ["BertEmbeddings"] + ["BertLayer"] * 3
+        assert [isinstance(o, call_cache.Unread) for o in acts.outputs] == [True, True, True, False]
+        out = split.suffix(acts)
+        full = model(**inputs.kwargs)
+        assert bits_equal(out.last_hidden_state, full.last_hidden_state)
+        assert bits_equal(out.pooler_output, full.pooler_output)
