@@ -383,7 +383,7 @@ def thinned(acts: CachedActs, unread: frozenset) -> CachedActs:
 
 
 def _placeholder(t):
-    return Unread(t) if isinstance(t, Tensor) and not isinstance(t, Unread) else t
+    return Unread(t) if isinstance(t, Tensor) else t
 
 
 def _detached(t):

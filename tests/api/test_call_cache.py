@@ -429,8 +429,8 @@ def test_outputs_no_replay_reads_are_kept_as_placeholders():
         leaves = [t for t in pytree.tree_leaves(acts) if isinstance(t, torch.Tensor)]
         assert not any(isinstance(t, call_cache.Unread) for t in leaves)  # byte counts, stacks, maps skip it
         assert bits_equal(split.suffix(acts), model(x))
-        stacked = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, acts)
-        assert stacked.thin and isinstance(stacked.outputs[1], call_cache.Unread)  # survives a round trip
+        copied = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, acts)
+        assert copied.thin and isinstance(copied.outputs[1], call_cache.Unread)  # survives a round trip
     params = [model.get_parameter(n) for n in names]
     steps = split.edit_acts(inputs, names, params)
     moved = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in zip(names, params)}
