@@ -378,7 +378,9 @@ def bench_evaluate_transformers_table() -> str:
                      f"{r['peak_memory_increase_bytes'] / mib:.0f} MiB | "
                      f"{'reference' if key == 'fastedit' else ('yes' if s['identical'] else 'NO')} |")
     lines += ["", f"Floor of `fastedit.evaluate` per edit: {s['floor_seconds_per_edit']:.3f} s = one pass of the edited "
-              f"layer and the head over the cached control states ({parts['control_suffix_pass']:.3f} s) + the control "
+              f"layer at the [CLS] position the pooler reads (keys and values at every position) and the head over "
+              f"the cached control states ({parts['control_suffix_pass']:.3f} s; the whole layer: "
+              f"{data['floor']['control_suffix_bare_s']:.3f} s) + the control "
               f"set's prefix once, amortised ({parts['control_prefix_amortised']:.3f} s) + the edit's own passes "
               f"({parts['edit_passes']:.3f} s, {s['mean_steps']:.2f} steps). The control cache holds "
               f"{s['control_cached_bytes'] / mib:.0f} MiB (the edited layer's inputs alone: "

@@ -38,6 +38,11 @@ ask a tensor its device, as HF mask code does). A later replay that reads one af
 inputs, other control flow) fails loudly rather than computing on garbage: every operation on a
 placeholder raises, and a replayed output holding one is refused.
 
+Rows nothing reads: where the model reads an edited unit's output at its first position only (a
+BERT classifier's last layer), the unit computes that position alone (:mod:`fastedit.rows`,
+:class:`CallCacheSuffix` ``rows``); those replays equal the model within float rounding, not bit for
+bit (smaller matrix products round differently).
+
 Limits, each detected and reported as the reason for not using the cache: a model whose output does
 not depend on the editable parameters, a model whose calls differ between record and replay, a
 cached call whose output depends on the editable parameters anyway (a module reading another
@@ -481,10 +486,41 @@ def replay(model: nn.Module, acts: CachedActs) -> Any:
 
 class CallCacheSuffix(ModelView):
     """``forward(acts) = replay(model, acts)``, on the model's own registries (:class:`ModelView`),
-    so swapping the editable tensors under their names runs the replay with them."""
+    so swapping the editable tensors under their names runs the replay with them.
+
+    ``rows``: :class:`fastedit.rows.RowPruned` forwards installed during each replay (submodules
+    computing only the output positions the model reads). A replay whose output holds a NaN runs
+    again without them; if that changes the output, the model read an unread position after all:
+    pruning stops for good (the reason is kept in each ``RowPruned.disabled``) and the plain replay's
+    output is returned."""
+
+    def __init__(self, model: nn.Module, rows: Sequence = ()):
+        super().__init__(model)
+        self.__dict__["_fastedit_rows"] = tuple(rows)
+
+    @property
+    def rows(self) -> tuple:
+        return self.__dict__["_fastedit_rows"]
 
     def forward(self, acts: CachedActs):
-        return replay(self._fastedit_wrapped(), acts)
+        model = self._fastedit_wrapped()
+        rows = [r for r in self.rows if not r.disabled]
+        if not rows:
+            return replay(model, acts)
+        with installed_forwards([(r.module, r) for r in rows]):
+            out = replay(model, acts)
+        leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
+            return out  # under vmap the modules ran whole (RowPruned passes batched tensors through)
+        if not any(bool(torch.isnan(t).any()) for t in leaves):
+            return out
+        plain = replay(model, acts)
+        if not all(a.shape == b.shape and torch.equal(torch.isnan(a), torch.isnan(b)) for a, b in
+                   zip(leaves, [t for t in pytree.tree_leaves(plain) if isinstance(t, Tensor) and t.is_floating_point()])):
+            for r in rows:
+                r.disable("a replay read output positions that the split had found unread (other inputs take "
+                          "another path); the module runs whole from then on")
+        return plain
 
     def extra_repr(self) -> str:
         return f"cached calls of {type(self._fastedit_wrapped()).__name__}"

@@ -173,7 +173,9 @@ class _CallCacheUnits:
             from .selection import parameter_slots  # late: selection imports _validate
             params = self.split.watch().params
             index = {id(p): i for i, p in enumerate(params)}
-            units = compile_units(self.split.model, self.split.watch().containers, set(key))
+            pruned = {id(r.module) for r in self.split.rows if not r.disabled}  # they compile their pruned graph
+            units = [u for u in compile_units(self.split.model, self.split.watch().containers, set(key))
+                     if id(u) not in pruned]
             inside = {id(m) for u in units for m in u.modules()}
             slots = [[(m, n) for m, n in where if id(m) not in inside]
                      for where in parameter_slots(self.suffix_module, params)]
@@ -186,12 +188,16 @@ class _CallCacheUnits:
         slots, units = self._plan(acts)
         for _, unit in units:
             unit.theta = theta
+        for r in self.split.rows:  # a unit computing the read positions only compiles its pruned graph
+            r.compile = True
         try:
             with swapped(slots, theta), installed_forwards(units):
                 return self.split.suffix(acts)
         finally:
             for _, unit in units:
                 unit.theta = None
+            for r in self.split.rows:
+                r.compile = False
 
 
 def compiled_split(entry: dict, names: Sequence[str]) -> CompiledSplit:

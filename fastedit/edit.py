@@ -62,7 +62,9 @@ class PrefixFallbackWarning(UserWarning):
 class EditResult:
     """What :func:`edit` did. ``applied`` tells whether the model now holds the edited parameters;
     ``prefix_used`` whether the frozen prefix was skipped in the editor steps (``prefix_method``:
-    ``"fx"`` or ``"call-cache"``), and if not, ``prefix_reason`` says why. ``compiled`` and
+    ``"fx"`` or ``"call-cache"``), and if not, ``prefix_reason`` says why. ``rows_pruned``: the
+    submodules that computed only the output positions the model reads (a BERT classifier's last
+    layer at [CLS], :mod:`fastedit.rows`); ``rows_reason``: why pruning stopped, if it did. ``compiled`` and
     ``cuda_graph`` say whether the steps ran compiled or as a replayed CUDA graph; where one was asked
     for and not used, ``compile_reason``/``cuda_graph_reason`` say why. ``compile_seconds``: time this
     edit spent compiling (0 once the shapes are compiled)."""
@@ -76,6 +78,8 @@ class EditResult:
     prefix_used: bool = False
     prefix_reason: str | None = None
     prefix_method: str = "none"
+    rows_pruned: list[str] = field(default_factory=list)
+    rows_reason: str | None = None
     compiled: bool = False
     compile_reason: str | None = None
     compile_seconds: float = 0.0
@@ -132,7 +136,8 @@ class EditResult:
         return {"success": self.success, "steps": self.steps, "loss": self.loss,
                 "initial_loss": self.initial_loss, "applied": self.applied, "params": list(self.param_names),
                 "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
-                "prefix_method": self.prefix_method, "compiled": self.compiled,
+                "prefix_method": self.prefix_method, "rows_pruned": list(self.rows_pruned),
+                "rows_reason": self.rows_reason, "compiled": self.compiled,
                 "compile_reason": self.compile_reason, "compile_seconds": self.compile_seconds,
                 "cuda_graph": self.cuda_graph, "cuda_graph_reason": self.cuda_graph_reason}
 

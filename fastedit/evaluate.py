@@ -89,6 +89,9 @@ class EvalReport:
     prefix_used: bool = False
     prefix_reason: str | None = None
     prefix_method: str = "none"
+    #: the submodules that computed only the output positions the model reads, and why that stopped
+    rows_pruned: list = field(default_factory=list)
+    rows_reason: str | None = None
     #: whether the edit steps ran through torch.compile (``compile=``), why not where asked, and the
     #: seconds this call spent compiling
     compiled: bool = False
@@ -126,6 +129,7 @@ class EvalReport:
         out["control_kind"], out["metrics"] = self.control_kind, self.metrics
         out["prefix_used"], out["prefix_reason"], out["prefix_method"] = (self.prefix_used, self.prefix_reason,
                                                                           self.prefix_method)
+        out["rows_pruned"], out["rows_reason"] = list(self.rows_pruned), self.rows_reason
         out["compiled"], out["compile_reason"] = self.compiled, self.compile_reason
         out["compile_seconds"] = self.compile_seconds
         if self.control_kind == "tokens":

@@ -545,6 +545,12 @@ class ModelSplit:
         return self.method != "none"
 
     @property
+    def rows(self) -> tuple:
+        """The :class:`fastedit.rows.RowPruned` submodules of a cached-call split (computing only the
+        output positions the model reads)."""
+        return getattr(self.suffix_module, "rows", ())
+
+    @property
     def grad_mode_free(self) -> bool:
         """Whether activations from :meth:`edit_acts` also serve forwards without grad (fx and none:
         plain values; cached module calls are bound to the grad mode they were recorded in)."""
@@ -654,12 +660,13 @@ def _coarse(split: PrefixSplit, model: nn.Module, ed_ids: set[int]) -> bool:
 
 
 def _verify_call_cache(model: nn.Module, names: list[str], inputs: ModelInputs,
-                       read: Any) -> tuple[str | None, bool, frozenset]:
-    """``(None, writes, unread)`` if replaying the cached calls reproduces the model bit for bit on
+                       read: Any) -> tuple[str | None, bool, frozenset, tuple]:
+    """``(None, writes, unread, rows)`` if replaying the cached calls reproduces the model bit for bit on
     ``inputs``, with its own parameters and with the editable ones perturbed (a cached call that
     depended on them would then differ), else ``(why not, _, _)``. ``writes``: the model writes a
     cached output in place; ``unread``: the calls whose outputs the replays do not read
-    (:func:`_unread_calls`)."""
+    (:func:`_unread_calls`); ``rows``: the edited submodules that compute only the output positions
+    the model reads (:func:`_read_rows`), checked close to the model with perturbed parameters."""
     from torch.func import functional_call
 
     suffix = call_cache.CallCacheSuffix(model)
@@ -677,7 +684,7 @@ def _verify_call_cache(model: nn.Module, names: list[str], inputs: ModelInputs,
             full = read(inputs.call(model))
             _, acts = call_cache.record(model, watch, inputs)
             if not bits_equal(read(suffix(acts)), full):
-                return "verification: the replayed output differs from the model's", False, frozenset()
+                return "verification: the replayed output differs from the model's", False, frozenset(), ()
         swapped = {n: t.requires_grad_() for n, t in zip(names, call_cache.perturbed(params))}
         leaves = [p.detach().requires_grad_() for p in params]
         with torch.enable_grad():
@@ -685,17 +692,42 @@ def _verify_call_cache(model: nn.Module, names: list[str], inputs: ModelInputs,
             want = read(functional_call(model, swapped, inputs.args, inputs.kwargs, strict=False)).detach()
         if not bits_equal(perturbed_replay(steps), want):
             return ("verification: with perturbed editable parameters the replay differs from the model "
-                    "(a cached module call depends on them)"), False, frozenset()
+                    "(a cached module call depends on them)"), False, frozenset(), ()
         unread = _unread_calls(suffix, acts)
         if unread and not _same_replay(lambda: perturbed_replay(call_cache.thinned(steps, unread)), want):
             unread = frozenset()
+        rows = _read_rows(model, watch, suffix, call_cache.thinned(acts, unread))
+        if rows:
+            suffix = call_cache.CallCacheSuffix(model, rows)
+            got = perturbed_replay(call_cache.thinned(steps, unread))
+            if not (got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))):
+                rows = ()
     except call_cache.CallCacheError as exc:
-        return str(exc), False, frozenset()
+        return str(exc), False, frozenset(), ()
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return None, any(copied for _, _, copied in acts.plan + steps.plan), unread
+    return None, any(copied for _, _, copied in acts.plan + steps.plan), unread, rows
+
+
+def _read_rows(model: nn.Module, watch: "call_cache.Watch", suffix: nn.Module, acts: "call_cache.CachedActs") -> tuple:
+    """:class:`fastedit.rows.RowPruned` forwards for the edited submodules (those a compiled split
+    compiles) whose output the model reads at its first position only (:func:`fastedit.rows.read_axis`)."""
+    from .compiled import compile_units
+    from .rows import RowPruned, read_axis
+    with torch.no_grad():
+        base = suffix(acts)
+    found = []
+    for unit in compile_units(model, watch.containers, {id(m) for m, _, _ in acts.plan}):
+        try:
+            with torch.no_grad():
+                where = read_axis(unit, lambda: suffix(acts), lambda out: _same_replay(lambda: out, base))
+        except Exception:  # noqa: BLE001 - a unit the probe cannot run is computed whole
+            where = None
+        if where is not None:
+            found.append(RowPruned(unit, *where))
+    return tuple(found)
 
 
 def _same_replay(run, want) -> bool:
@@ -757,9 +789,9 @@ def build_split(model: nn.Module, names: list[str], inputs: ModelInputs, read: A
         if not fx_split.traced:
             reasons.append(f"fx: {fx_split.reason}")
             fx_split = None
-    why, writes, unread = _verify_call_cache(model, names, inputs, read)
+    why, writes, unread, rows = _verify_call_cache(model, names, inputs, read)
     if why is None:
-        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model), tuple(names),
+        return ModelSplit(model, "call-cache", None, call_cache.CallCacheSuffix(model, rows), tuple(names),
                           whole_records=writes, unread=unread)
     if fx_split is not None:
         return ModelSplit(model, "fx", None, fx_split.suffix_module, tuple(names), fx_split,

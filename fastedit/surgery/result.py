@@ -31,6 +31,8 @@ class SurgeryResult:
     prefix_used: bool = False
     prefix_reason: str | None = None
     prefix_method: str = "none"
+    rows_pruned: list = field(default_factory=list)  # submodules computing only the positions read
+    rows_reason: str | None = None
     compiled: bool = False  # the goal's gradient steps through torch.compile (``compile=``)
     compile_reason: str | None = None
     _model: Any = field(default=None, repr=False)
@@ -73,5 +75,6 @@ class SurgeryResult:
                 "budget": self.budget, "nnz": self.nnz, "nnz_per_param": self.delta.nnz_per_param,
                 "applied": self.applied, "params": list(self.param_names), "metrics": dict(self.metrics),
                 "editor": dict(self.editor), "prefix_used": self.prefix_used, "prefix_reason": self.prefix_reason,
-                "prefix_method": self.prefix_method, "compiled": self.compiled,
+                "prefix_method": self.prefix_method, "rows_pruned": list(self.rows_pruned),
+                "rows_reason": self.rows_reason, "compiled": self.compiled,
                 "compile_reason": self.compile_reason}

@@ -146,28 +146,38 @@ def perturbed(params, seed=1, scale=1e-2):
 def assert_split_exact(model, params, inputs_list, method, output=None):
     """One EditTarget, built from the first inputs, reproduces the model bit for bit on each inputs
     (of the same call signature, different lengths): without grad, and with grad for perturbed
-    editable parameters (outputs and their gradients)."""
+    editable parameters (outputs and their gradients). Where a submodule computes only the output
+    positions the model reads (``split.rows``), other matrix sizes round differently: equal within
+    float32 rounding there, bit for bit everywhere else."""
     model.eval()
     et = EditTarget.build(model, params, inputs=inputs_list[0], output=output)
     assert et.split.method == method and et.split.reason is None
     read = et.read
+
+    def same(a, b, scale=None):
+        if not et.split.rows:
+            return bits_equal(a, b)
+        scale = float(b.abs().max()) if scale is None else scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+        return True
     for inputs in inputs_list:
         mi = ModelInputs.of(inputs)
         with torch.no_grad():
             want = read(mi.call(model))
             got = et.logits(et.eval_prefix(inputs))
-        assert bits_equal(got, want), (got - want).abs().max()
+        assert same(got, want), (got - want).abs().max()
         theta = perturbed(et.params)
         want = read(functional_call(model, dict(zip(et.names, theta)), mi.args, mi.kwargs))
         got = et.logits(et.prefix(inputs), theta)
-        assert got.requires_grad and bits_equal(got.detach(), want.detach()), (got - want).abs().max()
+        assert got.requires_grad and same(got.detach(), want.detach()), (got - want).abs().max()
         with torch.no_grad():  # the perturbation is seen: the comparison is not of constants
             assert not torch.equal(want, read(mi.call(model)))
         w = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         g_want = torch.autograd.grad((want.double() * w).sum(), theta)
         g_got = torch.autograd.grad((got.double() * w).sum(), theta)
+        scale = max(float(b.abs().max()) for b in g_want)  # a key bias's gradient is 0 but for rounding
         for a, b, n in zip(g_got, g_want, et.names):
-            assert bits_equal(a, b), f"gradient of {n} differs"
+            assert same(a, b, scale), f"gradient of {n} differs"
     assert_no_leftovers(model)
     return et
 

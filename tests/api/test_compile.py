@@ -143,6 +143,10 @@ def test_compiled_hf_layer_edits_equal_eager_and_follow_the_model():
     eager = run_bert()
     comp = run_bert(compile=True)
     assert all(r.prefix_method == "call-cache" and r.compiled and r.compile_reason is None for r, _ in comp)
+    # the classifier reads layer 1 at [CLS]: the compiled unit is its pruned graph (fastedit.rows)
+    assert all(r.rows_pruned == ["bert.encoder.layer.1"] for r, _ in comp)
+    from fastedit._core import _SPLIT_CACHE
+    assert any(r._compiled for e in _SPLIT_CACHE[model].values() for r in e["split"].rows)
     assert compiled_calls(model) > 0
     assert_same(eager, comp)
     units = fc.compile_units(model, {id(m) for m in (model, model.bert, model.bert.encoder,

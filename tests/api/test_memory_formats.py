@@ -413,7 +413,8 @@ def test_ewc_edit(kind):
         results.append(ewc_edit(m, xx[:2], y[:2], fisher, ewc_lambda=1.0, editor=editor, max_steps=30))
     r, rc, rt = results
     assert r.success and r.applied and r.steps == rc.steps == rt.steps
-    assert r.penalty == pytest.approx(rc.penalty, rel=1e-9) and r.penalty == rt.penalty
+    # the twin's penalty sums the same values; its last bits may differ (seen once on 2 loaded cores)
+    assert r.penalty == pytest.approx(rc.penalty, rel=1e-9) and r.penalty == pytest.approx(rt.penalty, rel=1e-12)
     assert_layout_kept(case, snap)
     assert_close_params(model, case["contiguous"])
     assert_close_params(model, case["twin"], case["to_model"], exact=True)
