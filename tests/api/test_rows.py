@@ -212,3 +212,40 @@ def test_a_module_that_does_not_trace_runs_as_it_is():
     with torch.no_grad():
         assert torch.equal(rp(x), branchy(x))
     assert rp.disabled and "trace" in rp.disabled and rp.pruned_calls == 0
+
+
+def _encoder(kind):
+    import transformers as tf
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        cfg = tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=2)
+        return tf.DistilBertForSequenceClassification(cfg), "distilbert.transformer.layer.1"
+    if kind == "roberta":
+        cfg = tf.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, num_labels=2, pad_token_id=1, max_position_embeddings=40)
+        return tf.RobertaForSequenceClassification(cfg), "roberta.encoder.layer.1"
+    if kind == "electra":
+        cfg = tf.ElectraConfig(vocab_size=100, embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_labels=2)
+        return tf.ElectraForSequenceClassification(cfg), "electra.encoder.layer.1"
+    return small_bert(layers=2, heads=4, attn_implementation="eager"), "bert.encoder.layer.1"  # matmul + softmax
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "roberta", "electra", "bert-eager-attention"])
+def test_other_encoder_classifiers_prune_their_last_layer(kind):
+    model, params = _encoder(kind)
+    model.eval()
+    ids = torch.randint(2, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        target = 1 - model(**inputs).logits.argmax(-1)
+    out = []
+    for use_prefix in (True, False):
+        m = copy.deepcopy(model)
+        r = fe.edit(m, inputs, target, editor=fe.RMSProp(3e-3), params=params, max_steps=30, use_prefix=use_prefix)
+        with torch.no_grad():
+            out.append((r, m(**inputs).logits))
+    (pr, pl), (wr, wl) = out
+    assert pr.rows_pruned == [params] and pr.rows_reason is None
+    assert (pr.success, pr.steps) == (wr.success, wr.steps) and pr.success
+    torch.testing.assert_close(pl, wl, rtol=1e-4, atol=1e-5)
