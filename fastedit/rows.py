@@ -12,9 +12,10 @@ How (:class:`RowPruned`, installed as the module's ``forward`` during a replay):
 1. which positions are read is found once, when the split is built (:func:`read_axis`): the module's
    output with every position but the first along an axis set to NaN, and the model's output compared
    bit for bit with the plain replay's. NaN propagates through any arithmetic that reads it.
-2. the module is traced once per call signature (shapes, dtypes, non-tensor values, training flags)
-   with ``make_fx(pre_dispatch=True)``: ATen ops above autograd (``linear``, ``layer_norm``,
-   ``scaled_dot_product_attention``, views), run eagerly with autograd like the module itself.
+2. the module is traced once per call signature (shapes, dtypes, non-tensor values, training flags,
+   grad and autocast modes) with ``make_fx(pre_dispatch=True)``: ATen ops above autograd
+   (``linear``, ``layer_norm``, ``scaled_dot_product_attention``, views), run eagerly with autograd
+   like the module itself.
 3. :func:`prune_graph` walks the graph back from the output: every op that works position by position
    (pointwise ops with broadcasting, ``linear`` and ``layer_norm`` over the last dimensions, views
    that keep the position axis, attention's queries) is computed on the read positions only; what
@@ -24,11 +25,13 @@ How (:class:`RowPruned`, installed as the module's ``forward`` during a replay):
 4. the pruned output is padded back to the module's output shape with NaN in the unread positions.
    The first traced call of each signature is checked against the module's own forward (close within
    float tolerance: different matrix sizes may round differently); a replay whose output holds a
-   NaN is run again unpruned (:meth:`RowPruned.disable`, reported), so a model that reads another
-   position after all (other inputs) gets the exact result, never a NaN.
+   NaN is run again unpruned (and if that changes the output, pruning stops for good:
+   :meth:`RowPruned.disable`, reported), so a model that reads another position after all (other
+   inputs) gets the exact result, never a NaN.
 
-Under ``torch.func`` transforms (vmap groups of ``evaluate``) and for modules whose trace fails, the
-module runs as it is.
+The module runs as it is under ``torch.func`` transforms (vmap groups of ``evaluate``), with nested
+tensors, with an argument that is neither a tensor nor a constant, with hooks inside it, and when
+its trace fails.
 """
 from __future__ import annotations
 
@@ -297,7 +300,8 @@ class RowPruned:
         leaves, spec = pytree.tree_flatten((args, kwargs, state))
         sig = tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, Tensor) else repr(x)
                     for x in leaves)
-        return spec, sig, tuple(m.training for m in self.module.modules()), torch.is_grad_enabled()
+        autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+        return spec, sig, tuple(m.training for m in self.module.modules()), torch.is_grad_enabled(), autocast
 
     def _state(self) -> dict:
         m = self.module

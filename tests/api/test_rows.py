@@ -249,3 +249,19 @@ def test_other_encoder_classifiers_prune_their_last_layer(kind):
     assert pr.rows_pruned == [params] and pr.rows_reason is None
     assert (pr.success, pr.steps) == (wr.success, wr.steps) and pr.success
     torch.testing.assert_close(pl, wl, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_is_part_of_the_call_signature():
+    model = small_bert(layers=2, heads=4).eval()
+    layer = model.bert.encoder.layer[1]
+    args, kwargs = _layer_call(model, layer, _bert_inputs())
+    rp = RowPruned(layer, 0, 1)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, want_low = rp(*args, **kwargs), layer(*args, **kwargs)
+        full, want = rp(*args, **kwargs), layer(*args, **kwargs)
+    assert rp.disabled is None and len(rp.graphs) == 2
+    assert low.dtype == want_low.dtype and full.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(full[:, :1], want[:, :1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(low[:, :1].float(), want_low[:, :1].float(), rtol=2e-2, atol=2e-2)
+    assert torch.isnan(full[:, 1:]).all()
