@@ -567,7 +567,7 @@ def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> 
 def split_info(target: EditTarget) -> dict:
     """The ``prefix_*`` fields of results and reports."""
     rows = target.split.rows
-    names = {id(m): n for n, m in target.split.model.named_modules()}
+    names = {id(m): n for n, m in target.split.model.named_modules()} if rows else {}  # one walk, if needed
     return {"prefix_used": target.split.used, "prefix_reason": target.split.reason,
             "prefix_method": target.split.method,
             "rows_pruned": [names.get(id(r.module), type(r.module).__name__) for r in rows if not r.disabled],

@@ -484,6 +484,10 @@ def replay(model: nn.Module, acts: CachedActs) -> Any:
     return out
 
 
+def _float_leaves(out) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
 class CallCacheSuffix(ModelView):
     """``forward(acts) = replay(model, acts)``, on the model's own registries (:class:`ModelView`),
     so swapping the editable tensors under their names runs the replay with them.
@@ -507,16 +511,19 @@ class CallCacheSuffix(ModelView):
         rows = [r for r in self.rows if not r.disabled]
         if not rows:
             return replay(model, acts)
+        before = sum(r.pruned_calls for r in rows)
         with installed_forwards([(r.module, r) for r in rows]):
             out = replay(model, acts)
-        leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
-            return out  # under vmap the modules ran whole (RowPruned passes batched tensors through)
-        if not any(bool(torch.isnan(t).any()) for t in leaves):
+        if sum(r.pruned_calls for r in rows) == before:
+            return out  # every unit ran whole (a transform, hooks, an untraceable call): nothing to check
+        leaves = _float_leaves(out)  # units prune only outside torch.func transforms: plain tensors here
+        if not leaves:
+            return out
+        if not bool(torch.stack([torch.isnan(t).any() for t in leaves]).any()):  # one host read
             return out
         plain = replay(model, acts)
-        if not all(a.shape == b.shape and torch.equal(torch.isnan(a), torch.isnan(b)) for a, b in
-                   zip(leaves, [t for t in pytree.tree_leaves(plain) if isinstance(t, Tensor) and t.is_floating_point()])):
+        if not all(a.shape == b.shape and torch.equal(torch.isnan(a), torch.isnan(b))
+                   for a, b in zip(leaves, _float_leaves(plain))):
             for r in rows:
                 r.disable("a replay read output positions that the split had found unread (other inputs take "
                           "another path); the module runs whole from then on")

@@ -663,7 +663,7 @@ def _verify_call_cache(model: nn.Module, names: list[str], inputs: ModelInputs,
                        read: Any) -> tuple[str | None, bool, frozenset, tuple]:
     """``(None, writes, unread, rows)`` if replaying the cached calls reproduces the model bit for bit on
     ``inputs``, with its own parameters and with the editable ones perturbed (a cached call that
-    depended on them would then differ), else ``(why not, _, _)``. ``writes``: the model writes a
+    depended on them would then differ), else ``(why not, _, _, _)``. ``writes``: the model writes a
     cached output in place; ``unread``: the calls whose outputs the replays do not read
     (:func:`_unread_calls`); ``rows``: the edited submodules that compute only the output positions
     the model reads (:func:`_read_rows`), checked close to the model with perturbed parameters."""

@@ -251,7 +251,7 @@ def read_axis(module: nn.Module, replay: Callable[[], Any], same: Callable[[Any]
     if "out" not in seen:
         return None
     for leaf, t in enumerate(pytree.tree_leaves(seen["out"])):
-        if not isinstance(t, Tensor) or _opaque(t) or not t.is_floating_point():
+        if not isinstance(t, Tensor) or _nested(t) or not t.is_floating_point():
             continue
         for axis in range(t.dim() - 1):
             if t.shape[axis] < 2:
@@ -273,9 +273,8 @@ def read_axis(module: nn.Module, replay: Callable[[], Any], same: Callable[[Any]
 # ------------------------------------------------------------------------------------------------
 # the installed forward
 # ------------------------------------------------------------------------------------------------
-def _opaque(t) -> bool:
-    """A tensor the trace cannot take: batched by a ``torch.func`` transform, or nested."""
-    return isinstance(t, Tensor) and (t.is_nested or torch._C._functorch.is_functorch_wrapped_tensor(t))
+def _nested(t) -> bool:
+    return isinstance(t, Tensor) and t.is_nested  # no sizes: the trace and the probe cannot take it
 
 
 class RowPruned:
@@ -334,13 +333,14 @@ class RowPruned:
         return pruned, want.shape[self.axis]
 
     def _runs_whole(self, args, kwargs, state) -> bool:
-        """Whether this call runs the module as it is: pruning stopped; a batched or nested tensor; an
+        """Whether this call runs the module as it is: pruning stopped; a torch.func transform is active
+        (the NaN check after the replay reads the host); a nested tensor; an
         argument that is neither a tensor nor a constant (a cache object the trace would fill with
         fake tensors); hooks inside the module (a graph would run them once, at trace time)."""
-        if self.disabled:
-            return True
+        if self.disabled or torch._C._functorch.maybe_current_level() is not None:
+            return True  # stopped, or inside a torch.func transform (vmap, grad, vjp): no host reads there
         leaves = pytree.tree_leaves((args, kwargs, state))
-        if any(_opaque(x) or not isinstance(x, (Tensor, *_CONSTANTS)) for x in leaves):
+        if any(_nested(x) or not isinstance(x, (Tensor, *_CONSTANTS)) for x in leaves):
             return True
         hooks = nn.modules.module
         if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
