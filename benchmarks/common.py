@@ -73,7 +73,18 @@ def command_line(script: str | os.PathLike, argv: list[str] | None = None) -> st
     path = pathlib.Path(script).resolve()
     shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(script)
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    return portable("python " + " ".join(shlex.quote(a) for a in [shown, *args]))
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in allocator_env().items())
+    return portable(env + "python " + " ".join(shlex.quote(a) for a in [shown, *args]))
+
+
+#: environment variables that change how the C allocator hands out memory (glibc's tunables, a
+#: preloaded jemalloc or tcmalloc): they change CPU timings, so a result names the ones that were set
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES",
+                 "LD_PRELOAD", "MALLOC_CONF")
+
+
+def allocator_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ALLOCATOR_ENV if os.environ.get(k)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,6 +142,8 @@ def machine_info(device: torch.device | str | None = None) -> dict:
             "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": load_average(),
             "extension": extension.build_info(), "git_commit": _git_commit()}
+    if allocator_env():
+        info["allocator_env"] = allocator_env()
     if "transformers" in sys.modules:
         info["transformers"] = sys.modules["transformers"].__version__
     if device is not None:

@@ -119,6 +119,44 @@ class Unread(Tensor):
         return f"Unread({tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
+class _Watched(Tensor):
+    """A cached output that notes, in ``seen``, the index of its call when an operation reads it, and
+    then computes on the real tensor (results are plain tensors). For :func:`unread_by_watching`."""
+
+    @staticmethod
+    def __new__(cls, real: Tensor, index: int, seen: set):
+        out = Tensor._make_wrapper_subclass(cls, real.shape, real.stride(), dtype=real.dtype, device=real.device,
+                                            requires_grad=real.requires_grad)
+        out.inner, out.call, out.seen = real, index, seen  # not .real: a Tensor property
+        return out
+
+    def __init__(self, real: Tensor, index: int, seen: set):
+        super().__init__()
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            if isinstance(t, _Watched):
+                t.seen.add(t.call)
+                return t.inner
+            return t
+        return func(*pytree.tree_map(unwrap, args), **pytree.tree_map(unwrap, kwargs or {}))
+
+
+def unread_by_watching(suffix: nn.Module, acts: CachedActs) -> frozenset:
+    """``(id(module), call number)`` of the cached calls whose outputs one replay of ``acts`` through
+    ``suffix`` never computes with (asking a tensor its shape or device does not count), found by
+    answering every call with watched outputs (:class:`_Watched`). A proposal: :func:`thinned` replays
+    must confirm it."""
+    seen: set = set()
+    watched = tuple(pytree.tree_map(lambda t, i=i: _Watched(t, i, seen) if isinstance(t, Tensor) else t, o)
+                    for i, o in enumerate(acts.outputs))
+    suffix(CachedActs(acts.inputs, watched, acts.plan, acts.grad))
+    return frozenset((id(m), k) for i, (m, k, _) in enumerate(acts.plan) if i not in seen)
+
+
 class _Holes:
     """The outputs of a :class:`CachedActs` that are placeholders, ``((index, placeholder tree), ...)``.
     Static pytree context, not leaves: stacking, mapping and byte counts see the real outputs only,
@@ -179,6 +217,7 @@ class Watch:
                            for n in held for k in range(len(n.split(".")) + 1 if n else 1)}
         self.root = id(model)
         self.slots = parameter_slots(model, self.params)
+        self.modules = tuple(model.modules())  # a watch lives with one model structure (the split's fingerprint)
 
     @classmethod
     def of(cls, model: nn.Module, editable) -> "Watch":
@@ -203,9 +242,11 @@ class _Recorder:
 
     def __init__(self, watch: Watch, copy: frozenset = frozenset(), whole: bool = True):
         self.holders, self.containers, self.root = watch.holders, watch.containers, watch.root
+        self.modules = watch.modules
         self.copy = copy                 # call indices whose outputs the model writes later: copied
         self.whole = whole               # run to the end (else stop when nothing more can be frozen)
         self.ended = False               # a call of a container has finished
+        self.held = False                # a holder has been entered: nothing after can be frozen
         self.entries = 0                 # calls of containers entered so far
         self.reached = False             # a holder, or a container below the root, was entered
         self.active_holders = 0          # holders among the calls in progress
@@ -221,6 +262,7 @@ class _Recorder:
             self.reached |= key != self.root or key in self.holders
         if key in self.holders:
             self.active_holders += 1
+            self.held = True
         self.calls.append((module, self.stack[-1][0] if self.stack else -1))
         self.stack.append((len(self.calls) - 1, [], eligible, self.entries))
 
@@ -243,8 +285,10 @@ class _Recorder:
 
     @property
     def done(self) -> bool:
-        """Nothing that follows can be frozen: a containing call has finished."""
-        return self.ended and not self.whole
+        """Stop here: nothing that follows can be frozen, because a containing call has finished or a
+        holder has been entered (while it runs no call is eligible, after it a containing call has
+        finished, and the calls in progress saw a container entered)."""
+        return (self.ended or self.held) and not self.whole
 
     def _left(self, module: nn.Module) -> None:
         if id(module) in self.containers:
@@ -254,17 +298,20 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(model: nn.Module, rec: _Recorder):
+def _recording(rec: _Recorder):
     """Wrap every submodule's ``forward`` (an instance attribute, removed afterwards). Not forward
     hooks: some modules change their behaviour when hooks are attached (``nn.TransformerEncoderLayer``
     leaves its fast path), and user hooks must run around the cached call as they run around a call."""
     saved = []
-    for m in model.modules():
+    for m in rec.modules:
         original = m.forward
         saved.append((m, m.__dict__.get("forward", _MISSING)))
 
         def recorded(*args, _m=m, _original=original, **kwargs):
             rec.enter(_m)
+            if rec.done:  # the first holder's call: the prefix ends where the editable code begins
+                rec.abort(_m)
+                raise _Stop
             try:
                 out = _original(*args, **kwargs)
             except BaseException:
@@ -321,7 +368,7 @@ def _restore(state: tuple) -> None:
 def _run(model, rec, inputs, watch, params):
     """The model's output, or None when the run stopped early."""
     try:
-        with _recording(model, rec), (swapped(watch.slots, params) if params is not None else contextlib.nullcontext()):
+        with _recording(rec), (swapped(watch.slots, params) if params is not None else contextlib.nullcontext()):
             return inputs.call(model)
     except _Stop:
         return None
@@ -335,8 +382,9 @@ def record(model: nn.Module, editable, inputs: ModelInputs, *, params: Sequence[
     tensors in place of the editable ones (in ``watch.params``' order), so the run sees the same
     ``requires_grad`` flags as the editor steps will. ``detach``: drop the cached
     outputs' graph, keeping their ``requires_grad`` flags (for editor steps; Editable Training keeps
-    the graph). ``whole=False``: stop the run as soon as a call of a module containing an editable
-    parameter has finished (nothing later can be frozen), which saves the rest of the forward; the
+    the graph). ``whole=False``: stop the run as soon as a module holding an editable parameter is
+    entered or a call of a module containing one has finished (nothing later can be frozen), which
+    saves the rest of the forward, the edited module's own included; the
     model's output is then None. ``unread``: ``(module id, call number)`` of the cached calls whose
     outputs are kept as placeholders (:func:`thinned`).
 
@@ -354,7 +402,7 @@ def record(model: nn.Module, editable, inputs: ModelInputs, *, params: Sequence[
     if not watch.holders:
         raise CallCacheError("no submodule holds the editable parameters")
     rec = _Recorder(watch, whole=whole)
-    start = _state(model) if any(m.training for m in model.modules()) else None
+    start = _state(model) if any(m.training for m in watch.modules) else None
     out = _run(model, rec, inputs, watch, params)
     if not rec.reached:
         raise CallCacheError("the model never entered a module holding or containing the editable parameters")

@@ -742,19 +742,31 @@ def _same_replay(run, want) -> bool:
 
 
 def _unread_calls(suffix: nn.Module, acts: "call_cache.CachedActs") -> frozenset:
-    """The cached calls whose outputs a replay of ``acts`` does not read: each call in turn (with
-    those found before) answered by a placeholder, kept when every tensor of the replayed output (not
-    only the logits) is still bit for bit what the full replay returns. In a transformer these are every
-    cached layer but the last one before the edited layer: a cached call's output feeds the next
-    call, which is answered from the cache too."""
+    """The cached calls whose outputs a replay of ``acts`` does not read, kept only when every tensor
+    of the replay with those outputs as placeholders (not only the logits) is still bit for bit what
+    the full replay returns. In a transformer these are every cached layer but the last one before
+    the edited layer: a cached call's output feeds the next call, which is answered from the cache too.
+
+    One replay with every cached output watched (:func:`fastedit.call_cache.watched`) proposes the
+    set and one checks it; if the watched replay fails or its set does not pass, each call in turn is
+    tried (one replay per cached call: 18 for GPT-2, at a lm_head each)."""
     with torch.no_grad():
         base = suffix(acts)
+
+    def unread_all(trial: frozenset) -> bool:
+        with torch.no_grad():
+            return _same_replay(lambda: suffix(call_cache.thinned(acts, trial)), base)
+    try:
+        with torch.no_grad():
+            proposed = call_cache.unread_by_watching(suffix, acts)
+    except Exception:  # noqa: BLE001 - glue that cannot take a watched tensor: one call at a time
+        proposed = None
+    if proposed and unread_all(proposed):
+        return proposed
     unread: frozenset = frozenset()
     for module, k, _ in acts.plan:
-        trial = unread | {(id(module), k)}
-        with torch.no_grad():
-            if _same_replay(lambda trial=trial: suffix(call_cache.thinned(acts, trial)), base):
-                unread = trial
+        if unread_all(unread | {(id(module), k)}):
+            unread = unread | {(id(module), k)}
     return unread
 
 

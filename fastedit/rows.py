@@ -286,6 +286,12 @@ class RowPruned:
     def __init__(self, module: nn.Module, leaf: int, axis: int):
         self.module, self.leaf, self.axis = module, leaf, axis
         self.forward = module.forward  # the module's own, bound before anything is installed
+        # the structure is fixed while the split lives (its fingerprint): walked once, read per call
+        self._modules = tuple(module.modules())
+        self._slots = [(f"{name}.{k}" if name else k, registry, k)
+                       for kind in ("_parameters", "_buffers")
+                       for name, m in module.named_modules(remove_duplicate=False)
+                       for registry in (getattr(m, kind),) for k, v in registry.items() if v is not None]
         self.graphs: OrderedDict[tuple, Any] = OrderedDict()  # call signature -> pruned graph or None
         self.disabled: str | None = None
         self.pruned_calls = 0
@@ -295,16 +301,16 @@ class RowPruned:
     def disable(self, why: str) -> None:
         self.disabled = self.disabled or why
 
-    def _key(self, args, kwargs, state) -> tuple:
-        leaves, spec = pytree.tree_flatten((args, kwargs, state))
+    def _key(self, leaves, spec, values) -> tuple:
         sig = tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, Tensor) else repr(x)
                     for x in leaves)
+        state = tuple((tuple(v.shape), v.dtype, v.device, v.requires_grad) for v in values)
         autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
-        return spec, sig, tuple(m.training for m in self.module.modules()), torch.is_grad_enabled(), autocast
+        return spec, sig, state, tuple(m.training for m in self._modules), torch.is_grad_enabled(), autocast
 
     def _state(self) -> dict:
-        m = self.module
-        return {**dict(m.named_parameters(remove_duplicate=False)), **dict(m.named_buffers(remove_duplicate=False))}
+        """The unit's parameters and buffers by name, as registered now (swapped-in edit tensors too)."""
+        return {name: registry[k] for name, registry, k in self._slots}
 
     def _trace(self, state, args, kwargs):
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -332,27 +338,28 @@ class RowPruned:
             return None
         return pruned, want.shape[self.axis]
 
-    def _runs_whole(self, args, kwargs, state) -> bool:
+    def _runs_whole(self, leaves, values) -> bool:
         """Whether this call runs the module as it is: pruning stopped; a torch.func transform is active
         (the NaN check after the replay reads the host); a nested tensor; an
         argument that is neither a tensor nor a constant (a cache object the trace would fill with
         fake tensors); hooks inside the module (a graph would run them once, at trace time)."""
         if self.disabled or torch._C._functorch.maybe_current_level() is not None:
             return True  # stopped, or inside a torch.func transform (vmap, grad, vjp): no host reads there
-        leaves = pytree.tree_leaves((args, kwargs, state))
-        if any(_nested(x) or not isinstance(x, (Tensor, *_CONSTANTS)) for x in leaves):
+        if any(_nested(x) or not isinstance(x, (Tensor, *_CONSTANTS)) for x in leaves) or any(map(_nested, values)):
             return True
         hooks = nn.modules.module
         if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in self.module.modules() if m is not self.module)
+                   for m in self._modules[1:])
 
     def __call__(self, *args, **kwargs):
         state = self._state()
-        if self._runs_whole(args, kwargs, state):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        values = list(state.values())
+        if self._runs_whole(leaves, values):
             return self.forward(*args, **kwargs)
-        key = self._key(args, kwargs, state)
+        key = self._key(leaves, spec, values)
         if key in self.graphs:
             self.graphs.move_to_end(key)
             traced = self.graphs[key]

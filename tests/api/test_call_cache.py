@@ -473,3 +473,71 @@ def test_a_transformer_caches_only_the_hidden_states_the_edited_layer_reads():
         full = model(**inputs.kwargs)
         assert bits_equal(out.last_hidden_state, full.last_hidden_state)
         assert bits_equal(out.pooler_output, full.pooler_output)
+
+
+def _unread_one_at_a_time(suffix, acts):
+    """The reference search: each cached call in turn answered by a placeholder, kept when the replay
+    still equals the full one bit for bit."""
+    with torch.no_grad():
+        base = pytree.tree_leaves(suffix(acts))
+        unread = frozenset()
+        for m, k, _ in acts.plan:
+            trial = unread | {(id(m), k)}
+            try:
+                got = pytree.tree_leaves(suffix(call_cache.thinned(acts, trial)))
+            except CallCacheError:
+                continue
+            if all(not isinstance(g, torch.Tensor) or bits_equal(g, b) for g, b in zip(got, base)):
+                unread = trial
+    return unread
+
+
+def _skips():
+    return Skips().double(), "blocks.3", ModelInputs((torch.randn(2, 6, dtype=torch.float64),), {})
+
+
+def _bert():
+    from seq_models import small_bert
+    from transformers import BertModel
+    ids = torch.randint(0, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return small_bert(BertModel, layers=4).eval(), "encoder.layer.3", ModelInputs((), {"input_ids": ids,
+                                                                                      "attention_mask": mask})
+
+
+def _gpt2():
+    from seq_models import small_gpt2
+    return small_gpt2(layers=3).eval(), "transformer.h.2.mlp", ModelInputs((), {"input_ids": torch.randint(0, 64, (2, 7))})
+
+
+@pytest.mark.parametrize("make", [_skips, _bert, _gpt2], ids=["skips", "bert", "gpt2"])
+def test_watching_one_replay_finds_what_the_call_by_call_search_finds(make):
+    from fastedit.prefix import _unread_calls
+    torch.manual_seed(0)
+    model, prefix, inputs = make()
+    with torch.no_grad():
+        _, acts = record(model, _ids(model, prefix), inputs)
+    suffix = call_cache.CallCacheSuffix(model)
+    want = _unread_one_at_a_time(suffix, acts)
+    assert want  # each model has cached outputs nothing reads
+    with torch.no_grad():
+        assert call_cache.unread_by_watching(suffix, acts) == want
+    assert _unread_calls(suffix, acts) == want
+
+
+@pytest.mark.parametrize("proposal", ["raises", "too_many"])
+def test_a_watched_replay_that_fails_or_proposes_too_much_falls_back_to_one_call_at_a_time(monkeypatch, proposal):
+    from fastedit import prefix as prefix_mod
+    torch.manual_seed(0)
+    model, prefix, inputs = _skips()
+    with torch.no_grad():
+        _, acts = record(model, _ids(model, prefix), inputs)
+    suffix = call_cache.CallCacheSuffix(model)
+
+    def propose(suffix, acts):
+        if proposal == "raises":  # glue that asks a watched tensor for its storage, say
+            raise RuntimeError("no storage")
+        return frozenset((id(m), k) for m, k, _ in acts.plan)  # block 0's and block 2's outputs are read
+    monkeypatch.setattr(call_cache, "unread_by_watching", propose)
+    assert prefix_mod._unread_calls(suffix, acts) == {(id(model.blocks[1]), 0)}

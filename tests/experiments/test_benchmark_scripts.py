@@ -92,11 +92,17 @@ def test_command_line_is_portable(monkeypatch, tmp_path):
     models.mkdir()
     monkeypatch.setenv("FASTEDIT_DATA", str(data))
     monkeypatch.setenv("FASTEDIT_MODELS", str(models))
+    for var in common.ALLOCATOR_ENV:
+        monkeypatch.delenv(var, raising=False)
     script = str(common.ROOT / "benchmarks" / "experiments" / "bench_edit.py")
     line = common.command_line(script, ["--weights", f"{models}/r.th", "--data-dir", str(data), "--note", "a b"])
     assert line == "python benchmarks/experiments/bench_edit.py --weights $FASTEDIT_MODELS/r.th " \
                    "--data-dir $FASTEDIT_DATA --note 'a b'"
     assert common.portable("/opt/venv/bin/python x.py") == "python x.py"
+    # allocator settings change CPU timings: the command that made a result carries them
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    assert common.command_line(script, []) == "MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/experiments/bench_edit.py"
+    assert common.machine_info()["allocator_env"] == {"MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
 def test_data_folders_follow_the_environment(monkeypatch, tmp_path):
