@@ -32,7 +32,8 @@ not run on replay (those calls do not happen).
 Unread outputs: a replay reads only some cached outputs. In a transformer the glue passes layer
 3's cached output to layer 4's call, which is answered from the cache and never looks at it; only
 the output of the last cached layer feeds the edited one. The split finds, once, the cached calls
-whose outputs nothing reads (:func:`thinned` replays, compared bit for bit) and recordings keep
+whose outputs nothing reads (one replay watching every cached output proposes them,
+:func:`unread_by_watching`; a :func:`thinned` replay, compared bit for bit, confirms) and recordings keep
 placeholders for them (:class:`Unread`: shape, dtype, device and grad flag, no storage; the glue may
 ask a tensor its device, as HF mask code does). A later replay that reads one after all (other
 inputs, other control flow) fails loudly rather than computing on garbage: every operation on a
