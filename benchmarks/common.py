@@ -142,8 +142,9 @@ def machine_info(device: torch.device | str | None = None) -> dict:
             "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": load_average(),
             "extension": extension.build_info(), "git_commit": _git_commit()}
-    if allocator_env():
-        info["allocator_env"] = allocator_env()
+    allocator = allocator_env()
+    if allocator:
+        info["allocator_env"] = allocator
     if "transformers" in sys.modules:
         info["transformers"] = sys.modules["transformers"].__version__
     if device is not None:

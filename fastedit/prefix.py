@@ -747,9 +747,9 @@ def _unread_calls(suffix: nn.Module, acts: "call_cache.CachedActs") -> frozenset
     the full replay returns. In a transformer these are every cached layer but the last one before
     the edited layer: a cached call's output feeds the next call, which is answered from the cache too.
 
-    One replay with every cached output watched (:func:`fastedit.call_cache.watched`) proposes the
-    set and one checks it; if the watched replay fails or its set does not pass, each call in turn is
-    tried (one replay per cached call: 18 for GPT-2, at a lm_head each)."""
+    One replay with every cached output watched (:func:`fastedit.call_cache.unread_by_watching`)
+    proposes the set and one checks it; if the watched replay fails or its set does not pass, each
+    call in turn is tried (one replay per cached call: 18 for GPT-2, each through its output layer)."""
     with torch.no_grad():
         base = suffix(acts)
 
