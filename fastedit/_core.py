@@ -214,7 +214,8 @@ def cached_entry(model: nn.Module, names: Sequence[str], use_prefix: bool, input
     every call; pass ``fingerprint`` when the caller has it)."""
     key = (frozenset(names), use_prefix, fingerprint or model_fingerprint(model), inputs.signature())
     per_model = _SPLIT_CACHE.setdefault(model, {})
-    if key in per_model and not per_model[key]["split"].current():
+    # an equal fingerprint vouches for every registered tensor; current() looks up the plain attributes
+    if key in per_model and not per_model[key]["split"].current(registered_unchanged=True):
         del per_model[key]  # a tensor the split binds was replaced: never serve it stale
     if key not in per_model:
         while len(per_model) >= _SPLITS_PER_MODEL:
@@ -566,11 +567,11 @@ def check_common(max_steps: int, reduction: str, on_failure: str = "revert") -> 
 
 def split_info(target: EditTarget) -> dict:
     """The ``prefix_*`` fields of results and reports."""
-    rows = target.split.rows
-    names = {id(m): n for n, m in target.split.model.named_modules()} if rows else {}  # one walk, if needed
-    return {"prefix_used": target.split.used, "prefix_reason": target.split.reason,
-            "prefix_method": target.split.method,
-            "rows_pruned": [names.get(id(r.module), type(r.module).__name__) for r in rows if not r.disabled],
+    split = target.split
+    rows = split.rows
+    return {"prefix_used": split.used, "prefix_reason": split.reason,
+            "prefix_method": split.method,
+            "rows_pruned": [split.module_name(r.module) for r in rows if not r.disabled],
             "rows_reason": next((r.disabled for r in rows if r.disabled), None)}
 
 

@@ -104,7 +104,7 @@ def _promote(logits: Tensor) -> Tensor:
 def classification_margins(logits: Tensor, target: Tensor) -> Tensor:
     """``max_i z_i − z_target`` per row of ``logits [B, C]`` with the argmax tie rule: the values of
     :meth:`Classification.per_sample`. Differentiable, vmap-friendly, through the kernel dispatcher
-    (:func:`fastedit.ops.edit_constraint`: the compiled op where it is built, the reference
+    (:func:`fastedit.ops.edit_constraint`: the compiled op where it is built and pays off, the reference
     otherwise). ≤ 0 exactly where ``logits.argmax(-1) == target`` (see :func:`_argmax_ties`)."""
     z = _promote(logits)
     return _argmax_ties(_per_row(z, target), z, target)

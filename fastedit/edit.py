@@ -143,10 +143,15 @@ class EditResult:
 
 
 def _lookup(model: nn.Module, name: str):
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return None
+    """``model.get_parameter(name)``, or None where there is none; the registries walked directly
+    (revert asks for every edited parameter, and ``get_parameter`` costs ~5 µs a name)."""
+    *path, leaf = name.split(".")
+    module = model
+    for part in path:
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module._parameters.get(leaf)
 
 
 def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rmsprop", params: ParamSpec = None,

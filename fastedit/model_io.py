@@ -16,6 +16,7 @@ itself, a ``Mapping`` (an HF ``ModelOutput`` included) gives ``["logits"]``, a t
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -74,8 +75,14 @@ class ModelInputs:
     # -- structure -------------------------------------------------------------------------------
     def tensor_leaves(self) -> list[tuple[str, Tensor]]:
         """``[(name, tensor)]`` for every tensor leaf, in call order."""
+        return list(self._tensor_leaves)
+
+    # Flattened once per instance: an edit asks for the leaves, the sample count, the device and the
+    # signature several times. The instance is frozen and ``of`` copies the caller's containers.
+    @functools.cached_property
+    def _tensor_leaves(self) -> tuple:
         leaves, _ = pytree.tree_flatten_with_path((self.args, self.kwargs))
-        return [(_leaf_name(p), v) for p, v in leaves if isinstance(v, Tensor)]
+        return tuple((_leaf_name(p), v) for p, v in leaves if isinstance(v, Tensor))
 
     def num_samples_checked(self, what: str = "inputs") -> int:
         """The sample count, or ``ValueError`` naming the leaves whose first dimensions disagree."""
@@ -137,6 +144,10 @@ class ModelInputs:
     def signature(self) -> tuple:
         """What a trace specialises on: the pytree structure, the non-tensor values, the tensors' ranks
         and dtypes (not their sizes)."""
+        return self._signature
+
+    @functools.cached_property
+    def _signature(self) -> tuple:
         leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
         desc = tuple(("T", v.dim(), v.dtype) if isinstance(v, Tensor) else ("C", _hashable(v)) for v in leaves)
         return (str(spec), desc)

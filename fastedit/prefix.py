@@ -89,12 +89,20 @@ class PrefixSplit:
     #: ``(qualified name, tensor)`` of every model tensor the graphs hold directly (``get_attr`` targets
     #: and the editable parameters installed in the suffix): the split is stale once one is replaced
     bindings: tuple = ()
+    #: the names in ``bindings`` that are plain tensor attributes (not registered parameters or buffers)
+    plain_bindings: frozenset = frozenset()
 
-    def current(self, model: nn.Module) -> bool:
+    def current(self, model: nn.Module, *, registered_unchanged: bool = False) -> bool:
         """Whether ``model`` still holds every tensor the split is bound to (re-assigning a parameter or
         buffer, ``load_state_dict(..., assign=True)`` or a ``model.to(...)`` that replaces a buffer make a
-        traced split stale; in-place changes are seen through the shared tensors)."""
+        traced split stale; in-place changes are seen through the shared tensors).
+
+        ``registered_unchanged``: the caller knows that every module, registered parameter and buffer is
+        the same object under the same name as when the split was made (equal
+        :func:`fastedit._core.model_fingerprint`), so only the plain tensor attributes are looked up."""
         for name, tensor in self.bindings:
+            if registered_unchanged and name not in self.plain_bindings:
+                continue
             try:
                 if _get_attr(model, name) is not tensor:
                     return False
@@ -299,6 +307,13 @@ def _install_param_path(gm: nn.Module, model: nn.Module, qualname: str) -> None:
         dst.register_parameter(leaf, param)
 
 
+def _registered(model: nn.Module, target: str) -> bool:
+    """Whether the dotted ``target`` names a registered parameter or buffer of its module."""
+    owner, _, leaf = target.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return leaf in module._parameters or leaf in module._buffers
+
+
 def _get_attr(model: nn.Module, target: str) -> Any:
     obj: Any = model
     for item in target.split("."):
@@ -397,6 +412,7 @@ def _traced_split(
 
     bound = {n.target for n in nodes if n.op == "get_attr"} | set(names)
     bindings = tuple((t, obj) for t in sorted(bound) if isinstance(obj := _get_attr(model, t), torch.Tensor))
+    plain = frozenset(t for t, obj in bindings if not _registered(model, t))
     return PrefixSplit(
         prefix_module=prefix_gm,
         suffix_module=suffix_gm,
@@ -406,6 +422,7 @@ def _traced_split(
         num_suffix_nodes=len(dep),
         frontier=tuple(f.name for f in frontier),
         bindings=bindings,
+        plain_bindings=plain,
     )
 
 
@@ -539,6 +556,14 @@ class ModelSplit:
     whole_records: bool = False  # cached calls: the model writes cached outputs in place, record whole runs
     unread: frozenset = frozenset()  # cached calls whose outputs no replay reads: kept as placeholders
     _watch: Any = None
+    _module_names: dict | None = None
+
+    def module_name(self, module: nn.Module) -> str:
+        """``module``'s qualified name in the model (its class name if it is not one of the model's);
+        the names are gathered once per split, which the model's fingerprint keys."""
+        if self._module_names is None:
+            self._module_names = {id(m): n for n, m in self.model.named_modules()}
+        return self._module_names.get(id(module), type(module).__name__)
 
     @property
     def used(self) -> bool:
@@ -556,10 +581,11 @@ class ModelSplit:
         plain values; cached module calls are bound to the grad mode they were recorded in)."""
         return self.method != "call-cache"
 
-    def current(self) -> bool:
+    def current(self, *, registered_unchanged: bool = False) -> bool:
         """Whether the split still fits the model (a traced split binds tensors; the cached calls and
-        the whole model read the live model at every step)."""
-        return self.fx_split is None or self.fx_split.current(self.model)
+        the whole model read the live model at every step); ``registered_unchanged`` as in
+        :meth:`PrefixSplit.current`."""
+        return self.fx_split is None or self.fx_split.current(self.model, registered_unchanged=registered_unchanged)
 
     def watch(self) -> "call_cache.Watch":
         """The call cache's view of the editable parameters, redone if one was re-registered."""

@@ -26,7 +26,7 @@ from . import _extension as extension
 from ._table import BACKEND_OPS
 
 __all__ = ["BACKEND_ORDER", "ENV_BACKEND", "BackendError", "backends", "choose_backend", "forced_backend",
-           "use_backend"]
+           "is_forced", "use_backend"]
 
 BACKEND_ORDER = ("cuda", "triton", "cpu", "reference")
 ENV_BACKEND = "FASTEDIT_BACKEND"
@@ -97,6 +97,12 @@ def forced_backend() -> str | None:
     if value not in BACKEND_ORDER:
         raise BackendError(f"{ENV_BACKEND}={value!r} is not a backend; choose one of {BACKEND_ORDER}")
     return value
+
+
+def is_forced(backend: str | None = None) -> bool:
+    """Whether the backend of a call is forced: by its ``backend=`` keyword, an enclosing
+    :func:`use_backend` or ``FASTEDIT_BACKEND`` (an op's own size rule applies only when not)."""
+    return backend is not None or _OVERRIDE.get() is not None or forced_backend() is not None
 
 
 @contextlib.contextmanager

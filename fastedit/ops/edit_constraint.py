@@ -25,9 +25,15 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .dispatch import choose_backend
+from .dispatch import choose_backend, is_forced
 
-__all__ = ["edit_constraint", "reference", "compiled"]
+__all__ = ["edit_constraint", "reference", "compiled", "CPU_FUSED_MIN_LOGITS"]
+
+#: On the CPU, unless a backend is forced, logits ``[B, C]`` with fewer entries than this go to the
+#: reference: below it the compiled op's call (its autograd.Function wrapper, ~45 µs) costs more than
+#: ``amax`` minus ``gather`` computes, forward and backward; above it the fused forward + backward is
+#: ~9% faster (benchmarks/kernels/bench_edit_constraint.py, docs/kernels.md).
+CPU_FUSED_MIN_LOGITS = 1 << 20
 
 
 def edit_constraint(logits: Tensor, target: Tensor, *, backend: str | None = None) -> Tensor:
@@ -36,10 +42,14 @@ def edit_constraint(logits: Tensor, target: Tensor, *, backend: str | None = Non
     ``backend``: None for the dispatcher's choice (:func:`fastedit.ops.use_backend`,
     ``FASTEDIT_BACKEND``, else the priority order), or a backend name to force for this call
     (:class:`~fastedit.ops.dispatch.BackendError` if it cannot run here). The compiled op takes
-    ``[B, C]``; other shapes go to the reference. See the module docstring for the contract.
+    ``[B, C]``; other shapes go to the reference, and so do CPU logits with fewer than
+    :data:`CPU_FUSED_MIN_LOGITS` entries unless a backend is forced (where the reference is faster).
+    Both give the same values and gradients. See the module docstring for the contract.
     """
     name = choose_backend("edit_constraint", logits.device, backend)
     if name == "reference" or logits.dim() != 2:
+        return reference(logits, target)
+    if name == "cpu" and logits.numel() < CPU_FUSED_MIN_LOGITS and not is_forced(backend):
         return reference(logits, target)
     return compiled(logits, target)
 

@@ -23,17 +23,19 @@ def predicted(model, x):
 # 1. a cached split never serves stale tensors
 # ------------------------------------------------------------------------------------------------
 class Functional(nn.Module):
-    """Reads a parameter and a buffer functionally: a traced split binds them (get_attr)."""
+    """Reads a parameter, a buffer and a plain tensor attribute functionally: a traced split binds
+    them (get_attr). The model's fingerprint covers the first two; the split's own check the third."""
 
     def __init__(self):
         super().__init__()
         self.pos = nn.Parameter(torch.randn(4))
         self.register_buffer("mean", torch.zeros(4))
+        self.scale = torch.ones(4)  # neither a parameter nor a buffer
         self.body = nn.Linear(4, 6)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.body(x + self.pos - self.mean)))
+        return self.head(torch.tanh(self.body((x + self.pos - self.mean) * self.scale)))
 
 
 def _fresh_weights(seed):
@@ -49,6 +51,7 @@ CHANGES = {
     "load_state_dict(assign=True)": lambda m: m.load_state_dict(_fresh_weights(5), assign=True),
     "parameter re-assigned": lambda m: setattr(m, "pos", nn.Parameter(torch.full((4,), 2.5))),
     "buffer re-assigned": lambda m: setattr(m, "mean", torch.full((4,), -4.0)),
+    "plain tensor attribute re-assigned": lambda m: setattr(m, "scale", torch.full((4,), 2.0)),
     "to(float64)": lambda m: m.to(torch.float64),
 }
 

@@ -273,3 +273,46 @@ def test_forced_backend_without_the_op_fails_loudly():
     """Triton has no edit_constraint kernel: forcing it (per call) names the reason."""
     with pytest.raises(BackendError, match="backend='triton'"):
         fe.ops.edit_constraint(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), backend="triton")
+
+
+def test_small_cpu_logits_take_the_reference_unless_a_backend_is_forced(monkeypatch):
+    """Below CPU_FUSED_MIN_LOGITS the dispatcher's choice on the CPU is the reference (faster there);
+    a forced backend (keyword, use_backend, FASTEDIT_BACKEND) and larger logits run the compiled op.
+    Either way the values and gradients are the reference's."""
+    require_extension()
+    module = importlib.import_module("fastedit.ops.edit_constraint")
+    calls = []
+    real = module.compiled
+
+    def spy(logits, target):
+        calls.append(tuple(logits.shape))
+        return real(logits, target)
+    monkeypatch.setattr(module, "compiled", spy)
+    monkeypatch.setattr(module, "CPU_FUSED_MIN_LOGITS", 64)
+    monkeypatch.delenv("FASTEDIT_BACKEND", raising=False)
+    small, large = torch.randn(3, 7, dtype=torch.float64), torch.randn(5, 13, dtype=torch.float64)
+    t_small, t_large = torch.randint(0, 7, (3,)), torch.randint(0, 13, (5,))
+
+    def run(z, t, **kw):
+        z = z.clone().requires_grad_()
+        out = fe.ops.edit_constraint(z, t, **kw)
+        out.sum().backward()
+        torch.testing.assert_close(out, reference(z.detach(), t), rtol=0, atol=0)
+        return z.grad
+    run(small, t_small)
+    assert calls == []
+    g_large = run(large, t_large)
+    assert calls == [(5, 13)]
+    g_forced = run(small, t_small, backend="cpu")
+    with fe.ops.use_backend("cpu"):
+        run(small, t_small)
+    monkeypatch.setenv("FASTEDIT_BACKEND", "cpu")
+    run(small, t_small)
+    assert calls == [(5, 13)] + [(3, 7)] * 3
+    monkeypatch.delenv("FASTEDIT_BACKEND")
+    z = large.clone().requires_grad_()
+    reference(z, t_large).sum().backward()
+    torch.testing.assert_close(g_large, z.grad, rtol=0, atol=0)
+    z = small.clone().requires_grad_()
+    reference(z, t_small).sum().backward()
+    torch.testing.assert_close(g_forced, z.grad, rtol=0, atol=0)

@@ -324,9 +324,11 @@ def test_compiled_cpu_kernels_run_in_edit_evaluate_and_training(monkeypatch):
     """fe.edit, fe.evaluate (loop and vmap) and an Editable Training step on the CPU call the compiled
     ops, and the dispatcher's CPU kernel for them is the C++ one (csrc/cpu/). Editable Training's
     inner steps are the differentiable editor step (pure torch ops, fastedit.ops.editor_step);
-    the compiled op it runs is the edit constraint."""
+    the compiled op it runs is the edit constraint (on logits of any size here: by default small CPU
+    logits take the faster reference, tests/ops/test_edit_constraint.py)."""
     require_extension()
     calls = _spy_on_compiled_ops(monkeypatch)
+    monkeypatch.setattr(importlib.import_module("fastedit.ops.edit_constraint"), "CPU_FUSED_MIN_LOGITS", 0)
     fe, model, x, y = _spy_model()
     editor = fe.RMSProp(0.05, beta=0.7)
 
