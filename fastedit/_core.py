@@ -377,6 +377,14 @@ class EditTarget:
         return other
 
     @property
+    def entry(self) -> dict:
+        """The split's cache entry (one per model fingerprint, selection and input signature), where
+        checks made once per split keep their verdicts."""
+        if self._entry is None:
+            raise RuntimeError("internal: the split is made from the first inputs (EditTarget.prefix)")
+        return self._entry
+
+    @property
     def split(self) -> ModelSplit:
         if self._entry is None:
             raise RuntimeError("internal: the split is made from the first inputs (EditTarget.prefix)")

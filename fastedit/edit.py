@@ -21,6 +21,7 @@ fe.surgery, the baselines and Editable Training are in :mod:`fastedit._core`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from ._core import (
     check_common,
     commit_params,
     eval_mode,
+    model_failure,
     resolve_aliases,
     resolve_early_exit,
     run_edit_loop,
@@ -40,6 +42,7 @@ from ._core import (
 )
 from .compiled import check_compile, graphed_loop, resolve_compile
 from .editors import Editor, make_editor
+from .kept_logits import keep_labelled_logits, needs_recheck, whole_loss
 from .model_io import OutputSpec
 from .selection import ParamSpec
 
@@ -67,7 +70,10 @@ class EditResult:
     layer at [CLS], :mod:`fastedit.rows`); ``rows_reason``: why pruning stopped, if it did. ``compiled`` and
     ``cuda_graph`` say whether the steps ran compiled or as a replayed CUDA graph; where one was asked
     for and not used, ``compile_reason``/``cuda_graph_reason`` say why. ``compile_seconds``: time this
-    edit spent compiling (0 once the shapes are compiled)."""
+    edit spent compiling (0 once the shapes are compiled). ``logits_kept``: for a token constraint, the
+    logits positions the language-model head computed in the steps (the labelled ones,
+    :mod:`fastedit.kept_logits`; 0: every position), and ``logits_reason`` why the head ran whole
+    where it could have kept fewer."""
 
     success: bool
     steps: int
@@ -85,6 +91,8 @@ class EditResult:
     compile_seconds: float = 0.0
     cuda_graph: bool = False
     cuda_graph_reason: str | None = None
+    logits_kept: int = 0
+    logits_reason: str | None = None
     _params: list[nn.Parameter] = field(repr=False, default_factory=list)
     _backup: list[Tensor] = field(repr=False, default_factory=list)
     _model: Any = field(default=None, repr=False)
@@ -139,7 +147,8 @@ class EditResult:
                 "prefix_method": self.prefix_method, "rows_pruned": list(self.rows_pruned),
                 "rows_reason": self.rows_reason, "compiled": self.compiled,
                 "compile_reason": self.compile_reason, "compile_seconds": self.compile_seconds,
-                "cuda_graph": self.cuda_graph, "cuda_graph_reason": self.cuda_graph_reason}
+                "cuda_graph": self.cuda_graph, "cuda_graph_reason": self.cuda_graph_reason,
+                "logits_kept": self.logits_kept, "logits_reason": self.logits_reason}
 
 
 def _lookup(model: nn.Module, name: str):
@@ -224,11 +233,19 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
                                            early_exit)
         compiled_before = et.compiled.compile_seconds if et.compiled is not None else 0.0
         acts = et.checked_prefix(mi)
+        fixed = ("the steps run as a CUDA graph (fixed shapes)" if graph is not None else
+                 "the steps run compiled (fixed shapes)" if et.compiled is not None else None)
+        kept, kept_reason = keep_labelled_logits(model, constraint, et.entry, et.params,
+                                                 lambda: _logits(et, acts, et.params, mi), fixed)
         if graph is not None:
             out = graph.run(acts, constraint)
         else:
-            out = run_edit_loop(et.loss_fn(acts, constraint, reduction, mi), et.params, editor, max_steps,
-                                early_exit=resolve_early_exit(early_exit, et.device), names=et.names)
+            with kept.installed() if kept is not None else contextlib.nullcontext():
+                steps_constraint = kept.constraint if kept is not None else constraint
+                out = run_edit_loop(et.loss_fn(acts, steps_constraint, reduction, mi), et.params, editor, max_steps,
+                                    early_exit=resolve_early_exit(early_exit, et.device), names=et.names)
+            if kept is not None and bool(torch.isfinite(out.loss)) and needs_recheck(kept):
+                out.loss = whole_loss(constraint, _logits(et, acts, out.params), reduction)
         compiled = et.compiled is not None and et.compiled.failed is None
         if et.compiled is not None and et.compiled.failed is not None:
             compile_reason = et.compiled.failed
@@ -245,7 +262,21 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
                         initial_loss=float(out.initial_loss), applied=False, param_names=list(et.names),
                         **split_info(et), compiled=compiled, compile_reason=compile_reason,
                         compile_seconds=compile_seconds, cuda_graph=graph is not None,
-                        cuda_graph_reason=graph_reason, _params=list(et.params))
+                        cuda_graph_reason=graph_reason, logits_kept=kept.index.numel() if kept is not None else 0,
+                        logits_reason=kept_reason, _params=list(et.params))
     if success or on_failure == "keep":
         commit_params(result, et.params, out.params, model)
     return result
+
+
+def _logits(et: EditTarget, acts, theta, inputs=None) -> Tensor:
+    """The logits from the edit's activations with ``theta``, in the grad mode of the editor steps
+    (cached module calls are bound to it), without a graph kept; a failing model raises as in the
+    steps (:func:`fastedit._core.model_failure`)."""
+    try:
+        with torch.enable_grad():
+            return et.logits(acts, [t.detach() for t in theta]).detach()
+    except (TypeError, ValueError):
+        raise
+    except Exception as exc:
+        raise model_failure(et.model, inputs, exc) from exc
