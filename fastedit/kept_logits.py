@@ -15,9 +15,9 @@ How (:func:`keep_labelled_logits`, used by :func:`fastedit.edit`):
    before computing: ``lm_head(hidden[..., K, :])``. It is an instance attribute installed for the
    editor steps only (:func:`fastedit.call_cache.installed_forwards`) and removed afterwards, also
    when the edit raises.
-3. once per split (model fingerprint, selection, input signature) the model's output with the kept
-   head is compared with its whole output at ``K`` (the edit's own activations, the unedited
-   parameters): a model whose code after the head mixes positions, or whose head does not take
+3. once per split (model fingerprint, selection, input signature) and number of kept positions,
+   the model's output with the kept head is compared with its whole output at ``K`` (the edit's
+   own activations, the unedited parameters): a model whose code after the head mixes positions, or whose head does not take
    ``[..., T, H]``, fails the check and edits with the whole head (``logits_reason`` says why).
 4. a product of ``|K|`` rows rounds differently from one of ``T`` rows, so the final logits may
    differ from the whole head's in the last bits. Where the final verdict is within
@@ -28,6 +28,10 @@ How (:func:`keep_labelled_logits`, used by :func:`fastedit.edit`):
 Not used (the whole head runs, ``logits_reason`` says why) when the constraint is another kind, every
 position is labelled, the head holds an editable parameter (a tied embedding included), or the
 steps run compiled or as a CUDA graph (fixed shapes).
+
+:class:`fastedit.EditableTraining` keeps the logits of its token edits (sampled or given) the same way
+in the inner steps and the final ``L_edit`` (``L_loc`` reads every position and runs the whole head);
+there the verdicts only feed an objective and its statistics, so none is recomputed.
 """
 from __future__ import annotations
 
@@ -161,24 +165,20 @@ def keep_labelled_logits(model: nn.Module, constraint, entry: dict, editable: li
     if any(id(p) in ids for p in head.parameters()):
         return None, "the output embeddings hold an edited parameter (a tied input embedding included)"
     kept = KeptLogits(head, index, positions, _on_positions(constraint, index))
-    # once per split (the entry is keyed by the model's fingerprint and the inputs' signature) and set
-    # of kept positions; the whole logits' [batch, time] is kept too, so labels of another shape take
-    # the whole head, whose checks name the mismatch
+    # once per split (the entry is keyed by the model's fingerprint and the inputs' signature) and
+    # number of kept positions (code after the head that mixes positions or needs their count shows
+    # at any of them; Editable Training samples a new position per batch); the whole logits'
+    # [batch, time] is kept too, so labels of another shape take the whole head, whose checks name
+    # the mismatch
     verdicts = entry.setdefault("kept_logits", {})
     if "shape" in verdicts and verdicts["shape"] != tuple(constraint.labels.shape):
         return None, None
-    key = tuple(index.tolist())
-    verdict = verdicts.get(key)
+    verdict = verdicts.get(index.numel())
     if verdict is None:
-        verdict = _check(kept, constraint, logits, verdicts)
-        if len(verdicts) < _MAX_VERDICTS:
-            verdicts[key] = verdict
+        verdict = verdicts[index.numel()] = _check(kept, constraint, logits, verdicts)
     if verdict is not True:
         return None, verdict
     return kept, None
-
-
-_MAX_VERDICTS = 256  # kept position sets remembered per split (beyond, each new one is checked per edit)
 
 
 def _check(kept: KeptLogits, constraint, logits: Callable[[], Tensor], verdicts: dict) -> bool | str:

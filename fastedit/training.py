@@ -77,6 +77,7 @@ from .constraint import (
     validate,
 )
 from .editors import Adam, Editor, RMSProp, make_editor
+from .kept_logits import keep_labelled_logits
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
 from .ops.editor_step import editor_step
 from .selection import ParamSpec, select_parameters
@@ -189,6 +190,7 @@ class _StepSpec:
         self.learnable, self.hp_names, self.constraint = learnable, hp_names, constraint
         self.reduction, self.read = reduction, read
         self.validate = None  # (edit, rows) to check the constraint against at the first evaluation
+        self.kept = None      # KeptLogits: the head at the labelled positions only (fastedit.kept_logits)
 
     def unpack(self, flat: tuple, n_theta: int, n_state: int, n_acts: int, n_other: int):
         """Cut the flat tensor inputs of a step into (theta, state, acts, others, hyper-parameters)."""
@@ -210,14 +212,20 @@ class _StepSpec:
         other_map = dict(zip(self.other_names, others))
 
         def loss(theta: list[Tensor]) -> Tensor:
-            mapping = {**other_map, **dict(zip(self.theta_names, theta))}
-            logits = self.read(functional_call(self.suffix, mapping, (acts,), strict=False))
+            logits = self.logits(acts, other_map, theta)
             c = self.constraint
             if self.validate is not None:
                 where, self.validate = self.validate, None
                 _check_given_edit(c, logits.detach(), *where)
             return reduce_constraint(c.pack(c.per_sample(logits)), self.reduction)
         return loss
+
+    def logits(self, acts: tuple, other_map: dict, theta: list[Tensor]) -> Tensor:
+        """The suffix's logits with ``theta``; at the kept positions only where ``kept`` is set (also
+        when a rematerialised step recomputes itself in backward)."""
+        mapping = {**other_map, **dict(zip(self.theta_names, theta))}
+        with self.kept.installed() if self.kept is not None else contextlib.nullcontext():
+            return self.read(functional_call(self.suffix, mapping, (acts,), strict=False))
 
     def editor(self, hps: list[Tensor]) -> Editor:
         values = dict(self.learnable.fixed)
@@ -386,9 +394,13 @@ class EditableTraining(nn.Module):
                 f"loc_mode={self.loc_mode!r}")
 
     # -- pieces ------------------------------------------------------------------------------------
+    def _entry(self, inputs: ModelInputs) -> dict:
+        """The split's cache entry for inputs like these (``entry["split"]``), built once (in eval mode)
+        and cached per call signature."""
+        return cached_entry(self.model, self.param_names, True, inputs, self._read)
+
     def _split(self, inputs: ModelInputs):
-        """The split for inputs like these, built once (in eval mode) and cached per call signature."""
-        return cached_entry(self.model, self.param_names, True, inputs, self._read)["split"]
+        return self._entry(inputs)["split"]
 
     def _sample_edits(self, inputs: ModelInputs, target: Constraint, logits: Tensor):
         """``num_edits`` edits drawn from the batch: the rows of the edit inputs, and per edit
@@ -407,12 +419,12 @@ class EditableTraining(nn.Module):
         return inputs.take(pick[:, 0]), [(i, i + 1, TokenTargets(labels[i:i + 1], causal=target.causal))
                                          for i in range(k)]
 
-    def _run_edit(self, split, acts_e, constraint: Constraint, editor_module: LearnableEditor,
+    def _run_edit(self, entry: dict, acts_e, constraint: Constraint, editor_module: LearnableEditor,
                   validate: tuple | None = None):
-        """The unrolled edit: returns (edited params, final constraint, steps taken). ``validate``:
-        ``(edit number, first row, end row)`` of an edit given by the caller, whose constraint is
-        checked against the logits first."""
-        suffix = split.suffix_module
+        """The unrolled edit: returns (edited params, final constraint, steps taken). ``entry``: the
+        edit inputs' split cache entry. ``validate``: ``(edit number, first row, end row)`` of an edit
+        given by the caller, whose constraint is checked against the logits first."""
+        suffix = entry["split"].suffix_module
         params = dict(self.model.named_parameters())
         theta = [params[n] for n in self.param_names]
         theta_set = set(self.param_names)
@@ -429,6 +441,23 @@ class EditableTraining(nn.Module):
         spec = _StepSpec(suffix, self.param_names, other_names, acts_spec, consts, state_spec, editor_module,
                          hp_names, constraint, self.reduction, self._read, self.closed_form)
         spec.validate = validate
+        # a token edit's steps compute the head at its labelled positions only. A given edit is
+        # checked against the whole logits where the kept head is first tried; later ones are
+        # checked against the kept logits, which accepts and rejects the same labels (their shape
+        # is the whole logits', kept_logits makes sure)
+        other_map = dict(zip(other_names, others))
+        unchecked = [validate]  # a given edit's check, made on the first (whole) logits
+
+        def head_logits() -> Tensor:  # in the grad mode the activations were recorded in
+            with torch.enable_grad():
+                z = spec.logits(acts_e, other_map, [t.detach() for t in theta]).detach()
+            if unchecked[0] is not None:
+                where, unchecked[0] = unchecked[0], None
+                _check_given_edit(constraint, z, *where)
+            return z
+        spec.kept, _ = keep_labelled_logits(self.model, constraint, entry, theta, head_logits)
+        if spec.kept is not None:
+            spec.constraint = spec.kept.constraint
         device = theta[0].device
         early = resolve_early_exit(self.early_exit, device)
         steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -502,7 +531,8 @@ class EditableTraining(nn.Module):
             if self.loc_mode == "eval":
                 acts_loc, out_loc = split.prefix_and_output(mi)
                 ref_loc = self._read(out_loc).detach()
-            split_e = self._split(edit_rows)
+            entry_e = self._entry(edit_rows)
+            split_e = entry_e["split"]
             results = []
             for k, (lo, hi, c_e) in enumerate(edits):
                 # each edit's own prefix run: activations need not be batch-first (a GRU's hidden state
@@ -510,7 +540,7 @@ class EditableTraining(nn.Module):
                 # differentiate through them even when the caller is under no_grad
                 with torch.enable_grad():
                     acts_e = split_e.prefix(edit_rows.rows(lo, hi))
-                results.append(self._run_edit(split_e, acts_e, c_e, self.learned_editor,
+                results.append(self._run_edit(entry_e, acts_e, c_e, self.learned_editor,
                                               validate=(k, lo, hi) if given else None))
 
         loss_edit = torch.stack([F.relu(final) for _, final, _ in results]).mean()

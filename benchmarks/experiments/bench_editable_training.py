@@ -181,7 +181,7 @@ class FastEdit:
         with eval_mode(et.model):
             split_e = et._split(mi_e)
             acts_e = split_e.prefix(mi_e)
-            theta, final, steps = et._run_edit(split_e, acts_e, fe.Classification(ey), et.learned_editor)
+            theta, final, steps = et._run_edit(et._entry(mi_e), acts_e, fe.Classification(ey), et.learned_editor)
         t2 = now()
         if int(steps) > 0:
             loss_loc = et._kl_to_edited(split, acts, logits, theta, base)

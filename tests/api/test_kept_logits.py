@@ -197,18 +197,21 @@ def test_code_after_the_head_is_checked(mix, kept, reason):
     assert_same_edit(r, ref, model, other, ["body.weight", "body.bias"])
 
 
-def test_checked_once_per_split_and_position_set(monkeypatch):
+def test_checked_once_per_split_and_number_of_kept_positions(monkeypatch):
     model = small_gpt2().eval()
     inputs, labels = prompt_and_labels(model)
     checks = []
     check = kl._check
     monkeypatch.setattr(kl, "_check", lambda *a: checks.append(1) or check(*a))
-    other = labels.clone()
-    other[0, 6] = -100  # another set of kept positions (row 0 starts at 7)
-    for lab, n in [(labels, 1), (labels, 1), (other, 2), (labels, 2)]:
+    fewer = labels.clone()
+    fewer[0, 6] = -100  # row 0 from 7: logits positions 6..8
+    moved = labels.clone()
+    moved[0, 8] = -100  # positions 5, 6, 7, 8 still: 4 of them, another set
+    moved[1, 7] = 1
+    for lab, n, kept in [(labels, 1, 4), (labels, 1, 4), (fewer, 2, 3), (moved, 2, 4), (labels, 2, 4)]:
         r = fe.edit(model, inputs, fe.TokenTargets(lab, causal=True), params=LAST, max_steps=2)
         r.revert()
-        assert len(checks) == n and r.logits_kept == (4 if lab is labels else 3)
+        assert len(checks) == n and r.logits_kept == kept
 
 
 def test_user_errors_raise_as_with_the_whole_head():
@@ -268,3 +271,70 @@ def test_distance_to_a_flip():
     assert kl.needs_recheck(kept)
     c.dtype = torch.float32
     assert not kl.needs_recheck(kept)
+
+
+# ------------------------------------------------------------------------------------------------
+# Editable Training: the inner steps and L_edit with the kept head
+# ------------------------------------------------------------------------------------------------
+training_module = importlib.import_module("fastedit.training")
+KEEP = training_module.keep_labelled_logits
+
+
+def et_objective(model, kept: bool, monkeypatch, given: bool, **kw):
+    """The Editable Training objective and its gradients (float64), and what keep_labelled_logits gave."""
+    torch.manual_seed(5)  # the sampled edits
+    et = fe.EditableTraining(model, params="transformer.h.1", editor=fe.RMSProp(1e-2), max_steps=3, c_edit=1.0,
+                             c_loc=1.0, learn=("lr",), **kw)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 64, (3, 10), generator=g)
+    edit = {}
+    if given:
+        e_ids = torch.randint(0, 64, (2, 10), generator=g)
+        e_labels = torch.full_like(e_ids, -100)
+        e_labels[0, [4, 9]] = torch.tensor([3, 7])
+        e_labels[1, 6] = 11
+        edit = dict(edit_inputs={"input_ids": e_ids}, edit_target=fe.TokenTargets(e_labels, causal=True))
+    got = []
+    monkeypatch.setattr(training_module, "keep_labelled_logits",
+                        (lambda *a: got.append(KEEP(*a)) or got[-1]) if kept else (lambda *a: (None, None)))
+    loss, stats = et({"input_ids": ids}, fe.TokenTargets(ids, causal=True), **edit)
+    grads = torch.autograd.grad(loss, [p for p in et.parameters() if p.requires_grad], allow_unused=True)
+    return loss, stats, grads, got
+
+
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("rematerialize", [False, True])
+def test_editable_training_with_the_kept_head_matches_the_whole_head(monkeypatch, given, rematerialize):
+    start = small_gpt2(dropout=0.0).double().train()
+    ref = et_objective(copy.deepcopy(start), False, monkeypatch, given, rematerialize=rematerialize)
+    loss, stats, grads, got = et_objective(copy.deepcopy(start), True, monkeypatch, given,
+                                           rematerialize=rematerialize)
+    assert got and all(k is not None for k, _ in got)  # every edit's steps ran with the kept head
+    assert [k.index.numel() for k, _ in got] == ([2, 1] if given else [1])
+    assert stats["edit_steps"] == ref[1]["edit_steps"] and stats["edit_steps"] >= 1
+    torch.testing.assert_close(loss, ref[0], rtol=1e-10, atol=1e-12)
+    for key in ("loss_base", "loss_edit", "loss_loc"):
+        torch.testing.assert_close(stats[key], ref[1][key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert any(a is not None and a.abs().sum() > 0 for a in grads)
+
+
+def test_editable_training_given_edits_with_bad_labels_raise_naming_the_edit(monkeypatch):
+    model = small_gpt2().train()
+    et = fe.EditableTraining(model, params="transformer.h.1", max_steps=2)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    bad = torch.full_like(ids, -100)
+    bad[:, 5] = 999
+    before = snapshot(model)
+    for _ in range(2):  # before and after a verdict is cached
+        with pytest.raises(ValueError, match=r"edit_target \(edit_y\), edit 0.*999"):
+            et({"input_ids": ids}, fe.TokenTargets(ids, causal=True), {"input_ids": ids},
+               fe.TokenTargets(bad, causal=True))
+        assert_identical(model, before)
+        good = bad.clone()
+        good[:, 5] = 1
+        et({"input_ids": ids}, fe.TokenTargets(ids, causal=True), {"input_ids": ids}, fe.TokenTargets(good, causal=True))
+        model.load_state_dict(before)
