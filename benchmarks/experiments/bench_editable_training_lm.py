@@ -44,17 +44,19 @@ b = 24·d² + 4·T·d, the LM head h = 2·d·V, the whole forward F = L·b + h, 
 E editable blocks, the prefix P = (L−E)·b; a backward costs 2× its forward). A plain step is 3·F·B.
 Editable Training adds, per step: (i) L_loc, the suffix forward + backward on the batch with the
 edited parameters, 3·S·B, the part no implementation of the objective avoids (``floor_loc``);
-(ii) the edit sequence's prefix with grad and its backward, F + 2·P (one row; the cached-call split
-records the prefix with a whole forward); (iii) per inner step one suffix forward + a vjp to θ,
-V = S + h + 2·E·b, and its backward through the unrolled graph, ≈ 2·V (3·V in all;
-rematerialisation recomputes the step in backward: 4·V); (iv) the last constraint evaluation and
-its backward, 3·S. For GPT-2 small at T = 128: b ≈ 14.6 M, h ≈ 77.2 M (the head is
-31% of a forward and 73% of the suffix), F ≈ 252 M, S ≈ 106 M (0.42 F), P ≈ 0.58 F, V ≈ 0.96 F, so with
-B = 4 and s inner steps, (12 + 5.07 + 2.16 + 1.27 + 2.88·s) / 12 = 1.71 + 0.24·s without
-rematerialisation, 1.71 + 0.32·s with it; L_loc alone: 1.42. The optimizer step (memory bound,
+(ii) the edit sequence's prefix with grad and its backward, 3·P (one row; the cached-call split
+stops its recording at the first editable module); (iii) per inner step the edit sequence's suffix
+forward with the head at its labelled position only (``fastedit.kept_logits``: K = 1 of T),
+Se = E·b + h·K/T, a vjp to θ, V = Se + h·K/T + 2·E·b, and its backward through the unrolled graph,
+≈ 2·V (3·V in all; rematerialisation recomputes the step in backward: 4·V); (iv) the last
+constraint evaluation and its backward, 3·Se. For GPT-2 small at T = 128: b ≈ 14.6 M, h ≈ 77.2 M
+(the head is 31% of a forward and 73% of the suffix), F ≈ 252 M, S ≈ 106 M (0.42 F), P ≈ 0.58 F,
+Se ≈ 0.12 F, V ≈ 0.35 F (0.96 F with the whole head), so with B = 4 and s inner steps,
+(12 + 5.07 + 1.73 + 0.35 + 1.05·s) / 12 = 1.60 + 0.088·s without rematerialisation,
+1.60 + 0.12·s with it; L_loc alone: 1.42. The optimizer step (memory bound,
 outside the count) is in both, so the expected time ratio is (R·t_fwd+bwd + t_opt) / (t_fwd+bwd +
-t_opt), with the plain step's measured split. (``--preset gpu``: S ≈ 0.15 F, P ≈ 0.85 F, V ≈ 0.38 F;
-B = 8, k = 5 masked steps: 1.52 without, 1.60 with rematerialisation; B = 16: 1.33 / 1.37.) The
+t_opt), with the plain step's measured split. (``--preset gpu``: S ≈ 0.15 F, P ≈ 0.85 F, V ≈ 0.23 F;
+B = 8, k = 5 masked steps: 1.41 without, 1.46 with rematerialisation; B = 16: 1.28 / 1.30.) The
 suffix forward + backward on the batch is also measured (a separate E-block GPT-2 fed random hidden
 states, same shapes: ``suffix_fwd_bwd``).
 Targets: ≤ 1.5× a plain step in time, ≤ 1.3× its peak memory with rematerialisation.
@@ -437,31 +439,36 @@ class SuffixFloor:
 # ------------------------------------------------------------------------------------------------
 def arithmetic(a, steps: dict[str, float], split_method: str | None = "call-cache") -> dict:
     """Matmul FLOPs per token of each pass (see the module docstring) and the expected step ratios,
-    with each method's inner steps. ``split_method``: the cached-call prefix of the edit sequence is
-    recorded by running the whole model once (F, not P), its backward is the prefix's (2·P)."""
+    with each method's inner steps. ``split_method`` is recorded only: both splits run the edit
+    sequence's prefix alone (the cached-call recording stops at the first editable module) and its
+    backward, 3·P. fastedit's inner steps and last evaluation compute the head at the edit's
+    labelled position only (``fastedit.kept_logits``): h·K/T per token, K = 1."""
     d, t, v, L, E = a.n_embd, a.seq, a.vocab, a.n_layer, a.editable_blocks
     b = 24 * d * d + 4 * t * d
     h = 2 * d * v
     full, suffix, prefix = L * b + h, E * b + h, (L - E) * b
-    step = suffix + h + 2 * E * b                       # suffix forward + vjp to θ
+    kept = 1 / t                                        # labelled positions of an edit / positions
+    edit_suffix = E * b + h * kept                      # the edit sequence's suffix forward, head kept
+    step = edit_suffix + h * kept + 2 * E * b           # its forward + vjp to θ
     B = a.batch
     plain = 3 * full * B
     loc = 3 * suffix * B
-    edit_prefix = (full if split_method == "call-cache" else prefix) + 2 * prefix
-    fixed = loc + edit_prefix + 3 * suffix              # L_loc, the edit's prefix, the last evaluation
+    edit_prefix = 3 * prefix
+    fixed = loc + edit_prefix + 3 * edit_suffix         # L_loc, the edit's prefix, the last evaluation
     out = {
         "flops_per_token": {"block_forward": b, "head_forward": h, "model_forward": full, "suffix_forward": suffix,
                             "prefix_forward": prefix, "inner_step_forward_and_vjp": step},
         "in_model_forwards_of_one_sequence": {"suffix": suffix / full, "prefix": prefix / full,
-                                              "inner_step": step / full, "head_share_of_forward": h / full},
+                                              "edit_suffix": edit_suffix / full, "inner_step": step / full,
+                                              "head_share_of_forward": h / full},
+        "kept_head_fraction": kept,
         "plain_step": "3·F·B (forward + backward = 2× forward)",
-        "edit_prefix": ("F + 2P (the cached-call split records the edit sequence with a whole forward)"
-                        if split_method == "call-cache" else "3P"),
+        "edit_prefix": f"3P (split: {split_method})",
         "floor_loc_ratio": (plain + loc) / plain,
         "expected_ratio": {},
         "formula": {
-            "fastedit": "(3FB + 3SB + edit_prefix + 3S + s·3V) / 3FB",
-            "fastedit_remat": "(3FB + 3SB + edit_prefix + 3S + s·4V) / 3FB (each step recomputed in backward)",
+            "fastedit": "(3FB + 3SB + 3P + 3Se + s·3V) / 3FB",
+            "fastedit_remat": "(3FB + 3SB + 3P + 3Se + s·4V) / 3FB (each step recomputed in backward)",
             "naive": "(3FB + 3FB + 3F + s·3(F + h + 2Eb)) / 3FB (full forwards; L_loc a full forward + "
                      "backward of the batch)",
         },
