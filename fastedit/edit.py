@@ -240,7 +240,7 @@ def edit(model: nn.Module, inputs=None, target=None, editor: Editor | str = "rms
         if graph is not None:
             out = graph.run(acts, constraint)
         else:
-            with kept.installed() if kept is not None else contextlib.nullcontext():
+            with kept.installed(frozen=True) if kept is not None else contextlib.nullcontext():
                 steps_constraint = kept.constraint if kept is not None else constraint
                 out = run_edit_loop(et.loss_fn(acts, steps_constraint, reduction, mi), et.params, editor, max_steps,
                                     early_exit=resolve_early_exit(early_exit, et.device), names=et.names)

@@ -73,14 +73,48 @@ class KeptLogits:
     constraint: Any            # the constraint rewritten on the kept positions
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """Run with the head computing the kept positions only."""
+    def installed(self, frozen: bool = False) -> Iterator[None]:
+        """Run with the head computing the kept positions only. ``frozen``: nothing differentiates
+        with respect to the head's parameters (:func:`fastedit.edit` takes gradients of the edited
+        parameters only), so an ``nn.Linear`` head on the CPU gets :class:`_FrozenLinear`."""
         forward, index = self.head.forward, self.index
-
-        def kept_forward(hidden: Tensor, *args, **kwargs):
-            return forward(hidden.index_select(-2, index), *args, **kwargs)
+        head = self.head
+        if frozen and type(head) is nn.Linear and head.weight.device.type == "cpu":
+            def kept_forward(hidden: Tensor):
+                kept = hidden.index_select(-2, index)
+                if torch.is_autocast_enabled(kept.device.type):
+                    return forward(kept)
+                bias = head.bias.detach() if head.bias is not None else None
+                return _FrozenLinear.apply(kept, head.weight.detach(), bias)
+        else:
+            def kept_forward(hidden: Tensor, *args, **kwargs):
+                return forward(hidden.index_select(-2, index), *args, **kwargs)
         with installed_forwards([(self.head, kept_forward)]):
             yield
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` for a weight nothing differentiates, whose output gradient is
+    nonzero in few columns: a token margin's gradient is, at the positions it reads, the label and
+    the best other token (two of 50,257 columns for GPT-2). The input gradient then reads only those
+    rows of the weight instead of all of it (154 MB for GPT-2 small); a denser gradient (a ranking's
+    log-softmax) takes the whole product. Plain autograd only (no torch.func transforms)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        columns = grad.reshape(-1, grad.shape[-1]).ne(0).any(0).nonzero().reshape(-1)
+        if columns.numel() * _SPARSE_SHARE > grad.shape[-1]:
+            return grad @ weight, None, None
+        return grad.index_select(-1, columns) @ weight.index_select(0, columns), None, None
+
+
+_SPARSE_SHARE = 8  # the rows-only product is used while at most 1/8 of the columns are nonzero
 
 
 def labelled_positions(constraint) -> Tensor | None:

@@ -85,13 +85,13 @@ def passes(model, inputs: dict, constraint, params: str, repeats: int) -> dict:
 
     def suffix_forward_backward(whole: bool = False):
         leaves = [t.requires_grad_() for t in theta]
-        with contextlib.nullcontext() if whole or kept is None else kept.installed():
+        with contextlib.nullcontext() if whole or kept is None else kept.installed(frozen=True):
             loss = (constraint if whole else steps_constraint).per_sample(target.logits(acts, leaves)).amax()
             torch.autograd.grad(loss, leaves)
 
     def suffix_forward(whole: bool = False):
         leaves = [t.requires_grad_() for t in theta]
-        with contextlib.nullcontext() if whole or kept is None else kept.installed():
+        with contextlib.nullcontext() if whole or kept is None else kept.installed(frozen=True):
             (constraint if whole else steps_constraint).per_sample(target.logits(acts, leaves)).amax()
 
     cached = sum(t.nbytes for t in torch.utils._pytree.tree_leaves(acts) if isinstance(t, torch.Tensor))

@@ -338,3 +338,36 @@ def test_editable_training_given_edits_with_bad_labels_raise_naming_the_edit(mon
         good[:, 5] = 1
         et({"input_ids": ids}, fe.TokenTargets(ids, causal=True), {"input_ids": ids}, fe.TokenTargets(good, causal=True))
         model.load_state_dict(before)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_head_input_gradient_reads_the_nonzero_columns(dense, bias):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(53, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(53, generator=g, dtype=torch.float64) if bias else None
+    grad = torch.zeros(2, 3, 53, dtype=torch.float64)
+    if dense:
+        grad.normal_(generator=g)
+    else:  # a margin's: two columns per position, some shared
+        grad[0, :, 5], grad[1, :, 40], grad[0, 1, 52], grad[1, 2, 0] = 1.0, -1.0, 0.5, 2.0
+    y = kl._FrozenLinear.apply(x, weight, b)
+    torch.testing.assert_close(y, nn.functional.linear(x, weight, b), rtol=0, atol=0)
+    (got,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(got, grad @ weight, rtol=1e-12, atol=1e-12)
+
+
+def test_only_fe_edit_uses_the_frozen_head(monkeypatch):
+    applied = []
+    apply = kl._FrozenLinear.apply
+    monkeypatch.setattr(kl._FrozenLinear, "apply", lambda *a: applied.append(1) or apply(*a))
+    model = small_gpt2().eval()
+    inputs, labels = prompt_and_labels(model)
+    r = fe.edit(model, inputs, fe.TokenTargets(labels, causal=True), params=LAST, max_steps=3)
+    assert r.logits_kept == 4 and len(applied) == r.steps + 1  # each step's evaluation and the last one
+    r.revert()
+    et = fe.EditableTraining(model.train(), params="transformer.h.1", max_steps=2)
+    del applied[:]
+    et(inputs, fe.TokenTargets(inputs["input_ids"], causal=True))  # differentiates the head: never frozen
+    assert applied == []
