@@ -69,7 +69,6 @@ class KeptLogits:
 
     head: nn.Module
     index: Tensor              # int64 [|K|]: the logits positions kept
-    positions: int             # T: the logits positions the model computes
     constraint: Any            # the constraint rewritten on the kept positions
 
     @contextlib.contextmanager
@@ -77,8 +76,8 @@ class KeptLogits:
         """Run with the head computing the kept positions only. ``frozen``: nothing differentiates
         with respect to the head's parameters (:func:`fastedit.edit` takes gradients of the edited
         parameters only), so an ``nn.Linear`` head on the CPU gets :class:`_FrozenLinear`."""
-        forward, index = self.head.forward, self.index
-        head = self.head
+        head, index = self.head, self.index
+        forward = head.forward
         if frozen and type(head) is nn.Linear and head.weight.device.type == "cpu":
             def kept_forward(hidden: Tensor):
                 kept = hidden.index_select(-2, index)
@@ -89,7 +88,7 @@ class KeptLogits:
         else:
             def kept_forward(hidden: Tensor, *args, **kwargs):
                 return forward(hidden.index_select(-2, index), *args, **kwargs)
-        with installed_forwards([(self.head, kept_forward)]):
+        with installed_forwards([(head, kept_forward)]):
             yield
 
 
@@ -198,7 +197,7 @@ def keep_labelled_logits(model: nn.Module, constraint, entry: dict, editable: li
     ids = {id(p) for p in editable}
     if any(id(p) in ids for p in head.parameters()):
         return None, "the output embeddings hold an edited parameter (a tied input embedding included)"
-    kept = KeptLogits(head, index, positions, _on_positions(constraint, index))
+    kept = KeptLogits(head, index, _on_positions(constraint, index))
     # once per split (the entry is keyed by the model's fingerprint and the inputs' signature) and
     # number of kept positions (code after the head that mixes positions or needs their count shows
     # at any of them; Editable Training samples a new position per batch); the whole logits'

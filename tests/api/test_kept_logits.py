@@ -266,7 +266,7 @@ def test_distance_to_a_flip():
     values = ranking.per_sample(torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0)))
     assert ranking.closest.item() == pytest.approx(min(values.abs().min(), values.mean().abs()).item())
     # the band widens to 8 ulps of a half-precision head
-    kept = kl.KeptLogits(nn.Identity(), torch.tensor([0, 1, 2]), 3, c)
+    kept = kl.KeptLogits(nn.Identity(), torch.tensor([0, 1, 2]), c)
     c.dtype, c.closest, c.largest = torch.bfloat16, torch.tensor(0.05 * 9.0), torch.tensor(9.0)
     assert kl.needs_recheck(kept)
     c.dtype = torch.float32
