@@ -78,6 +78,7 @@ from .constraint import (
 )
 from .editors import Adam, Editor, RMSProp, make_editor
 from .kept_logits import keep_labelled_logits
+from .locality_kl import locality_kl
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
 from .ops.editor_step import editor_step
 from .selection import ParamSpec, select_parameters
@@ -486,14 +487,13 @@ class EditableTraining(nn.Module):
         # in train mode BatchNorm would update running statistics a second time: give it copies
         mapping.update({n: b.clone() for n, b in suffix.named_buffers()})
         edited = self._read(functional_call(suffix, mapping, (acts,), strict=False))
-        ref = ref_logits.detach()
         if isinstance(target, TokenTargets):
-            mask = target.mask()
-            ref, edited = target.aligned(ref)[0][mask], target.aligned(edited)[0][mask]
-        dtype = torch.promote_types(edited.dtype, torch.float32)  # half → float32, float64 stays
-        log_p = F.log_softmax(ref.to(dtype), -1)
-        log_q = F.log_softmax(edited.to(dtype), -1)
-        return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            # the labelled positions as rows of the flattened [B·T, V] logits (the last position of a
+            # causal target has no label)
+            mask = F.pad(target.mask(), (0, 1)) if target.causal else target.mask()
+            vocab = edited.shape[-1]
+            return locality_kl(ref_logits.reshape(-1, vocab), edited.reshape(-1, vocab), mask.flatten().nonzero()[:, 0])
+        return locality_kl(ref_logits, edited)
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, inputs, target=None, edit_inputs=None, edit_target=None, *, x=None, y=None,
