@@ -274,8 +274,11 @@ class _RematStep(torch.autograd.Function):
         with torch.no_grad():
             new_theta, new_state, loss, active = _inner_step(spec, theta, state, acts, others, hps,
                                                              early_exit=early_exit)
+        loss, active = loss.detach(), active.detach()
+        # the returned tensors themselves: otherwise a consumer of the loss (an early exit's L_edit)
+        # would reach this node and recompute the step in backward for a zero gradient
         ctx.mark_non_differentiable(loss, active)
-        return (*[t.detach() for t in new_theta], *[s.detach() for s in new_state], loss.detach(), active)
+        return (*[t.detach() for t in new_theta], *[s.detach() for s in new_state], loss, active)
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -472,7 +475,9 @@ class EditableTraining(nn.Module):
                 new_theta, new_state, loss, active = _inner_step(spec, theta, state_leaves, act_tensors, others,
                                                                  hps, early_exit=early)
             if early and not bool(active):
-                return theta, loss, steps
+                # satisfied: L_edit = relu(loss) with loss ≤ 0 has a zero gradient (relu'(0) = 0), so
+                # the check's graph is not kept (its backward would only carry zeros)
+                return theta, loss.detach(), steps
             theta, state_leaves = new_theta, new_state
             steps = steps + active
         with torch.enable_grad():  # differentiable: L_edit's input (the activations were made with grad)

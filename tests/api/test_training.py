@@ -599,6 +599,35 @@ def test_et_editor_is_a_plain_editor_usable_by_edit():
     r.revert()
 
 
+def test_rematerialised_backward_recomputes_only_the_steps_taken(monkeypatch):
+    """With early exit the check that finds an edit satisfied is not differentiated (relu'(l ≤ 0) = 0):
+    the backward recomputes exactly the steps taken, and the gradients equal the stored graph's."""
+    import fastedit.training as training
+
+    calls = {"forward": 0, "backward": 0}
+    inner = training._inner_step
+
+    def counting(*args, **kwargs):
+        calls["backward" if torch.is_grad_enabled() else "forward"] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_inner_step", counting)
+    x, y, edit_x = tiny_batch()
+    grads = {}
+    for remat in (False, True):
+        model = tiny_model()
+        et = fe.EditableTraining(model, params="block", editor=fe.RMSProp(0.03), max_steps=K, c_edit=1.0,
+                                 c_loc=1.0, rematerialize=remat, early_exit=True)
+        loss, stats = et(x, y, edit_x, torch.tensor([8, 7, 3]))
+        calls.update(forward=0, backward=0)
+        grads[remat] = grads_of(loss, et)
+    steps = int(round(float(stats["edit_steps"]) * 3))
+    assert 0 < steps < 3 * K  # some edits stop early: each with one check that finds it satisfied
+    assert calls == {"forward": 0, "backward": steps}
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], rtol=1e-12, atol=1e-14, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. clipping, optimizer, autocast
 # ------------------------------------------------------------------------------------------------
