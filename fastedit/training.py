@@ -300,6 +300,8 @@ class _RematStep(torch.autograd.Function):
                 m.training = mode
         outputs = [*new_theta, *new_state]
         pairs = [(o, g) for o, g in zip(outputs, grad_outs) if g is not None and o.requires_grad]
+        if ctx.spec.closed_form:
+            _release_step_outputs(outputs, inputs)
         wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
         grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                     [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
@@ -307,6 +309,17 @@ class _RematStep(torch.autograd.Function):
         for i, g in zip(wanted, grads):
             result[i] = g
         return (None, None, None, *result)
+
+
+def _release_step_outputs(outputs: list[Tensor], inputs: list[Tensor]) -> None:
+    """Free the memory of a recomputed closed-form step's new parameters and state (two copies of
+    the editable parameters). The backward needs them only as the roots of the gradient: the
+    closed-form step saves only its inputs (``ops.editor_step``), and autograd reads an output's
+    shape, never its values. Outputs that are inputs (a step that did not run) are kept."""
+    kept = {id(t) for t in inputs}
+    for o in outputs:
+        if id(o) not in kept and o.grad_fn is not None and o._base is None:
+            o.untyped_storage().resize_(0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -628,6 +628,28 @@ def test_rematerialised_backward_recomputes_only_the_steps_taken(monkeypatch):
         torch.testing.assert_close(g, grads[False][name], rtol=1e-12, atol=1e-14, msg=name)
 
 
+def test_released_step_outputs_keep_inputs_and_gradients():
+    """A rematerialised closed-form step frees its recomputed outputs before differentiating them:
+    inputs passed through and views are kept, and the gradient is unchanged."""
+    from fastedit.training import _release_step_outputs
+
+    theta = torch.randn(5, dtype=F64, requires_grad=True)
+    grad = (theta ** 3).sum()
+    (g,) = torch.autograd.grad(grad, theta, create_graph=True)
+    editor = fe.RMSProp(0.1, beta=0.5)
+    from fastedit.ops import editor_step
+    state = editor.init_state([theta.detach()])
+    (new_theta,), new_state = editor_step(editor, [theta], [g], state, None)
+    new_state = new_state[editor.slots[0]][0]
+    w = torch.randn(5, dtype=F64)
+    expected = torch.autograd.grad(new_theta, theta, w, retain_graph=True)[0]
+    view = new_state[1:]
+    _release_step_outputs([new_theta, theta, view], [theta])
+    assert new_theta.untyped_storage().nbytes() == 0 and new_theta.shape == (5,)
+    assert theta.untyped_storage().nbytes() > 0 and view.untyped_storage().nbytes() > 0
+    torch.testing.assert_close(torch.autograd.grad(new_theta, theta, w)[0], expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. clipping, optimizer, autocast
 # ------------------------------------------------------------------------------------------------
