@@ -80,7 +80,7 @@ from .editors import Adam, Editor, RMSProp, make_editor
 from .kept_logits import keep_labelled_logits
 from .locality_kl import locality_kl
 from .model_io import ModelInputs, OutputSpec, read_logits, resolve_output
-from .ops.editor_step import editor_step
+from .ops.editor_step import editor_step, supports
 from .selection import ParamSpec, select_parameters
 
 __all__ = ["EditableTraining", "LearnableEditor"]
@@ -301,7 +301,7 @@ class _RematStep(torch.autograd.Function):
         outputs = [*new_theta, *new_state]
         pairs = [(o, g) for o, g in zip(outputs, grad_outs) if g is not None and o.requires_grad]
         if ctx.spec.closed_form:
-            _release_step_outputs(outputs, inputs)
+            _release_step_outputs(outputs)
         wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
         grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                     [g for _, g in pairs], allow_unused=True) if pairs and wanted else []
@@ -311,14 +311,14 @@ class _RematStep(torch.autograd.Function):
         return (None, None, None, *result)
 
 
-def _release_step_outputs(outputs: list[Tensor], inputs: list[Tensor]) -> None:
+def _release_step_outputs(outputs: list[Tensor]) -> None:
     """Free the memory of a recomputed closed-form step's new parameters and state (two copies of
     the editable parameters). The backward needs them only as the roots of the gradient: the
     closed-form step saves only its inputs (``ops.editor_step``), and autograd reads an output's
-    shape, never its values. Outputs that are inputs (a step that did not run) are kept."""
-    kept = {id(t) for t in inputs}
+    shape, never its values. Outputs that are inputs (a step that did not run: leaves, no
+    ``grad_fn``) and views are kept."""
     for o in outputs:
-        if id(o) not in kept and o.grad_fn is not None and o._base is None:
+        if o.grad_fn is not None and o._base is None:
             o.untyped_storage().resize_(0)
 
 
@@ -455,8 +455,9 @@ class EditableTraining(nn.Module):
         hps = [hp_values[k] for k in hp_names]
         editor = editor_module()
         state_leaves, state_spec = tree_flatten(editor.init_state([t.detach() for t in theta]))
+        # closed form only where the op has it: an editor subclass runs its own step (an autograd chain)
         spec = _StepSpec(suffix, self.param_names, other_names, acts_spec, consts, state_spec, editor_module,
-                         hp_names, constraint, self.reduction, self._read, self.closed_form)
+                         hp_names, constraint, self.reduction, self._read, self.closed_form and supports(editor))
         spec.validate = validate
         # a token edit's steps compute the head at its labelled positions only. A given edit is
         # checked against the whole logits where the kept head is first tried; later ones are

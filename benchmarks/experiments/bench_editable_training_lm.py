@@ -76,7 +76,8 @@ every FLOP costs alike, and ``time_ratio / flop_ratio`` the overhead beyond it.
 
 A breakdown of the fastedit steps (in every timed repetition, extra steps on the same batch): the
 real ``EditableTraining`` call with timers wrapped around its ``_run_edit`` (the inner steps and the
-last constraint evaluation), ``_kl_to_edited`` (the L_loc forward) and the split's ``prefix`` (the
+last constraint evaluation), ``_kl_to_edited`` (the L_loc forward, which with ``fastedit.locality_kl``
+also computes the term's gradient with respect to the logits) and the split's ``prefix`` (the
 edit sequence's prefix), so base forward = forward − those; backward; optimizer step.
 
     python benchmarks/experiments/bench_editable_training_lm.py --device cpu --threads 1 --max-load 1.0 \\

@@ -644,10 +644,42 @@ def test_released_step_outputs_keep_inputs_and_gradients():
     w = torch.randn(5, dtype=F64)
     expected = torch.autograd.grad(new_theta, theta, w, retain_graph=True)[0]
     view = new_state[1:]
-    _release_step_outputs([new_theta, theta, view], [theta])
+    _release_step_outputs([new_theta, theta, view])
     assert new_theta.untyped_storage().nbytes() == 0 and new_theta.shape == (5,)
     assert theta.untyped_storage().nbytes() > 0 and view.untyped_storage().nbytes() > 0
     torch.testing.assert_close(torch.autograd.grad(new_theta, theta, w)[0], expected, rtol=0, atol=0)
+
+
+def test_rematerialised_custom_editor_keeps_its_step_outputs(monkeypatch):
+    """An editor subclass runs its own ``step`` (an autograd chain, which may save its outputs):
+    rematerialised, its outputs are not freed (the built-in class's are) and the gradients equal
+    the stored graph's."""
+    import fastedit.training as training
+
+    class SubRMSProp(fe.RMSProp):
+        pass
+
+    released = []
+    release = training._release_step_outputs
+    monkeypatch.setattr(training, "_release_step_outputs", lambda *a: released.append(1) or release(*a))
+    x, y, edit_x = tiny_batch()
+    for kind, expected in ((fe.RMSProp, True), (SubRMSProp, False)):
+        released.clear()
+        et = fe.EditableTraining(tiny_model(), params="block", editor=kind(0.03), max_steps=3, c_edit=1.0,
+                                 c_loc=1.0, rematerialize=True)
+        loss, _ = et(x, y, edit_x, torch.tensor([8, 7, 3]))
+        loss.backward()
+        assert bool(released) is expected, kind.__name__
+    grads = {}
+    for remat in (False, True):
+        model = tiny_model()
+        et = fe.EditableTraining(model, params="block", editor=SubRMSProp(0.03), max_steps=3, c_edit=1.0,
+                                 c_loc=1.0, learn=("lr", "beta"), rematerialize=remat)
+        loss, stats = et(x, y, edit_x, torch.tensor([8, 7, 3]))
+        assert stats["edit_steps"] > 0
+        grads[remat] = grads_of(loss, et)
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], rtol=1e-12, atol=1e-14, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------
