@@ -8,9 +8,10 @@ walks the rows in chunks, computes the value and, in the same pass, the gradient
 edited logits, and keeps only that gradient: one tensor of the measured rows' size, and no second
 pass over the logits in the backward.
 
-The gradient is first order only (a backward with ``create_graph=True`` raises): Editable Training's meta-gradient needs
-the KL's derivative with respect to the edited logits, never its second derivative (the second
-order lives in the unrolled editor steps). The value and gradient equal ``F.kl_div``'s up to the
+The gradient is first order only (a backward with ``create_graph=True`` raises): Editable Training's
+meta-gradient needs the KL's derivative with respect to the edited logits, never its second
+derivative (the second order lives in the unrolled editor steps). Inside ``torch.func`` transforms
+the plain composition runs instead, so ``torch.func.grad`` over a training step works as before. The value and gradient equal ``F.kl_div``'s up to the
 order of the sums (tests compare them in float64).
 """
 from __future__ import annotations
@@ -43,7 +44,17 @@ def locality_kl(ref: Tensor, edited: Tensor, rows: Tensor | None = None) -> Tens
         rows = torch.arange(edited.shape[0], device=edited.device)
     if rows.numel() == 0:
         raise ValueError("locality_kl: no row to measure")
+    if _functorch_wrapped(ref) or _functorch_wrapped(edited):
+        # inside torch.func transforms (grad, vmap, ...), which call backward with create_graph: the
+        # plain composition, differentiable to any order
+        dtype = torch.promote_types(edited.dtype, torch.float32)
+        return F.kl_div(F.log_softmax(edited[rows].to(dtype), -1), F.log_softmax(ref.detach()[rows].to(dtype), -1),
+                        log_target=True, reduction="batchmean")
     return _LocalityKL.apply(ref.detach(), edited, rows, every)
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class _LocalityKL(torch.autograd.Function):

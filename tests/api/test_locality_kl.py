@@ -78,3 +78,32 @@ def test_first_order_only_and_bad_inputs():
         locality_kl(ref[None], edited[None])
     with pytest.raises(ValueError, match="no row"):
         locality_kl(ref, edited, torch.zeros(0, dtype=torch.int64))
+
+
+def test_inside_torch_func_transforms_it_is_the_plain_composition():
+    """torch.func.grad (which differentiates with create_graph) gets F.kl_div's value and gradient,
+    also through a whole Editable Training step, equal to plain autograd's."""
+    from torch.func import functional_call, grad
+
+    import fastedit as fe
+    from fastedit.models import MLP
+
+    ref, edited = _logits(11, 7, torch.float64, seed=9)
+    rows = torch.tensor([0, 3, 10])
+    g_func = grad(lambda e: locality_kl(ref, e, rows))(edited.detach())
+    (g_plain,) = torch.autograd.grad(_reference(ref, edited, rows), edited)
+    torch.testing.assert_close(g_func, g_plain, rtol=1e-12, atol=1e-15)
+
+    torch.manual_seed(0)
+    model = MLP(16, 32, 10).double()
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+    edit_x, edit_y = torch.randn(2, 16, dtype=torch.float64), torch.tensor([3, 4])
+    et = fe.EditableTraining(model, params=[n for n, _ in model.named_parameters()][-2:], editor=fe.RMSProp(0.03),
+                             max_steps=3, c_edit=1.0, c_loc=1.0)
+    params = {k: v.detach() for k, v in et.named_parameters()}
+    by_func = grad(lambda p: functional_call(et, p, (x, y, edit_x, edit_y))[0])(params)
+    loss, stats = et(x, y, edit_x, edit_y)
+    assert stats["loss_loc"] > 0
+    by_autograd = dict(zip(params, torch.autograd.grad(loss, list(et.parameters()))))
+    for name, g in by_func.items():
+        torch.testing.assert_close(g, by_autograd[name], rtol=1e-10, atol=1e-12, msg=name)
